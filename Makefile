@@ -1,0 +1,43 @@
+# Set-up is part of every entry point: `make run` and `make test` work on a fresh machine.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install run test lint crds bench clean
+
+$(PY):
+	python3 -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+# torch first, from the CPU wheel pip finds on this machine (never through uv: CUDA build).
+$(STAMP): pyproject.toml | $(PY)
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e '.[serving,operator,dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/dify-mirror serve -f examples/quickstart.yaml
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check serving operator tests bench
+	$(VENV)/bin/ruff format --check serving operator tests bench
+	$(VENV)/bin/mypy serving operator
+	$(VENV)/bin/lint-imports
+
+crds: $(STAMP)
+	$(PY) -m dify_serving.crdgen crds
+
+bench: $(STAMP)
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) .dify-mirror

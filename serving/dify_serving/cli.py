@@ -1,0 +1,123 @@
+"""`dify-mirror`: serve | apply | status (keys and bench come with their issues)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+from typing import Any
+
+from dify_serving.manifests import ManifestError, load_file
+from dify_serving.settings import Settings
+
+
+def _table(statuses: dict[str, dict[str, Any]]) -> str:
+    rows = [f"{'NAME':<24} {'PHASE':<9} {'READY':<6} MESSAGE"]
+    for name, s in sorted(statuses.items()):
+        ready = f"{s.get('ready_replicas', '-')}/{s.get('desired_replicas', '-')}"
+        rows.append(f"{name:<24} {s['phase']:<9} {ready:<6} {s.get('message', '')[:80]}")
+    return "\n".join(rows)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    overrides = {k: v for k, v in {"host": args.host, "port": args.port}.items() if v}
+    settings = Settings(**overrides)
+    state = load_file(args.file)
+    from dify_serving.local import LocalStack, ensure_home
+
+    ensure_home(settings)
+    stack = LocalStack(settings)
+    stopping = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopping.set())
+    try:
+        url = stack.start()
+        print(f"Ray dashboard {url}", flush=True)
+        stack.apply(state)
+        print(_table(stack.wait(timeout=args.timeout)), flush=True)
+        print(
+            f"dify-mirror serving on http://{settings.host}:{settings.port} "
+            f"(docs at /docs); Ctrl-C stops",
+            flush=True,
+        )
+        stopping.wait()
+    finally:
+        print("stopping…", flush=True)
+        stack.stop()
+    return 0
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    from dify_serving.control import RayDashboard
+    from dify_serving.render import render_serve_config
+    from dify_serving.store import LocalStateStore
+
+    settings = Settings()
+    incoming = load_file(args.file)
+    store = LocalStateStore(settings.state_dir)
+    _, options = store.load()
+    if not options.gateway.dashboard_url:
+        print("no running stack found under DIFY_MIRROR_HOME; start one with "
+              "`dify-mirror serve -f FILE`", file=sys.stderr)
+        return 1
+
+    def change(state: Any, _: Any) -> None:
+        state.models.update(incoming.models)
+        state.indexes.update(incoming.indexes)
+
+    state, options = store.update(change)
+    RayDashboard(options.gateway.dashboard_url).put_applications(
+        render_serve_config(state, options)
+    )
+    print(f"applied {len(incoming.models)} model(s), {len(incoming.indexes)} index(es)")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from dify_serving.control import RayDashboard
+    from dify_serving.status import model_status
+    from dify_serving.store import LocalStateStore
+
+    store = LocalStateStore(Settings().state_dir)
+    state, options = store.load()
+    if not options.gateway.dashboard_url:
+        print("no running stack found under DIFY_MIRROR_HOME", file=sys.stderr)
+        return 1
+    apps = RayDashboard(options.gateway.dashboard_url).get_applications()["applications"] or {}
+    statuses = {n: model_status(n, m.spec, apps) for n, m in state.models.items()}
+    print(json.dumps(statuses, indent=2) if args.json else _table(statuses))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dify-mirror", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="start the stack locally from a manifests file")
+    serve.add_argument("-f", "--file", required=True, help="YAML with DifyModel/DifyIndex")
+    serve.add_argument("--host", help="listen address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="HTTP port (default 8000)")
+    serve.add_argument("--timeout", type=float, default=600, help="seconds to wait for Ready")
+    serve.set_defaults(func=cmd_serve)
+    apply = sub.add_parser("apply", help="change a running local stack")
+    apply.add_argument("-f", "--file", required=True)
+    apply.set_defaults(func=cmd_apply)
+    status = sub.add_parser("status", help="show model status of the running stack")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=cmd_status)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+        return code
+    except ManifestError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

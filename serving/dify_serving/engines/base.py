@@ -1,0 +1,152 @@
+"""The engine interface and what every engine shares (device, dtype, threads, info)."""
+
+from __future__ import annotations
+
+import os
+import resource
+from abc import ABC
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from dify_serving.specs import DifyModelSpec, Task
+
+
+class EngineError(Exception):
+    """A request or model the engine refuses; carries the HTTP status and error code.
+
+    Only plain arguments, so Ray can carry it from a replica to the gateway.
+    """
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(status, code, message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InputTooLong(EngineError):
+    def __init__(self, message: str) -> None:
+        super().__init__(413, "input_too_long", message)
+        self.args = (message,)
+
+
+def _torch_setup(spec: DifyModelSpec) -> tuple[str, Any]:
+    """Check device and precision, pin math threads; return (device, torch dtype)."""
+    import torch
+
+    threads = int(os.environ.get("OMP_NUM_THREADS") or max(1, round(spec.resources.cpus)))
+    torch.set_num_threads(threads)
+    device = spec.device
+    if spec.uses_cuda and not torch.cuda.is_available():
+        raise EngineError(503, "no_gpu", f"device {device} requested but CUDA is not available")
+    if spec.precision == "fp16" and device == "cpu":
+        raise EngineError(
+            422, "unsupported_precision", "fp16 needs a GPU; on CPU use bf16 or fp32"
+        )
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
+        str(spec.precision)
+    ]
+    return device, dtype
+
+
+class Engine(ABC):
+    """A loaded model. Subclasses implement the methods of their task."""
+
+    task: Task
+
+    def __init__(self, name: str, spec: DifyModelSpec, path: str) -> None:
+        self.name = name
+        self.spec = spec
+        self.path = path
+        self.device, self.dtype = _torch_setup(spec)
+        self.model: Any = None
+
+    async def start(self) -> None:
+        """Warm up (first calls are slow); called once after loading."""
+
+    async def stop(self, reason: str) -> None:
+        """End in-flight work with `reason` (unload)."""
+
+    def parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters()) if self.model is not None else 0
+
+    def info(self) -> dict[str, Any]:
+        import torch
+
+        info: dict[str, Any] = {
+            "name": self.name,
+            "task": str(self.task),
+            "model_id": self.spec.model_id,
+            "device": self.device,
+            "precision": str(self.spec.precision),
+            "parameters": self.parameters(),
+            "resident_memory_bytes": _rss_bytes(),
+            "threads": torch.get_num_threads(),
+            "pid": os.getpid(),
+        }
+        if torch.cuda.is_available():
+            info["gpus"] = _gpu_info()
+        return info
+
+    # Task methods; an engine implements those of its task.
+    async def generate(self, request: dict[str, Any]) -> dict[str, Any]:
+        raise EngineError(400, "unsupported_task", f"{self.name} does not generate text")
+
+    def generate_stream(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        raise EngineError(400, "unsupported_task", f"{self.name} does not generate text")
+
+    async def embed(self, texts: list[str], truncate: bool = False) -> dict[str, Any]:
+        raise EngineError(400, "unsupported_task", f"{self.name} is not an embedding model")
+
+    async def predict(self, inputs: list[Any], options: dict[str, Any]) -> list[Any]:
+        raise EngineError(400, "unsupported_task", f"{self.name} does not classify")
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:  # not Linux
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _gpu_info() -> list[dict[str, Any]]:
+    import torch
+
+    out = []
+    for i in range(torch.cuda.device_count()):
+        free, total = torch.cuda.mem_get_info(i)
+        entry: dict[str, Any] = {
+            "index": i,
+            "name": torch.cuda.get_device_name(i),
+            "memory_used_bytes": total - free,
+            "memory_total_bytes": total,
+        }
+        try:
+            entry["utilization_percent"] = torch.cuda.utilization(i)
+        except Exception:  # pynvml missing
+            entry["utilization_percent"] = None
+        out.append(entry)
+    return out
+
+
+def load_engine(name: str, spec: DifyModelSpec, home: Path) -> Engine:
+    """Resolve the weights and build the engine for `spec.task`."""
+    from dify_serving.engines import weights
+
+    path = weights.resolve(spec.model_id, home)
+    if spec.task == Task.TEXT_GENERATION:
+        from dify_serving.engines.textgen import TextGenerationEngine
+
+        return TextGenerationEngine(name, spec, path)
+    if spec.task == Task.FEATURE_EXTRACTION:
+        from dify_serving.engines.embeddings import EmbeddingEngine
+
+        return EmbeddingEngine(name, spec, path)
+    from dify_serving.engines.pipelines import PipelineEngine
+
+    return PipelineEngine(name, spec, path)

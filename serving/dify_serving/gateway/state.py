@@ -1,0 +1,205 @@
+"""What the gateway knows and does outside any one request.
+
+The desired state (which models exist, their specs) comes from the store; which of them
+answer now comes from Ray Serve's status, cached and refreshed in the background (fast
+while something is loading, slow otherwise), so a request to a model that is not Ready
+gets a clear 503 at once instead of waiting on a replica that may never come.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ray import serve
+from ray.exceptions import RayTaskError
+
+from dify_serving.control import AsyncRayDashboard, RayUnavailable
+from dify_serving.engines.base import EngineError
+from dify_serving.gateway.errors import ApiError
+from dify_serving.manifests import DesiredState
+from dify_serving.render import GatewayOptions, model_app_name, render_serve_config
+from dify_serving.specs import DifyModel, Phase, Task
+from dify_serving.status import model_status
+from dify_serving.store import LocalStateStore
+
+log = logging.getLogger("dify_serving.gateway")
+
+_SERVING = {Phase.READY.value, Phase.DEGRADED.value}
+
+
+def unwrap(exc: BaseException) -> BaseException:
+    """The replica's own exception out of Ray's wrapper."""
+    if isinstance(exc, RayTaskError) and isinstance(exc.cause, EngineError):
+        return exc.cause
+    return exc
+
+
+class GatewayState:
+    def __init__(self, options: GatewayOptions) -> None:
+        self.options = options
+        self.store = LocalStateStore(options.home)
+        self.dashboard = AsyncRayDashboard(options.dashboard_url) if options.dashboard_url else None
+        self.statuses: dict[str, dict[str, Any]] = {}
+        self.status_time = 0.0
+        self._handles: dict[str, Any] = {}
+        self._streams: dict[str, set[asyncio.Event]] = defaultdict(set)
+        self._refresher: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self.cluster_gpus: float | None = None
+
+    # desired state ---------------------------------------------------------------
+    def models(self) -> dict[str, DifyModel]:
+        return self.store.load()[0].models
+
+    def model(self, name: str | None, task: Task | None = None) -> DifyModel:
+        """The model a request names, or the default; 404 when it does not exist."""
+        models = self.models()
+        if name is None:
+            name = self.options.default_model
+            if name is None:
+                wanted = task or Task.TEXT_GENERATION
+                name = next((n for n in sorted(models) if models[n].spec.task == wanted), None)
+            if name is None:
+                raise ApiError(404, "no model named and no default model is loaded", "model_not_found")
+        model = models.get(name)
+        if model is None:
+            raise ApiError(404, f"model {name!r} is not loaded", "model_not_found")
+        return model
+
+    # status ------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._refresher is None and self.dashboard is not None:
+            self._refresher = asyncio.get_running_loop().create_task(self._refresh_loop())
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            try:
+                await self.refresh_status()
+            except Exception as exc:  # keep refreshing whatever happens
+                log.warning("status refresh failed: %s", exc)
+            busy = any(s["phase"] not in _SERVING for s in self.statuses.values())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), 0.5 if busy else 5.0)
+            self._wake.clear()
+
+    async def refresh_status(self) -> dict[str, dict[str, Any]]:
+        if self.dashboard is None:
+            return self.statuses
+        apps = (await self.dashboard.get_applications()).get("applications") or {}
+        if self.cluster_gpus is None:
+            import ray
+
+            self.cluster_gpus = float(ray.cluster_resources().get("GPU", 0))
+        self.statuses = {
+            name: model_status(name, m.spec, apps, self.cluster_gpus)
+            for name, m in self.models().items()
+        }
+        self.status_time = time.monotonic()
+        return self.statuses
+
+    def require_serving(self, name: str) -> None:
+        status = self.statuses.get(name)
+        if status is None or status["phase"] in _SERVING:
+            return  # unknown yet: let the handle decide
+        phase = status["phase"]
+        if phase == Phase.FAILED.value:
+            raise ApiError(503, f"model {name!r} failed to load: {status['message']}", "model_failed")
+        raise ApiError(
+            503,
+            f"model {name!r} is {phase.lower()} ({status['message']}); retry shortly",
+            "model_not_ready",
+            headers={"Retry-After": "2"},
+        )
+
+    # calls into model replicas ---------------------------------------------------
+    def handle(self, name: str) -> Any:
+        handle = self._handles.get(name)
+        if handle is None:
+            try:
+                handle = serve.get_app_handle(model_app_name(name))
+            except Exception as exc:
+                raise ApiError(
+                    503, f"model {name!r} is not running yet", "model_not_ready",
+                    headers={"Retry-After": "2"},
+                ) from exc
+            self._handles[name] = handle
+        return handle
+
+    async def call(self, name: str, method: str, *args: Any) -> Any:
+        self.require_serving(name)
+        try:
+            return await getattr(self.handle(name), method).remote(*args)
+        except (RayTaskError, EngineError) as exc:
+            raise unwrap(exc) from None
+
+    async def stream(self, name: str, method: str, *args: Any) -> AsyncIterator[dict[str, Any]]:
+        """Stream from a replica; ends with an EngineError if the model is unloaded."""
+        self.require_serving(name)
+        cancelled = asyncio.Event()
+        self._streams[name].add(cancelled)
+        response = getattr(self.handle(name).options(stream=True), method).remote(*args)
+        try:
+            iterator = response.__aiter__()
+            while True:
+                step = asyncio.ensure_future(iterator.__anext__())
+                stop = asyncio.ensure_future(cancelled.wait())
+                done, _ = await asyncio.wait({step, stop}, return_when=asyncio.FIRST_COMPLETED)
+                if step not in done:
+                    step.cancel()
+                    raise EngineError(503, "model_unloaded", f"model {name!r} was unloaded")
+                stop.cancel()
+                try:
+                    item = step.result()
+                except StopAsyncIteration:
+                    return
+                except (RayTaskError, EngineError) as exc:
+                    raise unwrap(exc) from None
+                except Exception as exc:  # replica died (unloaded, crashed)
+                    raise EngineError(
+                        503, "model_unavailable", f"model {name!r} stopped answering: {exc}"
+                    ) from None
+                yield item
+        finally:
+            self._streams[name].discard(cancelled)
+            response.cancel()
+
+    # load / unload -----------------------------------------------------------------
+    async def apply(self, state: DesiredState) -> None:
+        if self.dashboard is None:
+            raise ApiError(503, "this gateway has no Ray dashboard to apply changes", "no_control")
+        _, options = self.store.load()
+        try:
+            await self.dashboard.put_applications(render_serve_config(state, options))
+        except RayUnavailable as exc:
+            raise ApiError(503, str(exc), "ray_unavailable") from None
+        self._wake.set()
+
+    async def load(self, model: DifyModel) -> None:
+        def change(state: DesiredState, _: Any) -> None:
+            state.models[model.name] = model
+
+        state, _ = await asyncio.to_thread(self.store.update, change)
+        self._handles.pop(model.name, None)
+        self.statuses[model.name] = model_status(model.name, model.spec, {}, self.cluster_gpus)
+        self.statuses[model.name]["phase"] = Phase.LOADING.value
+        await self.apply(state)
+
+    async def unload(self, name: str) -> None:
+        if name not in self.models():
+            raise ApiError(404, f"model {name!r} is not loaded", "model_not_found")
+
+        def change(state: DesiredState, _: Any) -> None:
+            state.models.pop(name, None)
+
+        state, _ = await asyncio.to_thread(self.store.update, change)
+        for event in list(self._streams.get(name, ())):
+            event.set()
+        self._handles.pop(name, None)
+        self.statuses.pop(name, None)
+        await self.apply(state)

@@ -1,0 +1,128 @@
+"""Run the whole stack on one machine: a local Ray, Serve, the file store.
+
+`LocalStack` is what `dify-mirror serve` and the tests use: start Ray once, then apply
+desired states (render + PUT through the dashboard, exactly as a cluster is driven) and
+wait for them to settle.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from dify_serving.control import RayDashboard
+from dify_serving.manifests import DesiredState
+from dify_serving.render import GatewayOptions, ServeOptions, render_serve_config
+from dify_serving.settings import Settings
+from dify_serving.specs import Phase
+from dify_serving.status import model_status
+from dify_serving.store import LocalStateStore
+
+
+class LocalStack:
+    def __init__(self, settings: Settings, object_store_memory: int | None = None) -> None:
+        self.settings = settings
+        self.object_store_memory = object_store_memory
+        self.store = LocalStateStore(settings.state_dir)
+        self.dashboard: RayDashboard | None = None
+        self.options: ServeOptions | None = None
+
+    def start(self) -> str:
+        """Start Ray (CPUs pinned) and return the dashboard URL."""
+        import ray
+
+        # Serve gives a failing constructor this many tries before DEPLOY_FAILED; the
+        # controller reads it at start, so it must be set before ray.init.
+        os.environ.setdefault("RAY_SERVE_MAX_PER_REPLICA_RETRY_COUNT", "2")
+        ctx = ray.init(
+            num_cpus=self.settings.ray_num_cpus or os.cpu_count() or 1,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            object_store_memory=self.object_store_memory,
+            log_to_driver=False,
+            configure_logging=False,
+        )
+        url = f"http://{ctx.dashboard_url}"
+        self.dashboard = RayDashboard(url, token=_token())
+        self.options = ServeOptions(
+            host=self.settings.host,
+            port=self.settings.port,
+            gateway=GatewayOptions(
+                modules=self.settings.modules,
+                default_model=self.settings.default_model,
+                home=str(self.settings.state_dir),
+                dashboard_url=url,
+                replicas=self.settings.gateway_replicas,
+            ),
+        )
+        return url
+
+    def apply(self, state: DesiredState) -> dict[str, Any]:
+        """Make Serve match `state`; returns the config that was applied."""
+        assert self.dashboard is not None and self.options is not None, "start() first"
+        self.store.save(state, self.options)
+        config = render_serve_config(state, self.options)
+        self.dashboard.put_applications(config)
+        return config
+
+    def statuses(self) -> dict[str, dict[str, Any]]:
+        assert self.dashboard is not None
+        apps = self.dashboard.get_applications().get("applications") or {}
+        state, _ = self.store.load()
+        out = {n: model_status(n, m.spec, apps) for n, m in state.models.items()}
+        gateway = apps.get("gateway", {})
+        out["gateway"] = {"name": "gateway", "phase": _gateway_phase(gateway.get("status"))}
+        return out
+
+    def wait(self, timeout: float = 300, poll: float = 0.5) -> dict[str, dict[str, Any]]:
+        """Until every model is Ready or Failed and the gateway runs (or timeout)."""
+        deadline = time.monotonic() + timeout
+        settled = {Phase.READY.value, Phase.FAILED.value, Phase.DEGRADED.value}
+        while True:
+            statuses = self.statuses()
+            if all(s["phase"] in settled for s in statuses.values()):
+                return statuses
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"stack not settled after {timeout}s: {statuses}")
+            time.sleep(poll)
+
+    def stop(self) -> None:
+        import ray
+        from ray import serve
+
+        if self.dashboard is not None:
+            self.dashboard.close()
+        if ray.is_initialized():
+            try:
+                serve.shutdown()
+            finally:
+                ray.shutdown()
+
+
+def _gateway_phase(status: str | None) -> str:
+    return Phase.READY.value if status == "RUNNING" else (
+        Phase.FAILED.value if status == "DEPLOY_FAILED" else Phase.LOADING.value
+    )
+
+
+def _token() -> str | None:
+    from dify_serving.settings import ray_auth_token
+
+    token = ray_auth_token()
+    if token:
+        return token
+    try:
+        from ray._raylet import AuthenticationTokenLoader
+
+        header = AuthenticationTokenLoader.instance().get_token_for_http_header()
+        value = next(iter(header.values()), "")
+        return value.removeprefix("Bearer ").strip() or None
+    except Exception:
+        return None
+
+
+def ensure_home(settings: Settings) -> Path:
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    return settings.state_dir

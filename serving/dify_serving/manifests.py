@@ -1,0 +1,76 @@
+"""Read and write manifests: multi-document YAML of `DifyModel` / `DifyIndex` objects."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from dify_serving.specs import DifyIndex, DifyModel
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be used; the message says which object and why."""
+
+
+@dataclass
+class DesiredState:
+    """Everything the user asked for: the input of `render`."""
+
+    models: dict[str, DifyModel] = field(default_factory=dict)
+    indexes: dict[str, DifyIndex] = field(default_factory=dict)
+
+    def documents(self) -> list[dict[str, Any]]:
+        docs = [m.model_dump(by_alias=True, exclude_none=True, mode="json") for m in
+                sorted(self.models.values(), key=lambda m: m.name)]
+        docs += [i.model_dump(by_alias=True, exclude_none=True, mode="json") for i in
+                 sorted(self.indexes.values(), key=lambda i: i.name)]
+        return docs
+
+
+def parse_documents(documents: Iterable[Any], source: str = "manifest") -> DesiredState:
+    state = DesiredState()
+    for position, doc in enumerate(documents, start=1):
+        if doc is None:
+            continue
+        if not isinstance(doc, dict):
+            raise ManifestError(f"{source}: document {position} is not a mapping")
+        kind = doc.get("kind")
+        where = f"{source}: {kind or 'document'} {doc.get('metadata', {}).get('name', position)}"
+        try:
+            if kind == "DifyModel":
+                model = DifyModel.model_validate(doc)
+                if model.name in state.models:
+                    raise ManifestError(f"{where}: duplicate name")
+                state.models[model.name] = model
+            elif kind == "DifyIndex":
+                index = DifyIndex.model_validate(doc)
+                if index.name in state.indexes:
+                    raise ManifestError(f"{where}: duplicate name")
+                state.indexes[index.name] = index
+            else:
+                raise ManifestError(f"{where}: kind must be DifyModel or DifyIndex")
+        except ValidationError as exc:
+            raise ManifestError(f"{where}: {_explain(exc)}") from None
+    return state
+
+
+def load_file(path: str | Path) -> DesiredState:
+    path = Path(path)
+    try:
+        documents = list(yaml.safe_load_all(path.read_text()))
+    except OSError as exc:
+        raise ManifestError(f"cannot read {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ManifestError(f"{path} is not valid YAML: {exc}") from None
+    return parse_documents(documents, source=str(path))
+
+
+def _explain(exc: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in exc.errors()
+    )

@@ -1,0 +1,116 @@
+"""Render the desired state into one Ray Serve multi-application config.
+
+Pure and level-based: all specs in, the whole config out, sorted, so rendering the same
+state twice gives byte-identical JSON and re-applying it changes nothing in Ray. Nothing
+here imports ray or torch; the operator calls it too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from dify_serving.manifests import DesiredState
+from dify_serving.settings import ALL_MODULES
+from dify_serving.specs import DifyModel
+
+GATEWAY_APP = "gateway"
+MODEL_APP_PREFIX = "model-"
+#: Seconds a replica waits for in-flight requests when its model is unloaded.
+GRACEFUL_SHUTDOWN_S = 3.0
+
+
+class GatewayOptions(BaseModel):
+    """What the gateway app is told; part of the config, so a change redeploys it."""
+
+    modules: list[str] = Field(default_factory=lambda: list(ALL_MODULES))
+    default_model: str | None = None
+    home: str = ".dify-mirror"
+    control: str = Field("local", description="local (file store + Ray) or kubernetes")
+    dashboard_url: str | None = None
+    replicas: int = 1
+
+
+class ServeOptions(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = 8000
+    gateway: GatewayOptions = Field(default_factory=GatewayOptions)
+
+
+def model_app_name(name: str) -> str:
+    return f"{MODEL_APP_PREFIX}{name}"
+
+
+def _threads(cpus: float) -> int:
+    return max(1, round(cpus))
+
+
+def model_app(model: DifyModel, home: str) -> dict[str, Any]:
+    """One model → one Serve application (no HTTP route; reached through the gateway)."""
+    spec = model.spec
+    gpus = max(spec.resources.gpus, 1.0) if spec.uses_cuda else spec.resources.gpus
+    threads = str(_threads(spec.resources.cpus))
+    actor: dict[str, Any] = {
+        "num_cpus": spec.resources.cpus,
+        "num_gpus": gpus,
+        "runtime_env": {
+            "env_vars": {
+                "OMP_NUM_THREADS": threads,
+                "MKL_NUM_THREADS": threads,
+                "TOKENIZERS_PARALLELISM": "false",
+            }
+        },
+    }
+    deployment: dict[str, Any] = {
+        "name": "ModelServer",
+        "max_ongoing_requests": spec.batching.max_concurrent_requests,
+        "graceful_shutdown_timeout_s": GRACEFUL_SHUTDOWN_S,
+        "graceful_shutdown_wait_loop_s": 0.5,
+        "health_check_period_s": 5,
+        "ray_actor_options": actor,
+    }
+    if spec.autoscaling:
+        deployment["autoscaling_config"] = {
+            "min_replicas": spec.autoscaling.min_replicas,
+            "max_replicas": spec.autoscaling.max_replicas,
+            "target_ongoing_requests": spec.autoscaling.target_ongoing_requests,
+        }
+    else:
+        deployment["num_replicas"] = spec.replicas
+    return {
+        "name": model_app_name(model.name),
+        "import_path": "dify_serving.deployments:build_model_app",
+        "args": {"name": model.name, "spec": spec.wire(), "home": home},
+        "deployments": [deployment],
+    }
+
+
+def gateway_app(options: GatewayOptions) -> dict[str, Any]:
+    return {
+        "name": GATEWAY_APP,
+        "route_prefix": "/",
+        "import_path": "dify_serving.gateway.app:build_gateway_app",
+        "args": options.model_dump(mode="json"),
+        "deployments": [
+            {
+                "name": "Gateway",
+                "num_replicas": options.replicas,
+                "max_ongoing_requests": 1000,
+                "ray_actor_options": {"num_cpus": 0},
+            }
+        ],
+    }
+
+
+def render_serve_config(state: DesiredState, options: ServeOptions) -> dict[str, Any]:
+    """The whole Serve config for a desired state. Same input, same output."""
+    apps = [gateway_app(options.gateway)]
+    apps += [
+        model_app(state.models[name], options.gateway.home) for name in sorted(state.models)
+    ]
+    return {
+        "proxy_location": "HeadOnly",
+        "http_options": {"host": options.host, "port": options.port},
+        "applications": apps,
+    }

@@ -1,0 +1,345 @@
+"""Specs of the custom resources: the single source of truth.
+
+`DifyModelSpec` and `DifyIndexSpec` validate three things at once: the CRD schema
+(generated from them by `dify_serving.crdgen`), the manifests given to
+`dify-mirror serve -f`, and the bodies of `POST /v1/models/load`. Keys are camelCase on
+the wire, as Kubernetes users expect, and snake_case is accepted too.
+
+This module imports nothing heavy (no torch, transformers or ray): the operator uses it.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+
+GROUP = "difymirror.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+#: RFC 1123 label: what Kubernetes accepts as an object name and we use in app names.
+NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+_NAME_RE = re.compile(NAME_PATTERN)
+
+ResourceName = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=63,
+        pattern=NAME_PATTERN,
+        description="Lower-case RFC 1123 name (letters, digits, '-'), at most 63 characters.",
+    ),
+]
+
+
+class Task(StrEnum):
+    TEXT_GENERATION = "text-generation"
+    FEATURE_EXTRACTION = "feature-extraction"
+    TEXT_CLASSIFICATION = "text-classification"
+    IMAGE_CLASSIFICATION = "image-classification"
+    IMAGE_TO_TEXT = "image-to-text"
+
+
+class Precision(StrEnum):
+    FP32 = "fp32"
+    FP16 = "fp16"
+    BF16 = "bf16"
+
+
+class Phase(StrEnum):
+    PENDING = "Pending"
+    LOADING = "Loading"
+    READY = "Ready"
+    DEGRADED = "Degraded"
+    FAILED = "Failed"
+
+
+class _Spec(BaseModel):
+    """camelCase on the wire, snake_case accepted; unknown keys are an error."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        use_enum_values=True,
+    )
+
+    def wire(self) -> dict[str, Any]:
+        """The camelCase dict, without unset defaults that are None."""
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+class Resources(_Spec):
+    cpus: float = Field(
+        1.0,
+        ge=0,
+        le=256,
+        description="CPUs per replica; also the number of math threads the replica pins.",
+    )
+    gpus: float = Field(
+        0.0, ge=0, le=16, description="GPUs per replica (set automatically to 1 for cuda)."
+    )
+    memory: str | None = Field(
+        None,
+        pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$",
+        description="Memory per replica as a Kubernetes quantity, e.g. 4Gi.",
+    )
+
+
+class Autoscaling(_Spec):
+    min_replicas: int = Field(1, ge=0, le=1000, description="Fewest replicas (0 scales to zero).")
+    max_replicas: int = Field(1, ge=1, le=1000, description="Most replicas.")
+    target_ongoing_requests: float = Field(
+        8.0, gt=0, description="Ongoing requests per replica the autoscaler aims at."
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Autoscaling:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"minReplicas ({self.min_replicas}) must not exceed maxReplicas "
+                f"({self.max_replicas})"
+            )
+        return self
+
+
+class Generation(_Spec):
+    max_new_tokens: int = Field(
+        128, ge=1, le=32768, description="Default and upper limit of tokens generated per request."
+    )
+    temperature: float = Field(1.0, ge=0, le=5, description="Default sampling temperature.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Default nucleus sampling mass.")
+    max_context_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Longest prompt plus completion; defaults to the model's own limit.",
+    )
+
+
+class Batching(_Spec):
+    max_batch_size: int = Field(
+        32, ge=1, le=1024, description="Most requests in one batch (embeddings, pipelines)."
+    )
+    batch_wait_timeout_ms: float = Field(
+        2.0, ge=0, le=1000, description="How long a partial batch waits for more requests."
+    )
+    max_concurrent_requests: int = Field(
+        64, ge=1, le=4096, description="Most requests in flight per replica before queueing."
+    )
+
+
+class ModelVersion(_Spec):
+    name: ResourceName
+    model_id: str = Field(..., min_length=1, description="Hub id or local path of this version.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    weight: int = Field(0, ge=0, le=100, description="Share of traffic in percent.")
+
+
+class DifyModelSpec(_Spec):
+    """A model to serve: what to load, on what device, how many replicas."""
+
+    model_id: str = Field(
+        ...,
+        min_length=1,
+        description=(
+            "Hub id (e.g. sentence-transformers/all-MiniLM-L6-v2), local path, or "
+            "builtin:NAME for a model the platform builds itself (builtin:demo-llm)."
+        ),
+    )
+    task: Task = Field(
+        Task.TEXT_GENERATION, description="What the model does; chooses the engine."
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    device: str = Field(
+        "cpu",
+        pattern=r"^(cpu|cuda(:[0-9]+)?)$",
+        description="cpu, cuda or cuda:N. cuda asks Ray for a GPU per replica.",
+    )
+    precision: Precision = Field(
+        Precision.FP32, description="Weights dtype: fp32, fp16 (GPU only) or bf16."
+    )
+    replicas: int = Field(1, ge=0, le=1000, description="Fixed replica count (no autoscaling).")
+    autoscaling: Autoscaling | None = Field(
+        None, description="Autoscaling bounds; replaces replicas when set."
+    )
+    resources: Resources = Field(
+        default_factory=Resources,  # type: ignore[arg-type]
+        description="Resources per replica.",
+    )
+    generation: Generation = Field(
+        default_factory=Generation,  # type: ignore[arg-type]
+        description="Generation defaults and limits (text-generation, image-to-text).",
+    )
+    batching: Batching = Field(
+        default_factory=Batching,  # type: ignore[arg-type]
+        description="Batching limits.",
+    )
+    versions: list[ModelVersion] = Field(
+        default_factory=list,
+        max_length=16,
+        description="Alternative versions with traffic weights, for switching.",
+    )
+
+    @field_validator("model_id")
+    @classmethod
+    def _model_id(cls, value: str) -> str:
+        if value != value.strip() or any(c.isspace() for c in value):
+            raise ValueError("modelId must not contain whitespace")
+        return value
+
+    @model_validator(mode="after")
+    def _weights(self) -> DifyModelSpec:
+        if self.versions:
+            total = sum(v.weight for v in self.versions)
+            if total not in (0, 100):
+                raise ValueError(f"version weights must add up to 100, not {total}")
+            names = [v.name for v in self.versions]
+            if len(set(names)) != len(names):
+                raise ValueError("version names must be unique")
+        return self
+
+    @property
+    def uses_cuda(self) -> bool:
+        return self.device.startswith("cuda")
+
+
+class DifyModelStatus(_Spec):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="allow")
+
+    phase: Phase = Field(Phase.PENDING, description="Pending, Loading, Ready, Degraded, Failed.")
+    ready_replicas: int = Field(0, ge=0, description="Replicas serving requests.")
+    endpoint: str | None = Field(None, description="Where the model answers.")
+    observed_generation: int | None = Field(None, description="Spec generation last acted on.")
+    message: str | None = Field(None, description="Why the object is in its phase.")
+    load_progress: float | None = Field(None, ge=0, le=1, description="Loading progress, 0..1.")
+    conditions: list[dict[str, Any]] = Field(
+        default_factory=list, description="Kubernetes-style conditions (Ready, Reconciled)."
+    )
+
+
+class Chunking(_Spec):
+    max_tokens: int = Field(
+        512, ge=16, le=512, description="Largest chunk in embedding-tokenizer tokens (≤ 512)."
+    )
+    overlap: int = Field(64, ge=0, le=256, description="Tokens shared by neighbouring chunks.")
+
+    @model_validator(mode="after")
+    def _overlap(self) -> Chunking:
+        if self.overlap >= self.max_tokens:
+            raise ValueError(
+                f"overlap ({self.overlap}) must be smaller than maxTokens ({self.max_tokens})"
+            )
+        return self
+
+
+class Cleaning(_Spec):
+    strip_html: bool = Field(True, description="Turn HTML into text.")
+    normalize_unicode: bool = Field(True, description="Normalise to NFC.")
+    collapse_whitespace: bool = Field(True, description="Collapse runs of whitespace.")
+    drop_control_chars: bool = Field(True, description="Drop control characters.")
+    remove_urls: bool = Field(False, description="Remove URLs.")
+    remove_emails: bool = Field(False, description="Remove e-mail addresses.")
+    deduplicate: bool = Field(True, description="Drop chunks whose text repeats exactly.")
+
+
+class Hnsw(_Spec):
+    m: int = Field(16, ge=4, le=128, description="Edges per node.")
+    ef_construct: int = Field(100, ge=8, le=4096, description="Build-time search width.")
+
+
+class Quantization(_Spec):
+    scalar: bool = Field(False, description="int8 scalar quantization of stored vectors.")
+    always_ram: bool = Field(True, description="Keep quantized vectors in RAM.")
+
+
+class VectorStore(_Spec):
+    type: Literal["embedded", "qdrant"] = Field(
+        "embedded", description="embedded (Qdrant Edge on disk) or qdrant (a Qdrant server)."
+    )
+    url: str | None = Field(None, description="Qdrant server URL when type is qdrant.")
+    collection: str | None = Field(None, description="Collection name; defaults to the index.")
+    distance: Literal["Cosine", "Dot", "Euclid"] = Field("Cosine", description="Metric.")
+    hnsw: Hnsw = Field(default_factory=Hnsw, description="HNSW index parameters.")  # type: ignore[arg-type]
+    quantization: Quantization | None = Field(None, description="Optional quantization.")
+
+    @model_validator(mode="after")
+    def _url(self) -> VectorStore:
+        if self.type == "qdrant" and not self.url:
+            raise ValueError("store.url is required when store.type is qdrant")
+        return self
+
+
+class DifyIndexSpec(_Spec):
+    """A knowledge index: an embedding model, how to cut text, where vectors live."""
+
+    embedding_model: ResourceName = Field(
+        ..., description="Name of the DifyModel (task feature-extraction) that embeds."
+    )
+    chunking: Chunking = Field(default_factory=Chunking, description="How text is cut.")  # type: ignore[arg-type]
+    cleaning: Cleaning = Field(default_factory=Cleaning, description="How text is cleaned.")  # type: ignore[arg-type]
+    store: VectorStore = Field(
+        default_factory=VectorStore,  # type: ignore[arg-type]
+        description="Where the vectors live.",
+    )
+    filterable_fields: list[str] = Field(
+        default_factory=list, description="Metadata keys that get a payload index and filters."
+    )
+    reclaim_policy: Literal["Retain", "Delete"] = Field(
+        "Retain", description="On deletion: keep (Retain) or drop (Delete) the vectors."
+    )
+
+
+class DifyIndexStatus(DifyModelStatus):
+    points: int | None = Field(None, ge=0, description="Chunks stored.")
+
+
+class ObjectMeta(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: ResourceName
+    namespace: str | None = None
+    generation: int | None = None
+
+
+class DifyModel(BaseModel):
+    """A whole `DifyModel` object as found in a manifest or the Kubernetes API."""
+
+    model_config = ConfigDict(extra="ignore")
+    api_version: Literal["difymirror.dev/v1alpha1"] = Field(API_VERSION, alias="apiVersion")
+    kind: Literal["DifyModel"] = "DifyModel"
+    metadata: ObjectMeta
+    spec: DifyModelSpec
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+
+class DifyIndex(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    api_version: Literal["difymirror.dev/v1alpha1"] = Field(API_VERSION, alias="apiVersion")
+    kind: Literal["DifyIndex"] = "DifyIndex"
+    metadata: ObjectMeta
+    spec: DifyIndexSpec
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+
+def name_from_model_id(model_id: str) -> str:
+    """Derive a resource name from a model id: `ernie-3.5-turbo` → `ernie-3-5-turbo`."""
+    tail = model_id.rstrip("/").rsplit("/", 1)[-1].split(":")[-1]
+    name = re.sub(r"[^a-z0-9]+", "-", tail.lower()).strip("-")[:63].strip("-")
+    if not name or not _NAME_RE.match(name):
+        raise ValueError(f"cannot derive a resource name from modelId {model_id!r}; give a name")
+    return name

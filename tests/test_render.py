@@ -1,0 +1,77 @@
+"""Render is pure and level-based: same state, same config."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from dify_serving.manifests import load_file, parse_documents
+from dify_serving.render import GatewayOptions, ServeOptions, render_serve_config
+from dify_serving.status import failure_reason, model_status
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _model(name: str, **spec: object) -> dict:
+    return {"apiVersion": "difymirror.dev/v1alpha1", "kind": "DifyModel",
+            "metadata": {"name": name}, "spec": {"modelId": "m", **spec}}
+
+
+def test_render_is_deterministic_and_order_free() -> None:
+    docs = [_model("b"), _model("a", task="feature-extraction")]
+    one = render_serve_config(parse_documents(docs), ServeOptions())
+    two = render_serve_config(parse_documents(list(reversed(docs))), ServeOptions())
+    assert json.dumps(one, sort_keys=True) == json.dumps(two, sort_keys=True)
+    assert [a["name"] for a in one["applications"]] == ["gateway", "model-a", "model-b"]
+
+
+def test_quickstart_renders_gateway_plus_one_app_per_model() -> None:
+    config = render_serve_config(load_file(ROOT / "examples/quickstart.yaml"), ServeOptions())
+    apps = {a["name"]: a for a in config["applications"]}
+    assert set(apps) == {"gateway", "model-demo-llm", "model-minilm"}
+    assert apps["gateway"]["route_prefix"] == "/"
+    assert "route_prefix" not in apps["model-minilm"]  # reached through the gateway only
+    assert config["http_options"] == {"host": "127.0.0.1", "port": 8000}
+
+
+def test_model_app_options_follow_the_spec() -> None:
+    state = parse_documents([
+        _model("gpu", device="cuda:1", precision="bf16", resources={"cpus": 3}),
+        _model("auto", autoscaling={"minReplicas": 0, "maxReplicas": 5}),
+        _model("fixed", replicas=3),
+    ])
+    apps = {a["name"]: a for a in render_serve_config(state, ServeOptions())["applications"]}
+    gpu = apps["model-gpu"]["deployments"][0]
+    assert gpu["ray_actor_options"]["num_gpus"] == 1.0
+    assert gpu["ray_actor_options"]["num_cpus"] == 3
+    assert gpu["ray_actor_options"]["runtime_env"]["env_vars"]["OMP_NUM_THREADS"] == "3"
+    auto = apps["model-auto"]["deployments"][0]
+    assert auto["autoscaling_config"]["max_replicas"] == 5 and "num_replicas" not in auto
+    assert apps["model-fixed"]["deployments"][0]["num_replicas"] == 3
+
+
+def test_gateway_options_reach_the_gateway_app() -> None:
+    opts = ServeOptions(gateway=GatewayOptions(modules=["inference"], default_model="x"))
+    gateway = render_serve_config(parse_documents([]), opts)["applications"][0]
+    assert gateway["args"]["modules"] == ["inference"]
+    assert gateway["args"]["default_model"] == "x"
+
+
+def test_status_mapping() -> None:
+    spec = parse_documents([_model("m", replicas=2)]).models["m"].spec
+    assert model_status("m", spec, {})["phase"] == "Pending"
+    running = {"model-m": {"status": "RUNNING", "deployments": {"ModelServer": {
+        "target_num_replicas": 2, "replicas": [{"state": "RUNNING"}, {"state": "STARTING"}]}}}}
+    status = model_status("m", spec, running)
+    assert status["phase"] == "Degraded" and status["ready_replicas"] == 1
+    failed = {"model-m": {"status": "DEPLOY_FAILED", "message": "Failed", "deployments": {
+        "ModelServer": {"message": "Traceback...\n  File x\nValueError: boom\x1b[0m"}}}}
+    assert model_status("m", spec, failed)["message"] == "ValueError: boom"
+    gpu = parse_documents([_model("g", device="cuda")]).models["g"].spec
+    assert model_status("g", gpu, {}, cluster_gpus=0)["phase"] == "Failed"
+
+
+def test_failure_reason_keeps_the_last_exception() -> None:
+    text = ("RuntimeError: Traceback (most recent call last):\n  File 'a'\n"
+            "dify_serving.engines.weights.WeightsNotFound: no model at /x")
+    assert failure_reason(text) == "WeightsNotFound: no model at /x"
