@@ -30,7 +30,7 @@ def test_quickstart_renders_gateway_plus_one_app_per_model() -> None:
     apps = {a["name"]: a for a in config["applications"]}
     assert set(apps) == {"gateway", "model-demo-llm", "model-minilm"}
     assert apps["gateway"]["route_prefix"] == "/"
-    assert "route_prefix" not in apps["model-minilm"]  # reached through the gateway only
+    assert apps["model-minilm"]["route_prefix"] is None  # reached through the gateway only
     assert config["http_options"] == {"host": "127.0.0.1", "port": 8000}
 
 

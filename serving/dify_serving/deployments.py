@@ -7,6 +7,7 @@ marks the app DEPLOY_FAILED with the reason, while every other app keeps serving
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 from ray import serve
 
 from dify_serving.engines import load_engine
+from dify_serving.engines.embeddings import EmbeddingEngine
 from dify_serving.specs import DifyModelSpec
 
 log = logging.getLogger("dify_serving.model")
@@ -26,7 +28,20 @@ class ModelServer:
         self.name = name
         self.spec = DifyModelSpec.model_validate(spec)
         self.engine = load_engine(name, self.spec, Path(home))
+        if isinstance(self.engine, EmbeddingEngine):
+            self._rows.set_max_batch_size(self.spec.batching.max_batch_size)
+            self._rows.set_batch_wait_timeout_s(self.spec.batching.batch_wait_timeout_ms / 1000)
+            self.engine.submit = self._submit
         await self.engine.start()
+
+    async def _submit(self, rows: list[list[int]]) -> list[Any]:
+        return list(await asyncio.gather(*(self._rows(row) for row in rows)))
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
+    async def _rows(self, rows: list[list[int]]) -> list[Any]:
+        """Dynamic batching across requests: rows from many callers, one forward."""
+        assert isinstance(self.engine, EmbeddingEngine)
+        return await self.engine.forward(rows)
 
     async def info(self) -> dict[str, Any]:
         return self.engine.info()

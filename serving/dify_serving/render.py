@@ -30,6 +30,7 @@ class GatewayOptions(BaseModel):
     control: str = Field("local", description="local (file store + Ray) or kubernetes")
     dashboard_url: str | None = None
     replicas: int = 1
+    request_timeout_s: float = Field(300.0, gt=0, description="Longest wait for a model")
 
 
 class ServeOptions(BaseModel):
@@ -80,6 +81,7 @@ def model_app(model: DifyModel, home: str) -> dict[str, Any]:
         deployment["num_replicas"] = spec.replicas
     return {
         "name": model_app_name(model.name),
+        "route_prefix": None,  # omitted would mean "/": model apps have no HTTP route
         "import_path": "dify_serving.deployments:build_model_app",
         "args": {"name": model.name, "spec": spec.wire(), "home": home},
         "deployments": [deployment],
@@ -112,5 +114,6 @@ def render_serve_config(state: DesiredState, options: ServeOptions) -> dict[str,
     return {
         "proxy_location": "HeadOnly",
         "http_options": {"host": options.host, "port": options.port},
+        "logging_config": {"enable_access_log": False, "log_level": "WARNING"},
         "applications": apps,
     }

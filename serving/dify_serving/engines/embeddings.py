@@ -1,20 +1,21 @@
 """Sentence embeddings: mean-pooled, L2-normalised, dynamically batched.
 
 Requests are tokenized once on arrival (that is where over-long inputs are refused),
-then each text joins a `@serve.batch` queue; a batch is padded to its longest member and
-runs on a dedicated compute thread, so the event loop keeps forming the next batch while
-torch works. Matches sentence-transformers' `encode` for mean-pooling models.
+then the token rows go to `submit`: in a Serve replica, `ModelServer` routes each row
+through a `@serve.batch` queue; outside Serve (benchmarks, tests) a call is one batch.
+A batch is padded to its longest member and runs on a dedicated compute thread, so the
+event loop keeps forming the next batch while torch works. Matches
+sentence-transformers' `encode` for mean-pooling models.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
-from ray import serve
-
 from dify_serving.engines.base import Engine, InputTooLong
 from dify_serving.specs import DifyModelSpec, Task
 
@@ -35,8 +36,7 @@ class EmbeddingEngine(Engine):
         self.max_tokens = int(min(self.tokenizer.model_max_length, positions))
         self.dimension = int(self.model.config.hidden_size)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"embed-{name}")
-        self._batch.set_max_batch_size(spec.batching.max_batch_size)
-        self._batch.set_batch_wait_timeout_s(spec.batching.batch_wait_timeout_ms / 1000)
+        self.submit: Callable[[list[list[int]]], Awaitable[list[np.ndarray]]] = self.forward
 
     async def start(self) -> None:
         await self.embed(["warm up the kernels"] * 2)
@@ -59,14 +59,14 @@ class EmbeddingEngine(Engine):
 
     async def embed(self, texts: list[str], truncate: bool = False) -> dict[str, Any]:
         ids = self.tokenize(texts, truncate)
-        vectors = await asyncio.gather(*(self._batch(row) for row in ids))
+        vectors = await self.submit(ids)
         return {
             "vectors": np.stack(vectors) if vectors else np.zeros((0, self.dimension)),
             "prompt_tokens": sum(len(row) for row in ids),
         }
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
-    async def _batch(self, rows: list[list[int]]) -> list[np.ndarray]:
+    async def forward(self, rows: list[list[int]]) -> list[np.ndarray]:
+        """One padded batch on the compute thread."""
         loop = asyncio.get_running_loop()
         matrix = await loop.run_in_executor(self._pool, self._forward, rows)
         return list(matrix)

@@ -40,6 +40,10 @@ def unwrap(exc: BaseException) -> BaseException:
     return exc
 
 
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+
+
 class GatewayState:
     def __init__(self, options: GatewayOptions) -> None:
         self.options = options
@@ -132,11 +136,26 @@ class GatewayState:
         return handle
 
     async def call(self, name: str, method: str, *args: Any) -> Any:
+        """Call a replica; bounded in time (a deleted app's handle can otherwise hang)."""
         self.require_serving(name)
         try:
-            return await getattr(self.handle(name), method).remote(*args)
+            return await asyncio.wait_for(
+                getattr(self.handle(name), method).remote(*args), self.options.request_timeout_s
+            )
         except (RayTaskError, EngineError) as exc:
             raise unwrap(exc) from None
+        except TimeoutError:
+            self._handles.pop(name, None)
+            raise ApiError(
+                504, f"model {name!r} did not answer within {self.options.request_timeout_s}s",
+                "timeout",
+            ) from None
+        except ApiError:
+            raise
+        except Exception as exc:  # replica gone (unloaded, crashed) or Serve unavailable
+            self._handles.pop(name, None)
+            raise ApiError(503, f"model {name!r} is unavailable: {_first_line(exc)}",
+                           "model_unavailable", headers={"Retry-After": "2"}) from None
 
     async def stream(self, name: str, method: str, *args: Any) -> AsyncIterator[dict[str, Any]]:
         """Stream from a replica; ends with an EngineError if the model is unloaded."""
@@ -161,8 +180,10 @@ class GatewayState:
                 except (RayTaskError, EngineError) as exc:
                     raise unwrap(exc) from None
                 except Exception as exc:  # replica died (unloaded, crashed)
+                    self._handles.pop(name, None)
                     raise EngineError(
-                        503, "model_unavailable", f"model {name!r} stopped answering: {exc}"
+                        503, "model_unavailable",
+                        f"model {name!r} stopped answering: {_first_line(exc)}",
                     ) from None
                 yield item
         finally:

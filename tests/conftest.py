@@ -1,0 +1,83 @@
+"""One real local stack (Ray + Serve + gateway + models) for the whole test session."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).parent))
+
+import tiny_models  # noqa: E402
+
+from dify_serving.local import LocalStack  # noqa: E402
+from dify_serving.manifests import DesiredState, parse_documents  # noqa: E402
+from dify_serving.settings import Settings  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def model_doc(name: str, model_id: str, task: str, **spec: object) -> dict:
+    return {
+        "apiVersion": "difymirror.dev/v1alpha1",
+        "kind": "DifyModel",
+        "metadata": {"name": name},
+        "spec": {"modelId": model_id, "task": task, "resources": {"cpus": 0.25}, **spec},
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("tiny")
+    tiny_models.text_classifier(root / "clf")
+    tiny_models.image_classifier(root / "vit")
+    tiny_models.captioner(root / "cap")
+    return root
+
+
+def session_state(tiny_dir: Path) -> DesiredState:
+    return parse_documents([
+        model_doc("demo-llm", "builtin:demo-llm", "text-generation",
+                  generation={"maxNewTokens": 64, "temperature": 0.7, "maxContextTokens": 256}),
+        model_doc("minilm", "sentence-transformers/all-MiniLM-L6-v2", "feature-extraction"),
+        model_doc("sentiment", str(tiny_dir / "clf"), "text-classification"),
+        model_doc("vit", str(tiny_dir / "vit"), "image-classification"),
+        model_doc("captioner", str(tiny_dir / "cap"), "image-to-text"),
+        model_doc("broken", "/nonexistent/weights", "text-generation"),
+    ])
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path) -> Iterator[LocalStack]:
+    home = tmp_path_factory.mktemp("home")
+    settings = Settings(home=home, port=free_port(), ray_num_cpus=2)
+    local = LocalStack(settings, object_store_memory=150 * 1024 * 1024)
+    local.start()
+    try:
+        local.apply(session_state(tiny_dir))
+        local.wait(timeout=600)
+        yield local
+    finally:
+        local.stop()
+
+
+@pytest.fixture(scope="session")
+def base_url(stack: LocalStack) -> str:
+    return f"http://127.0.0.1:{stack.settings.port}"
+
+
+@pytest.fixture()
+def client(base_url: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=base_url, timeout=120) as c:
+        yield c
