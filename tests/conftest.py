@@ -15,11 +15,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).parent))
 
-import tiny_models  # noqa: E402
-
-from dify_serving.local import LocalStack  # noqa: E402
-from dify_serving.manifests import DesiredState, parse_documents  # noqa: E402
-from dify_serving.settings import Settings  # noqa: E402
+import tiny_models
+from dify_serving.local import LocalStack
+from dify_serving.manifests import DesiredState, parse_documents
+from dify_serving.settings import Settings
 
 
 def free_port() -> int:
@@ -47,21 +46,27 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def session_state(tiny_dir: Path) -> DesiredState:
-    return parse_documents([
-        model_doc("demo-llm", "builtin:demo-llm", "text-generation",
-                  generation={"maxNewTokens": 64, "temperature": 0.7, "maxContextTokens": 256}),
-        model_doc("minilm", "sentence-transformers/all-MiniLM-L6-v2", "feature-extraction"),
-        model_doc("sentiment", str(tiny_dir / "clf"), "text-classification"),
-        model_doc("vit", str(tiny_dir / "vit"), "image-classification"),
-        model_doc("captioner", str(tiny_dir / "cap"), "image-to-text"),
-        model_doc("broken", "/nonexistent/weights", "text-generation"),
-    ])
+    return parse_documents(
+        [
+            model_doc(
+                "demo-llm",
+                "builtin:demo-llm",
+                "text-generation",
+                generation={"maxNewTokens": 64, "temperature": 0.7, "maxContextTokens": 256},
+            ),
+            model_doc("minilm", "sentence-transformers/all-MiniLM-L6-v2", "feature-extraction"),
+            model_doc("sentiment", str(tiny_dir / "clf"), "text-classification"),
+            model_doc("vit", str(tiny_dir / "vit"), "image-classification"),
+            model_doc("captioner", str(tiny_dir / "cap"), "image-to-text"),
+            model_doc("broken", "/nonexistent/weights", "text-generation"),
+        ]
+    )
 
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path) -> Iterator[LocalStack]:
     home = tmp_path_factory.mktemp("home")
-    settings = Settings(home=home, port=free_port(), ray_num_cpus=2)
+    settings = Settings(home=home, port=free_port(), ray_num_cpus=2, ray_dashboard_port=free_port())
     local = LocalStack(settings, object_store_memory=150 * 1024 * 1024)
     local.start()
     try:

@@ -8,7 +8,6 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
-
 from dify_serving import crdgen
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,8 +30,10 @@ def _jsonschema(node: Any) -> Any:
     out = {k: _jsonschema(v) for k, v in node.items() if not k.startswith("x-kubernetes")}
     if out.pop("nullable", False) and "type" in out:
         out["type"] = [out["type"], "null"]
-    if node.get("type") == "object" and "properties" in node and not node.get(
-        "x-kubernetes-preserve-unknown-fields"
+    if (
+        node.get("type") == "object"
+        and "properties" in node
+        and not node.get("x-kubernetes-preserve-unknown-fields")
     ):
         out["additionalProperties"] = False  # the API server prunes unknown fields
     return out
@@ -60,8 +61,12 @@ def test_examples_validate_against_their_crd(path: Path) -> None:
 
 def test_schema_rejects_what_the_spec_rejects() -> None:
     schema = _schemas()["DifyModel"]
-    bad = {"apiVersion": "difymirror.dev/v1alpha1", "kind": "DifyModel",
-           "metadata": {"name": "x"}, "spec": {"modelId": "m", "precision": "fp8"}}
+    bad = {
+        "apiVersion": "difymirror.dev/v1alpha1",
+        "kind": "DifyModel",
+        "metadata": {"name": "x"},
+        "spec": {"modelId": "m", "precision": "fp8"},
+    }
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(bad, schema)
 
@@ -73,7 +78,10 @@ def test_crd_shape() -> None:
     assert doc["spec"]["names"]["shortNames"] == ["dm"]
     assert version["name"] == "v1alpha1" and version["subresources"] == {"status": {}}
     assert [c["name"] for c in version["additionalPrinterColumns"]] == [
-        "Phase", "Model", "Ready", "Age"
+        "Phase",
+        "Model",
+        "Ready",
+        "Age",
     ]
     text = yaml.safe_dump(doc)
     assert "$ref" not in text and "anyOf" not in text

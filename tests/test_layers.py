@@ -10,8 +10,14 @@ import pytest
 
 @pytest.mark.parametrize(
     "module",
-    ["dify_operator", "dify_serving.specs", "dify_serving.render", "dify_serving.control",
-     "dify_serving.crdgen", "dify_serving.status"],
+    [
+        "dify_operator",
+        "dify_serving.specs",
+        "dify_serving.render",
+        "dify_serving.control",
+        "dify_serving.crdgen",
+        "dify_serving.status",
+    ],
 )
 def test_light_modules_import_nothing_heavy(module: str) -> None:
     code = (

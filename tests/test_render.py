@@ -13,8 +13,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _model(name: str, **spec: object) -> dict:
-    return {"apiVersion": "difymirror.dev/v1alpha1", "kind": "DifyModel",
-            "metadata": {"name": name}, "spec": {"modelId": "m", **spec}}
+    return {
+        "apiVersion": "difymirror.dev/v1alpha1",
+        "kind": "DifyModel",
+        "metadata": {"name": name},
+        "spec": {"modelId": "m", **spec},
+    }
 
 
 def test_render_is_deterministic_and_order_free() -> None:
@@ -35,11 +39,13 @@ def test_quickstart_renders_gateway_plus_one_app_per_model() -> None:
 
 
 def test_model_app_options_follow_the_spec() -> None:
-    state = parse_documents([
-        _model("gpu", device="cuda:1", precision="bf16", resources={"cpus": 3}),
-        _model("auto", autoscaling={"minReplicas": 0, "maxReplicas": 5}),
-        _model("fixed", replicas=3),
-    ])
+    state = parse_documents(
+        [
+            _model("gpu", device="cuda:1", precision="bf16", resources={"cpus": 3}),
+            _model("auto", autoscaling={"minReplicas": 0, "maxReplicas": 5}),
+            _model("fixed", replicas=3),
+        ]
+    )
     apps = {a["name"]: a for a in render_serve_config(state, ServeOptions())["applications"]}
     gpu = apps["model-gpu"]["deployments"][0]
     assert gpu["ray_actor_options"]["num_gpus"] == 1.0
@@ -60,18 +66,36 @@ def test_gateway_options_reach_the_gateway_app() -> None:
 def test_status_mapping() -> None:
     spec = parse_documents([_model("m", replicas=2)]).models["m"].spec
     assert model_status("m", spec, {})["phase"] == "Pending"
-    running = {"model-m": {"status": "RUNNING", "deployments": {"ModelServer": {
-        "target_num_replicas": 2, "replicas": [{"state": "RUNNING"}, {"state": "STARTING"}]}}}}
+    running = {
+        "model-m": {
+            "status": "RUNNING",
+            "deployments": {
+                "ModelServer": {
+                    "target_num_replicas": 2,
+                    "replicas": [{"state": "RUNNING"}, {"state": "STARTING"}],
+                }
+            },
+        }
+    }
     status = model_status("m", spec, running)
     assert status["phase"] == "Degraded" and status["ready_replicas"] == 1
-    failed = {"model-m": {"status": "DEPLOY_FAILED", "message": "Failed", "deployments": {
-        "ModelServer": {"message": "Traceback...\n  File x\nValueError: boom\x1b[0m"}}}}
+    failed = {
+        "model-m": {
+            "status": "DEPLOY_FAILED",
+            "message": "Failed",
+            "deployments": {
+                "ModelServer": {"message": "Traceback...\n  File x\nValueError: boom\x1b[0m"}
+            },
+        }
+    }
     assert model_status("m", spec, failed)["message"] == "ValueError: boom"
     gpu = parse_documents([_model("g", device="cuda")]).models["g"].spec
     assert model_status("g", gpu, {}, cluster_gpus=0)["phase"] == "Failed"
 
 
 def test_failure_reason_keeps_the_last_exception() -> None:
-    text = ("RuntimeError: Traceback (most recent call last):\n  File 'a'\n"
-            "dify_serving.engines.weights.WeightsNotFound: no model at /x")
+    text = (
+        "RuntimeError: Traceback (most recent call last):\n  File 'a'\n"
+        "dify_serving.engines.weights.WeightsNotFound: no model at /x"
+    )
     assert failure_reason(text) == "WeightsNotFound: no model at /x"

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from pydantic import ValidationError
-
 from dify_serving.specs import DifyIndexSpec, DifyModelSpec, name_from_model_id
+from pydantic import ValidationError
 
 
 def test_camel_and_snake_case_both_accepted() -> None:
@@ -38,7 +37,7 @@ def test_invalid_model_specs_name_the_problem(body: dict, needle: str) -> None:
 def test_index_spec_limits() -> None:
     spec = DifyIndexSpec.model_validate({"embeddingModel": "minilm"})
     assert spec.chunking.max_tokens == 512
-    with pytest.raises(ValidationError, match="maxTokens|max_tokens"):
+    with pytest.raises(ValidationError, match=r"maxTokens|max_tokens"):
         DifyIndexSpec.model_validate({"embeddingModel": "minilm", "chunking": {"maxTokens": 1024}})
     with pytest.raises(ValidationError, match="overlap"):
         DifyIndexSpec.model_validate(

@@ -22,10 +22,16 @@ def text_classifier(target: Path) -> Path:
     from transformers import BertConfig, BertForSequenceClassification
 
     tok = _tokenizer()
-    config = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1,
-                        num_attention_heads=2, intermediate_size=64, num_labels=2,
-                        id2label={0: "negative", 1: "positive"},
-                        label2id={"negative": 0, "positive": 1})
+    config = BertConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=2,
+        id2label={0: "negative", 1: "positive"},
+        label2id={"negative": 0, "positive": 1},
+    )
     torch.manual_seed(0)
     BertForSequenceClassification(config).save_pretrained(target)
     tok.save_pretrained(target)
@@ -35,8 +41,15 @@ def text_classifier(target: Path) -> Path:
 def _vit_config(**extra):
     from transformers import ViTConfig
 
-    return ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
-                     num_attention_heads=2, intermediate_size=64, **extra)
+    return ViTConfig(
+        image_size=32,
+        patch_size=8,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        **extra,
+    )
 
 
 def _image_processor():
@@ -49,8 +62,11 @@ def image_classifier(target: Path) -> Path:
     import torch
     from transformers import ViTForImageClassification
 
-    config = _vit_config(num_labels=3, id2label={0: "cat", 1: "dog", 2: "bird"},
-                         label2id={"cat": 0, "dog": 1, "bird": 2})
+    config = _vit_config(
+        num_labels=3,
+        id2label={0: "cat", 1: "dog", 2: "bird"},
+        label2id={"cat": 0, "dog": 1, "bird": 2},
+    )
     torch.manual_seed(0)
     ViTForImageClassification(config).save_pretrained(target)
     _image_processor().save_pretrained(target)
@@ -62,9 +78,15 @@ def captioner(target: Path) -> Path:
     from transformers import BertConfig, VisionEncoderDecoderConfig, VisionEncoderDecoderModel
 
     tok = _tokenizer()
-    decoder = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, intermediate_size=64, is_decoder=True,
-                         add_cross_attention=True)
+    decoder = BertConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        is_decoder=True,
+        add_cross_attention=True,
+    )
     config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(_vit_config(), decoder)
     config.decoder_start_token_id = tok.cls_token_id
     config.pad_token_id = tok.pad_token_id

@@ -59,8 +59,11 @@ def cmd_apply(args: argparse.Namespace) -> int:
     store = LocalStateStore(settings.state_dir)
     _, options = store.load()
     if not options.gateway.dashboard_url:
-        print("no running stack found under DIFY_MIRROR_HOME; start one with "
-              "`dify-mirror serve -f FILE`", file=sys.stderr)
+        print(
+            "no running stack found under DIFY_MIRROR_HOME; start one with "
+            "`dify-mirror serve -f FILE`",
+            file=sys.stderr,
+        )
         return 1
 
     def change(state: Any, _: Any) -> None:
@@ -68,7 +71,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
         state.indexes.update(incoming.indexes)
 
     state, options = store.update(change)
-    RayDashboard(options.gateway.dashboard_url).put_applications(
+    RayDashboard(options.gateway.dashboard_url or "").put_applications(
         render_serve_config(state, options)
     )
     print(f"applied {len(incoming.models)} model(s), {len(incoming.indexes)} index(es)")

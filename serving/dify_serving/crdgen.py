@@ -25,19 +25,18 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
         return node
     if "$ref" in node:
         target = defs[node["$ref"].rsplit("/", 1)[-1]]
-        merged = {**target, **{k: v for k, v in node.items() if k != "$ref"}}
-        return _structural(merged, defs)
+        return _structural({**target, **{k: v for k, v in node.items() if k != "$ref"}}, defs)
     if "anyOf" in node:
         options = [o for o in node["anyOf"] if o.get("type") != "null"]
         nullable = len(options) < len(node["anyOf"])
         if len(options) == 1:
             rest = {k: v for k, v in node.items() if k != "anyOf"}
-            out = _structural({**options[0], **rest}, defs)
+            merged: dict[str, Any] = _structural({**options[0], **rest}, defs)
             if nullable:
-                out["nullable"] = True
-                if out.get("default", ...) is None:
-                    del out["default"]
-            return out
+                merged["nullable"] = True
+                if merged.get("default", ...) is None:
+                    del merged["default"]
+            return merged
     out: dict[str, Any] = {}
     for key, value in node.items():
         if key in _DROP or key == "$defs":

@@ -24,13 +24,14 @@ log = logging.getLogger("dify_serving.model")
 
 @serve.deployment(name="ModelServer")
 class ModelServer:
-    async def __init__(self, name: str, spec: dict[str, Any], home: str) -> None:
+    async def __init__(self, name: str, spec: dict[str, Any], home: str) -> None:  # type: ignore[misc]
         self.name = name
         self.spec = DifyModelSpec.model_validate(spec)
         self.engine = load_engine(name, self.spec, Path(home))
         if isinstance(self.engine, EmbeddingEngine):
-            self._rows.set_max_batch_size(self.spec.batching.max_batch_size)
-            self._rows.set_batch_wait_timeout_s(self.spec.batching.batch_wait_timeout_ms / 1000)
+            batched: Any = self._rows
+            batched.set_max_batch_size(self.spec.batching.max_batch_size)
+            batched.set_batch_wait_timeout_s(self.spec.batching.batch_wait_timeout_ms / 1000)
             self.engine.submit = self._submit
         await self.engine.start()
 
@@ -65,4 +66,5 @@ class ModelServer:
 
 def build_model_app(args: dict[str, Any]) -> Any:
     """Serve application builder (the `import_path` of every model app)."""
-    return ModelServer.bind(args["name"], args["spec"], args["home"])
+    app: Any = ModelServer
+    return app.bind(args["name"], args["spec"], args["home"])

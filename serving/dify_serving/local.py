@@ -37,6 +37,8 @@ class LocalStack:
         # controller reads it at start, so it must be set before ray.init.
         os.environ.setdefault("RAY_SERVE_MAX_PER_REPLICA_RETRY_COUNT", "2")
         ctx = ray.init(
+            address="local",  # always a new local cluster, never one found lying around
+            dashboard_port=self.settings.ray_dashboard_port,
             num_cpus=self.settings.ray_num_cpus or os.cpu_count() or 1,
             include_dashboard=True,
             dashboard_host="127.0.0.1",
@@ -102,8 +104,10 @@ class LocalStack:
 
 
 def _gateway_phase(status: str | None) -> str:
-    return Phase.READY.value if status == "RUNNING" else (
-        Phase.FAILED.value if status == "DEPLOY_FAILED" else Phase.LOADING.value
+    return (
+        Phase.READY.value
+        if status == "RUNNING"
+        else (Phase.FAILED.value if status == "DEPLOY_FAILED" else Phase.LOADING.value)
     )
 
 
@@ -114,7 +118,7 @@ def _token() -> str | None:
     if token:
         return token
     try:
-        from ray._raylet import AuthenticationTokenLoader
+        from ray._raylet import AuthenticationTokenLoader  # type: ignore[attr-defined]
 
         header = AuthenticationTokenLoader.instance().get_token_for_http_header()
         value = next(iter(header.values()), "")

@@ -25,10 +25,14 @@ class DesiredState:
     indexes: dict[str, DifyIndex] = field(default_factory=dict)
 
     def documents(self) -> list[dict[str, Any]]:
-        docs = [m.model_dump(by_alias=True, exclude_none=True, mode="json") for m in
-                sorted(self.models.values(), key=lambda m: m.name)]
-        docs += [i.model_dump(by_alias=True, exclude_none=True, mode="json") for i in
-                 sorted(self.indexes.values(), key=lambda i: i.name)]
+        docs = [
+            m.model_dump(by_alias=True, exclude_none=True, mode="json")
+            for m in sorted(self.models.values(), key=lambda m: m.name)
+        ]
+        docs += [
+            i.model_dump(by_alias=True, exclude_none=True, mode="json")
+            for i in sorted(self.indexes.values(), key=lambda i: i.name)
+        ]
         return docs
 
 

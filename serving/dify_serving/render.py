@@ -108,9 +108,7 @@ def gateway_app(options: GatewayOptions) -> dict[str, Any]:
 def render_serve_config(state: DesiredState, options: ServeOptions) -> dict[str, Any]:
     """The whole Serve config for a desired state. Same input, same output."""
     apps = [gateway_app(options.gateway)]
-    apps += [
-        model_app(state.models[name], options.gateway.home) for name in sorted(state.models)
-    ]
+    apps += [model_app(state.models[name], options.gateway.home) for name in sorted(state.models)]
     return {
         "proxy_location": "HeadOnly",
         "http_options": {"host": options.host, "port": options.port},

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
-from typing_extensions import Annotated
 
 #: Gateway modules that can be switched off for small edge deployments.
 ALL_MODULES: tuple[str, ...] = ("models", "inference", "openai")
@@ -34,6 +34,7 @@ class Settings(BaseSettings):
         None, description="Ray dashboard URL (cluster); local runs use the one ray.init starts."
     )
     ray_num_cpus: int | None = Field(None, ge=1, description="CPUs Ray may use locally.")
+    ray_dashboard_port: int = Field(8265, ge=1, le=65535, description="Local dashboard port.")
     gateway_replicas: int = Field(1, ge=1, le=64, description="Gateway replicas.")
     redis_url: str | None = None
     database_url: str | None = None

@@ -156,9 +156,7 @@ class DifyModelSpec(_Spec):
             "builtin:NAME for a model the platform builds itself (builtin:demo-llm)."
         ),
     )
-    task: Task = Field(
-        Task.TEXT_GENERATION, description="What the model does; chooses the engine."
-    )
+    task: Task = Field(Task.TEXT_GENERATION, description="What the model does; chooses the engine.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     device: str = Field(
         "cpu",
@@ -206,6 +204,12 @@ class DifyModelSpec(_Spec):
             names = [v.name for v in self.versions]
             if len(set(names)) != len(names):
                 raise ValueError("version names must be unique")
+        return self
+
+    @model_validator(mode="after")
+    def _precision(self) -> DifyModelSpec:
+        if self.precision == Precision.FP16 and not self.device.startswith("cuda"):
+            raise ValueError("precision fp16 needs a GPU (device cuda); on CPU use bf16 or fp32")
         return self
 
     @property
@@ -314,7 +318,7 @@ class DifyModel(BaseModel):
     """A whole `DifyModel` object as found in a manifest or the Kubernetes API."""
 
     model_config = ConfigDict(extra="ignore")
-    api_version: Literal["difymirror.dev/v1alpha1"] = Field(API_VERSION, alias="apiVersion")
+    api_version: Literal["difymirror.dev/v1alpha1"] = Field(API_VERSION, alias="apiVersion")  # type: ignore[arg-type]
     kind: Literal["DifyModel"] = "DifyModel"
     metadata: ObjectMeta
     spec: DifyModelSpec
@@ -326,7 +330,7 @@ class DifyModel(BaseModel):
 
 class DifyIndex(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    api_version: Literal["difymirror.dev/v1alpha1"] = Field(API_VERSION, alias="apiVersion")
+    api_version: Literal["difymirror.dev/v1alpha1"] = Field(API_VERSION, alias="apiVersion")  # type: ignore[arg-type]
     kind: Literal["DifyIndex"] = "DifyIndex"
     metadata: ObjectMeta
     spec: DifyIndexSpec

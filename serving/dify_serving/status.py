@@ -83,6 +83,10 @@ def model_status(
         ready_replicas=ready,
         desired_replicas=desired,
         message=message or phase.value,
-        load_progress=1.0 if phase == Phase.READY else round(ready / desired, 2) if desired else 1.0,
+        load_progress=1.0
+        if phase == Phase.READY
+        else round(ready / desired, 2)
+        if desired
+        else 1.0,
     )
     return out

@@ -44,9 +44,7 @@ def _torch_setup(spec: DifyModelSpec) -> tuple[str, Any]:
     if spec.uses_cuda and not torch.cuda.is_available():
         raise EngineError(503, "no_gpu", f"device {device} requested but CUDA is not available")
     if spec.precision == "fp16" and device == "cpu":
-        raise EngineError(
-            422, "unsupported_precision", "fp16 needs a GPU; on CPU use bf16 or fp32"
-        )
+        raise EngineError(422, "unsupported_precision", "fp16 needs a GPU; on CPU use bf16 or fp32")
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
         str(spec.precision)
     ]

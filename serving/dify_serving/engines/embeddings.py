@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
+
 from dify_serving.engines.base import Engine, InputTooLong
 from dify_serving.specs import DifyModelSpec, Task
 

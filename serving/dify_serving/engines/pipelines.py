@@ -43,13 +43,16 @@ class PipelineEngine(Engine):
             self.tokenizer = AutoTokenizer.from_pretrained(path, revision=spec.revision)
             self.model = AutoModelForImageTextToText.from_pretrained(
                 path, revision=spec.revision, dtype=self.dtype
-            ).to(self.device)
+            ).to(self.device)  # type: ignore[arg-type]
             self.model.eval()
         else:
             from transformers import pipeline
 
-            self.pipe = pipeline(
-                str(self.task), model=path, revision=spec.revision, device=self.device,
+            self.pipe = pipeline(  # type: ignore[call-overload]
+                str(self.task),
+                model=path,
+                revision=spec.revision,
+                device=self.device,
                 dtype=self.dtype,
             )
             self.model = self.pipe.model

@@ -36,8 +36,15 @@ class PerRequestSampler(ContinuousBatchingLogitsProcessor):
         rows = []
         for fs in requests_with_new_token:
             kw = fs.state.logit_processor_kwargs
-            rows.append((kw.get("temperature", 0.0), kw.get("top_p", 1.0), kw.get("top_k", 0),
-                         kw.get("seed", 0), fs.state.generated_len()))
+            rows.append(
+                (
+                    kw.get("temperature", 0.0),
+                    kw.get("top_p", 1.0),
+                    kw.get("top_k", 0),
+                    kw.get("seed", 0),
+                    fs.state.generated_len(),
+                )
+            )
         self._rows = rows
         return torch.arange(len(rows), dtype=torch.int32)
 

@@ -54,7 +54,7 @@ class TextGenerationEngine(Engine):
         self.tokenizer = AutoTokenizer.from_pretrained(path, revision=spec.revision)
         self.model = AutoModelForCausalLM.from_pretrained(
             path, revision=spec.revision, dtype=self.dtype
-        ).to(self.device)
+        ).to(self.device)  # type: ignore[arg-type]
         self.model.eval()
         config = self.model.config
         positions = int(getattr(config, "max_position_embeddings", 2048) or 2048)
@@ -103,19 +103,22 @@ class TextGenerationEngine(Engine):
         await asyncio.to_thread(self.manager.stop, block=True, timeout=5, hard_stop=True)
 
     def info(self) -> dict[str, Any]:
-        return {**super().info(), "max_context_tokens": self.max_context,
-                "max_new_tokens": self.spec.generation.max_new_tokens,
-                "active_requests": len(self._requests)}
+        return {
+            **super().info(),
+            "max_context_tokens": self.max_context,
+            "max_new_tokens": self.spec.generation.max_new_tokens,
+            "active_requests": len(self._requests),
+        }
 
     # requests --------------------------------------------------------------------------
     def encode(self, request: dict[str, Any]) -> list[int]:
         messages = request.get("messages")
         if messages:
             if self.tokenizer.chat_template:
-                ids = self.tokenizer.apply_chat_template(
+                chat: Any = self.tokenizer.apply_chat_template(
                     messages, add_generation_prompt=True, tokenize=True, return_dict=False
                 )
-                return list(ids)
+                return [int(i) for i in chat]
             text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
         else:
             text = request.get("prompt") or ""
@@ -181,12 +184,15 @@ class TextGenerationEngine(Engine):
                 if error:
                     raise EngineError(503, "generation_failed", f"{self.name}: {error}")
                 state.tokens.extend(new_tokens)
-                decoded = self.tokenizer.decode(state.tokens, skip_special_tokens=True)
-                delta, text = decoded[len(text):], decoded
+                decoded = str(self.tokenizer.decode(state.tokens, skip_special_tokens=True))
+                delta, text = decoded[len(text) :], decoded
                 if finish:
-                    yield {"delta": delta, "finish_reason": finish,
-                           "prompt_tokens": state.prompt_tokens,
-                           "completion_tokens": len(state.tokens)}
+                    yield {
+                        "delta": delta,
+                        "finish_reason": finish,
+                        "prompt_tokens": state.prompt_tokens,
+                        "completion_tokens": len(state.tokens),
+                    }
                     return
                 if delta:
                     yield {"delta": delta}
@@ -202,7 +208,7 @@ class TextGenerationEngine(Engine):
         state = self._requests.get(request_id)
         if state is None or state.done:
             return
-        new = out.generated_tokens[state.sent:]
+        new = out.generated_tokens[state.sent :]
         state.sent = len(out.generated_tokens)
         if out.status == RequestStatus.FAILED:
             self._finish(request_id, error=str(out.error))

@@ -21,7 +21,7 @@ def create_app(state: GatewayState) -> FastAPI:
         title="dify-mirror",
         version="0.1.0",
         description="Serve models and the knowledge they answer from. "
-        "Errors are JSON: {\"error\": {\"code\", \"message\", \"request_id\"}}.",
+        'Errors are JSON: {"error": {"code", "message", "request_id"}}.',
     )
     app.state.gateway = state
     errors.install(app)
@@ -42,4 +42,5 @@ class Gateway:
 
 def build_gateway_app(args: dict[str, Any]) -> Any:
     """Serve application builder (the `import_path` of the gateway app)."""
-    return Gateway.bind(**GatewayOptions.model_validate(args).model_dump())
+    deployment: Any = Gateway
+    return deployment.bind(**GatewayOptions.model_validate(args).model_dump())

@@ -25,7 +25,8 @@ def expect_task(model: DifyModel, *tasks: Task) -> None:
     if model.spec.task not in tasks:
         wanted = " or ".join(str(t) for t in tasks)
         raise ApiError(
-            400, f"model {model.name!r} is {model.spec.task}, this route needs {wanted}",
+            400,
+            f"model {model.name!r} is {model.spec.task}, this route needs {wanted}",
             "wrong_task",
         )
 
@@ -60,7 +61,9 @@ def generation_request(
     }
 
 
-async def generate(state: GatewayState, model: DifyModel, request: dict[str, Any]) -> dict[str, Any]:
+async def generate(
+    state: GatewayState, model: DifyModel, request: dict[str, Any]
+) -> dict[str, Any]:
     result: dict[str, Any] = await state.call(model.name, "generate", request)
     return result
 
@@ -88,9 +91,7 @@ def sse(data: Any, event: str | None = None) -> bytes:
     return f"{head}data: {payload}\n\n".encode()
 
 
-async def sse_stream(
-    chunks: AsyncIterator[Any], request_id: str
-) -> AsyncIterator[bytes]:
+async def sse_stream(chunks: AsyncIterator[Any], request_id: str) -> AsyncIterator[bytes]:
     """Frame chunks as SSE; an error mid-stream becomes an `error` event, then [DONE]."""
     try:
         async for chunk in chunks:

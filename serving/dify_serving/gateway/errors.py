@@ -37,7 +37,10 @@ _STATUS_CODES = {
 
 class ApiError(Exception):
     def __init__(
-        self, status: int, message: str, code: str | None = None,
+        self,
+        status: int,
+        message: str,
+        code: str | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
@@ -57,7 +60,10 @@ def error_body(code: str, message: str, rid: str) -> dict[str, Any]:
 
 
 def error_response(
-    request: Request, status: int, code: str, message: str,
+    request: Request,
+    status: int,
+    code: str,
+    message: str,
     headers: dict[str, str] | None = None,
 ) -> JSONResponse:
     return JSONResponse(
@@ -75,7 +81,7 @@ def describe_validation(errors: list[Any]) -> str:
 
 
 class RequestIdMiddleware:
-    """Sets `scope["state"]["request_id"]` and the `X-Request-ID` response header."""
+    """Sets `scope["state"]["request_id"]` and, unless a proxy did, `X-Request-ID`."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -89,9 +95,11 @@ class RequestIdMiddleware:
             if key == b"x-request-id":
                 rid = value.decode("latin-1")[:128]
                 break
-        rid = rid or uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = rid
-        header = (b"x-request-id", rid.encode("latin-1"))
+        scope.setdefault("state", {})["request_id"] = rid or uuid.uuid4().hex
+        if rid is not None:  # Ray Serve's proxy set it and echoes it in the response
+            await self.app(scope, receive, send)
+            return
+        header = (b"x-request-id", scope["state"]["request_id"].encode("latin-1"))
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":

@@ -68,9 +68,13 @@ class GatewayState:
             name = self.options.default_model
             if name is None:
                 wanted = task or Task.TEXT_GENERATION
-                name = next((n for n in sorted(models) if models[n].spec.task == wanted), None)
+                fits = [n for n in sorted(models) if models[n].spec.task == wanted]
+                serving = [n for n in fits if self.statuses.get(n, {}).get("phase") in _SERVING]
+                name = next(iter(serving or fits), None)
             if name is None:
-                raise ApiError(404, "no model named and no default model is loaded", "model_not_found")
+                raise ApiError(
+                    404, "no model named and no default model is loaded", "model_not_found"
+                )
         model = models.get(name)
         if model is None:
             raise ApiError(404, f"model {name!r} is not loaded", "model_not_found")
@@ -113,7 +117,9 @@ class GatewayState:
             return  # unknown yet: let the handle decide
         phase = status["phase"]
         if phase == Phase.FAILED.value:
-            raise ApiError(503, f"model {name!r} failed to load: {status['message']}", "model_failed")
+            raise ApiError(
+                503, f"model {name!r} failed to load: {status['message']}", "model_failed"
+            )
         raise ApiError(
             503,
             f"model {name!r} is {phase.lower()} ({status['message']}); retry shortly",
@@ -129,7 +135,9 @@ class GatewayState:
                 handle = serve.get_app_handle(model_app_name(name))
             except Exception as exc:
                 raise ApiError(
-                    503, f"model {name!r} is not running yet", "model_not_ready",
+                    503,
+                    f"model {name!r} is not running yet",
+                    "model_not_ready",
                     headers={"Retry-After": "2"},
                 ) from exc
             self._handles[name] = handle
@@ -147,15 +155,20 @@ class GatewayState:
         except TimeoutError:
             self._handles.pop(name, None)
             raise ApiError(
-                504, f"model {name!r} did not answer within {self.options.request_timeout_s}s",
+                504,
+                f"model {name!r} did not answer within {self.options.request_timeout_s}s",
                 "timeout",
             ) from None
         except ApiError:
             raise
         except Exception as exc:  # replica gone (unloaded, crashed) or Serve unavailable
             self._handles.pop(name, None)
-            raise ApiError(503, f"model {name!r} is unavailable: {_first_line(exc)}",
-                           "model_unavailable", headers={"Retry-After": "2"}) from None
+            raise ApiError(
+                503,
+                f"model {name!r} is unavailable: {_first_line(exc)}",
+                "model_unavailable",
+                headers={"Retry-After": "2"},
+            ) from None
 
     async def stream(self, name: str, method: str, *args: Any) -> AsyncIterator[dict[str, Any]]:
         """Stream from a replica; ends with an EngineError if the model is unloaded."""
@@ -182,7 +195,8 @@ class GatewayState:
                 except Exception as exc:  # replica died (unloaded, crashed)
                     self._handles.pop(name, None)
                     raise EngineError(
-                        503, "model_unavailable",
+                        503,
+                        "model_unavailable",
                         f"model {name!r} stopped answering: {_first_line(exc)}",
                     ) from None
                 yield item

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from dify_serving.gateway import dataplane
@@ -12,7 +12,6 @@ from dify_serving.gateway.errors import ApiError, request_id
 from dify_serving.gateway.routers.models import StateDep
 from dify_serving.gateway.schemas import InferenceRequest, InferenceResponse, Usage
 from dify_serving.specs import Task
-from fastapi import Request
 
 router = APIRouter(prefix="/v1", tags=["inference"])
 
@@ -30,8 +29,12 @@ async def inference(body: InferenceRequest, request: Request, state: StateDep) -
         if body.prompt is None:
             raise ApiError(422, "prompt: required for text-generation", "invalid_request")
         gen = dataplane.generation_request(
-            model, prompt=body.prompt, max_tokens=body.max_tokens,
-            temperature=body.temperature, top_p=body.top_p, seed=body.seed,
+            model,
+            prompt=body.prompt,
+            max_tokens=body.max_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            seed=body.seed,
         )
         if body.stream:
             return StreamingResponse(
@@ -40,8 +43,11 @@ async def inference(body: InferenceRequest, request: Request, state: StateDep) -
             )
         result = await dataplane.generate(state, model, gen)
         return InferenceResponse(
-            id=rid, model=model.name, output=result["text"],
-            usage=_usage(result), finish_reason=result["finish_reason"],
+            id=rid,
+            model=model.name,
+            output=result["text"],
+            usage=_usage(result),
+            finish_reason=result["finish_reason"],
         )
     if body.stream:
         raise ApiError(422, f"stream: {task} models do not stream", "invalid_request")
@@ -53,14 +59,19 @@ async def inference(body: InferenceRequest, request: Request, state: StateDep) -
         result = await dataplane.embed(state, model, batch, body.truncate)
         vectors = result["vectors"].tolist()
         return InferenceResponse(
-            id=rid, model=model.name, output=vectors if isinstance(inputs, list) else vectors[0],
-            usage=Usage(prompt_tokens=result["prompt_tokens"],
-                        total_tokens=result["prompt_tokens"]),
+            id=rid,
+            model=model.name,
+            output=vectors if isinstance(inputs, list) else vectors[0],
+            usage=Usage(
+                prompt_tokens=result["prompt_tokens"], total_tokens=result["prompt_tokens"]
+            ),
         )
     options = {"top_k": body.top_k, "max_tokens": body.max_tokens}
     output = await state.call(model.name, "predict", batch, options)
     return InferenceResponse(
-        id=rid, model=model.name, output=output if isinstance(inputs, list) else output[0],
+        id=rid,
+        model=model.name,
+        output=output if isinstance(inputs, list) else output[0],
         usage=Usage(prompt_tokens=0),
     )
 
@@ -74,9 +85,14 @@ async def _deltas(state: Any, model: Any, gen: dict[str, Any], rid: str) -> Any:
     index = 0
     async for item in dataplane.generate_stream(state, model, gen):
         if item.get("finish_reason"):
-            yield {"id": rid, "model": model.name, "delta": item.get("delta", ""),
-                   "index": index, "finish_reason": item["finish_reason"],
-                   "usage": _usage(item).model_dump()}
+            yield {
+                "id": rid,
+                "model": model.name,
+                "delta": item.get("delta", ""),
+                "index": index,
+                "finish_reason": item["finish_reason"],
+                "usage": _usage(item).model_dump(),
+            }
         else:
             yield {"id": rid, "model": model.name, "delta": item["delta"], "index": index}
         index += 1

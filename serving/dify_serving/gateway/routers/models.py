@@ -91,17 +91,31 @@ def parse_load(body: dict[str, Any]) -> DifyModel:
         raise ApiError(422, str(exc), "invalid_spec") from None
 
 
-@router.post("/load", status_code=202, summary="Load (or update) a model; it becomes Ready or Failed")
+@router.post(
+    "/load", status_code=202, summary="Load (or update) a model; it becomes Ready or Failed"
+)
 async def load_model(
     state: StateDep,
     body: Annotated[
         LoadRequest,
-        Body(openapi_examples={
-            "spec": {"value": {"name": "demo-llm", "modelId": "builtin:demo-llm",
-                               "task": "text-generation"}},
-            "short": {"value": {"model_id": "ernie-3.5-turbo", "device": "cuda:0",
-                                "precision": "fp16"}},
-        }),
+        Body(
+            openapi_examples={
+                "spec": {
+                    "value": {
+                        "name": "demo-llm",
+                        "modelId": "builtin:demo-llm",
+                        "task": "text-generation",
+                    }
+                },
+                "short": {
+                    "value": {
+                        "model_id": "ernie-3.5-turbo",
+                        "device": "cuda:0",
+                        "precision": "fp16",
+                    }
+                },
+            }
+        ),
     ],
 ) -> dict[str, Any]:
     model = parse_load(body.model_dump(exclude_none=True))

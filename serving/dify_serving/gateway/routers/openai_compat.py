@@ -40,8 +40,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
     dataplane.expect_task(model, Task.TEXT_GENERATION)
     messages = [{"role": m.role, "content": _text(m.content)} for m in body.messages]
     gen = dataplane.generation_request(
-        model, messages=messages, max_tokens=body.max_completion_tokens or body.max_tokens,
-        temperature=body.temperature, top_p=body.top_p, seed=body.seed,
+        model,
+        messages=messages,
+        max_tokens=body.max_completion_tokens or body.max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        seed=body.seed,
     )
     cid, created = dataplane.new_id("chatcmpl"), int(time.time())
     base = {"id": cid, "created": created, "model": model.name}
@@ -55,12 +59,14 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
     return {
         **base,
         "object": "chat.completion",
-        "choices": [{
-            "index": 0,
-            "message": {"role": "assistant", "content": result["text"]},
-            "finish_reason": result["finish_reason"],
-            "logprobs": None,
-        }],
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": result["text"]},
+                "finish_reason": result["finish_reason"],
+                "logprobs": None,
+            }
+        ],
         "usage": _usage(result),
     }
 
@@ -69,8 +75,12 @@ async def _chat_chunks(
     state: Any, model: Any, gen: dict[str, Any], base: dict[str, Any], usage: bool
 ) -> AsyncIterator[dict[str, Any]]:
     chunk = {**base, "object": "chat.completion.chunk"}
-    yield {**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                 "finish_reason": None}]}
+    yield {
+        **chunk,
+        "choices": [
+            {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+        ],
+    }
     async for item in dataplane.generate_stream(state, model, gen):
         finish = item.get("finish_reason")
         delta = {"content": item["delta"]} if item.get("delta") else {}
@@ -91,22 +101,40 @@ async def completions(body: CompletionRequest, request: Request, state: StateDep
     if not prompt:
         raise ApiError(422, "prompt: must not be empty", "invalid_request")
     gen = dataplane.generation_request(
-        model, prompt=prompt, max_tokens=body.max_tokens,
-        temperature=body.temperature, top_p=body.top_p, seed=body.seed,
+        model,
+        prompt=prompt,
+        max_tokens=body.max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        seed=body.seed,
     )
-    base = {"id": dataplane.new_id("cmpl"), "created": int(time.time()), "model": model.name,
-            "object": "text_completion"}
+    base = {
+        "id": dataplane.new_id("cmpl"),
+        "created": int(time.time()),
+        "model": model.name,
+        "object": "text_completion",
+    }
     if body.stream:
         usage = bool((body.stream_options or {}).get("include_usage"))
         return StreamingResponse(
-            dataplane.sse_stream(_completion_chunks(state, model, gen, base, usage),
-                                 request_id(request)),
+            dataplane.sse_stream(
+                _completion_chunks(state, model, gen, base, usage), request_id(request)
+            ),
             media_type="text/event-stream",
         )
     result = await dataplane.generate(state, model, gen)
-    return {**base, "choices": [{"index": 0, "text": result["text"], "logprobs": None,
-                                 "finish_reason": result["finish_reason"]}],
-            "usage": _usage(result)}
+    return {
+        **base,
+        "choices": [
+            {
+                "index": 0,
+                "text": result["text"],
+                "logprobs": None,
+                "finish_reason": result["finish_reason"],
+            }
+        ],
+        "usage": _usage(result),
+    }
 
 
 async def _completion_chunks(
@@ -114,8 +142,17 @@ async def _completion_chunks(
 ) -> AsyncIterator[dict[str, Any]]:
     async for item in dataplane.generate_stream(state, model, gen):
         finish = item.get("finish_reason")
-        yield {**base, "choices": [{"index": 0, "text": item.get("delta", ""),
-                                    "logprobs": None, "finish_reason": finish}]}
+        yield {
+            **base,
+            "choices": [
+                {
+                    "index": 0,
+                    "text": item.get("delta", ""),
+                    "logprobs": None,
+                    "finish_reason": finish,
+                }
+            ],
+        }
         if finish and usage:
             yield {**base, "choices": [], "usage": _usage(item)}
 

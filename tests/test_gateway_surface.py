@@ -1,0 +1,59 @@
+"""Docs, health, and switching modules off."""
+
+from __future__ import annotations
+
+import httpx
+from dify_serving.gateway.app import create_app
+from dify_serving.gateway.state import GatewayState
+from dify_serving.render import GatewayOptions
+from fastapi.testclient import TestClient
+
+
+def test_openapi_describes_every_route(client: httpx.Client) -> None:
+    spec = client.get("/openapi.json").json()
+    paths = set(spec["paths"])
+    assert {
+        "/v1/models",
+        "/v1/models/status",
+        "/v1/models/load",
+        "/v1/models/unload",
+        "/v1/inference",
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/embeddings",
+        "/healthz",
+        "/readyz",
+    } <= paths
+    for path, ops in spec["paths"].items():
+        for op in ops.values():
+            assert op.get("summary"), f"{path} has no summary"
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()
+
+
+def test_health_and_readiness(client: httpx.Client) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz").json()
+    assert ready["status"] == "ready" and ready["models"]["demo-llm"] == "Ready"
+
+
+def test_switched_off_modules_have_no_routes(tmp_path) -> None:
+    state = GatewayState(GatewayOptions(modules=["inference"], home=str(tmp_path)))
+    with TestClient(create_app(state)) as http:
+        for path in ("/v1/chat/completions", "/v1/embeddings", "/v1/models/load"):
+            r = http.post(path, json={})
+            assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+        assert http.get("/v1/models").status_code == 404
+        assert "/v1/chat/completions" not in http.get("/openapi.json").json()["paths"]
+        r = http.post("/v1/inference", json={"prompt": "x"})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+def test_modules_setting_is_validated() -> None:
+    import pytest
+    from dify_serving.settings import Settings
+    from pydantic import ValidationError
+
+    assert Settings(modules="models, inference").modules == ["models", "inference"]
+    with pytest.raises(ValidationError, match="unknown module"):
+        Settings(modules="models,teleport")
