@@ -16,6 +16,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).parent))
 
 import tiny_models
+
 from dify_serving.local import LocalStack
 from dify_serving.manifests import DesiredState, parse_documents
 from dify_serving.settings import Settings

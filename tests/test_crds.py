@@ -8,6 +8,7 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
+
 from dify_serving import crdgen
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import httpx
+from fastapi.testclient import TestClient
+
 from dify_serving.gateway.app import create_app
 from dify_serving.gateway.state import GatewayState
 from dify_serving.render import GatewayOptions
-from fastapi.testclient import TestClient
 
 
 def test_openapi_describes_every_route(client: httpx.Client) -> None:
@@ -51,8 +52,9 @@ def test_switched_off_modules_have_no_routes(tmp_path) -> None:
 
 def test_modules_setting_is_validated() -> None:
     import pytest
-    from dify_serving.settings import Settings
     from pydantic import ValidationError
+
+    from dify_serving.settings import Settings
 
     assert Settings(modules="models, inference").modules == ["models", "inference"]
     with pytest.raises(ValidationError, match="unknown module"):

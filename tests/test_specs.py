@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from dify_serving.specs import DifyIndexSpec, DifyModelSpec, name_from_model_id
 from pydantic import ValidationError
+
+from dify_serving.specs import DifyIndexSpec, DifyModelSpec, name_from_model_id
 
 
 def test_camel_and_snake_case_both_accepted() -> None:

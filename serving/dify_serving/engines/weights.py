@@ -75,6 +75,7 @@ def build_demo_llm(root: Path) -> Path:
 
         tokenizer = AutoTokenizer.from_pretrained(packaged_path("all-MiniLM-L6-v2"))
         tokenizer.chat_template = DEMO_CHAT_TEMPLATE
+        tokenizer.model_input_names = ["input_ids", "attention_mask"]  # a decoder: no segments
         config = LlamaConfig(
             vocab_size=len(tokenizer),
             hidden_size=256,

@@ -1,0 +1,1 @@
+"""Benchmarks: every figure beside its anchor, measured in the same run (`make bench`)."""
