@@ -15,7 +15,7 @@ import logging
 import secrets
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from dify_serving.engines import sampling
@@ -34,7 +34,6 @@ class _Request:
     prompt_tokens: int
     sent: int = 0
     done: bool = False
-    tokens: list[int] = field(default_factory=list)
 
 
 class TextGenerationEngine(Engine):
@@ -137,25 +136,44 @@ class TextGenerationEngine(Engine):
         return min(max_tokens, room)
 
     async def generate(self, request: dict[str, Any]) -> dict[str, Any]:
-        parts: list[str] = []
-        final: dict[str, Any] = {}
-        async for item in self.generate_stream(request):
-            parts.append(item["delta"])
-            final = item
+        """The whole answer: one output from the manager, decoded once."""
+        tokens: list[int] = []
+        prompt_tokens, finish = 0, None
+        async for state, new_tokens, last in self._tokens(request, streaming=False):
+            tokens.extend(new_tokens)
+            prompt_tokens, finish = state.prompt_tokens, last
         return {
-            "text": "".join(parts),
-            "finish_reason": final.get("finish_reason"),
-            "prompt_tokens": final.get("prompt_tokens", 0),
-            "completion_tokens": final.get("completion_tokens", 0),
+            "text": str(self.tokenizer.decode(tokens, skip_special_tokens=True)),
+            "finish_reason": finish,
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": len(tokens),
         }
 
     async def generate_stream(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """Yields {"delta"} items; the last one also has finish_reason and token counts."""
+        text, tokens = "", list[int]()
+        async for state, new_tokens, finish in self._tokens(request, streaming=True):
+            tokens.extend(new_tokens)
+            decoded = str(self.tokenizer.decode(tokens, skip_special_tokens=True))
+            delta, text = decoded[len(text) :], decoded
+            if finish:
+                yield {
+                    "delta": delta,
+                    "finish_reason": finish,
+                    "prompt_tokens": state.prompt_tokens,
+                    "completion_tokens": len(tokens),
+                }
+            elif delta:
+                yield {"delta": delta}
+
+    async def _tokens(
+        self, request: dict[str, Any], streaming: bool
+    ) -> AsyncIterator[tuple[_Request, list[int], str | None]]:
+        """Submit one request; yield (state, new tokens, finish reason or None)."""
         prompt_ids = self.encode(request)
         max_new = self._budget(
             prompt_ids, int(request.get("max_tokens") or self.spec.generation.max_new_tokens)
         )
-        temperature = float(request.get("temperature") or 0.0)
         seed = request.get("seed")
         request_id = uuid.uuid4().hex
         state = _Request(asyncio.Queue(), self.eos, len(prompt_ids))
@@ -167,9 +185,9 @@ class TextGenerationEngine(Engine):
             prompt_ids,
             request_id=request_id,
             max_new_tokens=max_new,
-            streaming=True,
+            streaming=streaming,
             eos_token_id=sorted(self.eos) or -1,
-            temperature=temperature,
+            temperature=float(request.get("temperature") or 0.0),
             top_p=float(request.get("top_p") or 1.0),
             top_k=0,
             seed=int(seed if seed is not None else secrets.randbits(62)),
@@ -177,25 +195,14 @@ class TextGenerationEngine(Engine):
         if accepted is None:
             self._forget(request_id)
             raise EngineError(503, "model_unavailable", f"{self.name} is not accepting requests")
-        text = ""
         try:
             while True:
                 new_tokens, finish, error = await state.queue.get()
                 if error:
                     raise EngineError(503, "generation_failed", f"{self.name}: {error}")
-                state.tokens.extend(new_tokens)
-                decoded = str(self.tokenizer.decode(state.tokens, skip_special_tokens=True))
-                delta, text = decoded[len(text) :], decoded
+                yield state, new_tokens, finish
                 if finish:
-                    yield {
-                        "delta": delta,
-                        "finish_reason": finish,
-                        "prompt_tokens": state.prompt_tokens,
-                        "completion_tokens": len(state.tokens),
-                    }
                     return
-                if delta:
-                    yield {"delta": delta}
         finally:
             if not state.done:  # the consumer went away: free the slot
                 self.manager.cancel_request(request_id)
