@@ -54,7 +54,7 @@ def model_doc(name: str, model_id: str, task: str, **spec: object) -> dict:
         "apiVersion": "difymirror.dev/v1alpha1",
         "kind": "DifyModel",
         "metadata": {"name": name},
-        "spec": {"modelId": model_id, "task": task, "resources": {"cpus": THREADS}, **spec},
+        "spec": {"modelId": model_id, "task": task, "resources": {"cpus": THREADS}} | spec,
     }
 
 
@@ -198,7 +198,11 @@ def main() -> int:
                         "minilm",
                         "sentence-transformers/all-MiniLM-L6-v2",
                         "feature-extraction",
-                        batching={"maxBatchSize": 32, "maxConcurrentRequests": 128},
+                        batching={
+                            "maxBatchSize": 32,
+                            "batchWaitTimeoutMs": 10,
+                            "maxConcurrentRequests": 128,
+                        },
                     ),
                 ]
             )

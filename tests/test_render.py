@@ -99,3 +99,12 @@ def test_failure_reason_keeps_the_last_exception() -> None:
         "dify_serving.engines.weights.WeightsNotFound: no model at /x"
     )
     assert failure_reason(text) == "WeightsNotFound: no model at /x"
+
+
+def test_direct_serving_moves_serve_proxy_to_its_own_port() -> None:
+    opts = ServeOptions(
+        port=8000, proxy_port=8123, gateway=GatewayOptions(listen_port=8000, listen_host="0.0.0.0")
+    )
+    config = render_serve_config(parse_documents([]), opts)
+    assert config["http_options"]["port"] == 8123
+    assert config["applications"][0]["args"]["listen_port"] == 8000

@@ -30,12 +30,19 @@ class GatewayOptions(BaseModel):
     control: str = Field("local", description="local (file store + Ray) or kubernetes")
     dashboard_url: str | None = None
     replicas: int = 1
+    listen_host: str | None = Field(None, description="Serve HTTP here directly (no proxy)")
+    listen_port: int | None = None
     request_timeout_s: float = Field(300.0, gt=0, description="Longest wait for a model")
 
 
 class ServeOptions(BaseModel):
     host: str = "127.0.0.1"
     port: int = 8000
+    proxy_port: int | None = Field(
+        None,
+        description="Port of Serve's own proxy when the gateway serves `port` directly "
+        "(direct ingress); None: the proxy serves `port`.",
+    )
     gateway: GatewayOptions = Field(default_factory=GatewayOptions)
 
 
@@ -111,7 +118,7 @@ def render_serve_config(state: DesiredState, options: ServeOptions) -> dict[str,
     apps += [model_app(state.models[name], options.gateway.home) for name in sorted(state.models)]
     return {
         "proxy_location": "HeadOnly",
-        "http_options": {"host": options.host, "port": options.port},
+        "http_options": {"host": options.host, "port": options.proxy_port or options.port},
         "logging_config": {"enable_access_log": False, "log_level": "WARNING"},
         "applications": apps,
     }

@@ -36,6 +36,10 @@ class Settings(BaseSettings):
     ray_num_cpus: int | None = Field(None, ge=1, description="CPUs Ray may use locally.")
     ray_dashboard_port: int = Field(8265, ge=1, le=65535, description="Local dashboard port.")
     gateway_replicas: int = Field(1, ge=1, le=64, description="Gateway replicas.")
+    direct_ingress: bool = Field(
+        True,
+        description="Gateway replicas serve the HTTP port themselves (no proxy hop).",
+    )
     redis_url: str | None = None
     database_url: str | None = None
     qdrant_url: str | None = None

@@ -6,6 +6,9 @@ in the Serve config, so switched-off modules have no routes at all (404).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import socket
 from typing import Any
 
 from fastapi import FastAPI
@@ -32,12 +35,60 @@ def create_app(state: GatewayState) -> FastAPI:
 @serve.deployment(name="Gateway")
 @serve.ingress()
 class Gateway:
-    def __init__(self, **options: Any) -> None:
+    """The gateway replica.
+
+    With `listen_port` set it also serves that port itself, with SO_REUSEPORT so every
+    replica on a node shares it: a request then costs one process hop, where Serve's
+    proxy adds a second one and two actor calls per request (what dominated CPU on two
+    cores). Serve's own proxy keeps serving the same app on its port.
+    """
+
+    async def __init__(self, **options: Any) -> None:  # type: ignore[misc]
         self.state = GatewayState(GatewayOptions.model_validate(options))
+        self.fastapi = create_app(self.state)
+        self.server: Any = None
+        if self.state.options.listen_port:
+            self.server = await serve_directly(
+                self.fastapi,
+                self.state.options.listen_host or "127.0.0.1",
+                self.state.options.listen_port,
+            )
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         self.state.start()
-        return create_app(self.state)
+        return self.fastapi
+
+    async def __del__(self) -> None:
+        if self.server is not None:
+            self.server.should_exit = True
+
+
+async def serve_directly(app: FastAPI, host: str, port: int) -> Any:
+    """Run uvicorn for `app` on this replica's event loop; returns the server."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            lifespan="off",
+            access_log=False,
+            log_config=None,
+            timeout_keep_alive=30,
+        )
+    )
+    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
+    self_task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
+    _SERVERS.add(self_task)
+    return server
+
+
+_SERVERS: set[asyncio.Task[None]] = set()
 
 
 def build_gateway_app(args: dict[str, Any]) -> Any:
