@@ -1,0 +1,235 @@
+"""Level-based reconciliation, as pure functions plus one small stateful applier.
+
+Every event (create, update, resume, delete, timer) leads to the same thing: take *all*
+DifyModel/DifyIndex objects the operator is responsible for (kopf indexes keep them in
+memory), render the whole Serve config and apply it. Status is computed from Serve's
+application status by `dify_serving.status`, the same code the gateway uses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import ValidationError
+
+from dify_operator.settings import OperatorSettings
+from dify_serving.control import RayDashboard
+from dify_serving.manifests import DesiredState
+from dify_serving.render import GatewayOptions, ServeOptions, model_app_name, render_serve_config
+from dify_serving.specs import (
+    DifyIndex,
+    DifyIndexSpec,
+    DifyModel,
+    DifyModelSpec,
+    ObjectMeta,
+    Phase,
+)
+from dify_serving.status import model_status
+
+GROUP, VERSION = "difymirror.dev", "v1alpha1"
+
+
+def explain(exc: ValidationError) -> str:
+    return "; ".join(
+        f"spec.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" if e["loc"] else e["msg"]
+        for e in exc.errors()
+    )
+
+
+def parse_model(name: str, spec: Mapping[str, Any]) -> DifyModel:
+    """A DifyModel from a body's spec; raises ValueError with a readable message."""
+    try:
+        return DifyModel(metadata=ObjectMeta(name=name), spec=DifyModelSpec.model_validate(spec))
+    except ValidationError as exc:
+        raise ValueError(explain(exc)) from None
+
+
+def parse_index(name: str, spec: Mapping[str, Any]) -> DifyIndex:
+    try:
+        return DifyIndex(metadata=ObjectMeta(name=name), spec=DifyIndexSpec.model_validate(spec))
+    except ValidationError as exc:
+        raise ValueError(explain(exc)) from None
+
+
+def _alive(bodies: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    return [b for b in bodies if not b.get("metadata", {}).get("deletionTimestamp")]
+
+
+def desired_state(
+    models: Iterable[Mapping[str, Any]], indexes: Iterable[Mapping[str, Any]]
+) -> tuple[DesiredState, dict[str, str]]:
+    """Objects (bodies) → the desired state of the valid, living ones, and the invalid ones.
+
+    Objects being deleted are left out: their apps must go before their finalizers do.
+    """
+    state, invalid = DesiredState(), {}
+    for body in sorted(_alive(models), key=lambda b: b["metadata"]["name"]):
+        name = body["metadata"]["name"]
+        try:
+            state.models[name] = parse_model(name, body.get("spec") or {})
+        except ValueError as exc:
+            invalid[name] = str(exc)
+    for body in sorted(_alive(indexes), key=lambda b: b["metadata"]["name"]):
+        name = body["metadata"]["name"]
+        try:
+            state.indexes[name] = parse_index(name, body.get("spec") or {})
+        except ValueError as exc:
+            invalid[f"index/{name}"] = str(exc)
+    return state, invalid
+
+
+def serve_options(settings: OperatorSettings) -> ServeOptions:
+    return ServeOptions(
+        host=settings.serve_host,
+        port=settings.serve_port,
+        gateway=GatewayOptions(
+            modules=[m.strip() for m in settings.modules.split(",") if m.strip()],
+            home=settings.home,
+            control="kubernetes",
+        ),
+    )
+
+
+def config_hash(config: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+
+
+# conditions ----------------------------------------------------------------------------
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def condition(kind: str, ok: bool | None, reason: str, message: str) -> dict[str, Any]:
+    status = "Unknown" if ok is None else "True" if ok else "False"
+    return {"type": kind, "status": status, "reason": reason, "message": message}
+
+
+def merge_conditions(
+    old: Iterable[Mapping[str, Any]] | None,
+    new: Iterable[Mapping[str, Any]],
+    generation: int | None,
+) -> list[dict[str, Any]]:
+    """Replace conditions by type; keep lastTransitionTime while the status holds."""
+    merged = {c["type"]: dict(c) for c in old or []}
+    for cond in new:
+        previous = merged.get(cond["type"])
+        stamp = (
+            previous.get("lastTransitionTime")
+            if previous and previous.get("status") == cond["status"]
+            else None
+        )
+        merged[cond["type"]] = {
+            **cond,
+            "lastTransitionTime": stamp or _now(),
+            **({"observedGeneration": generation} if generation is not None else {}),
+        }
+    return [merged[k] for k in sorted(merged)]
+
+
+# status ---------------------------------------------------------------------------------
+def model_status_fields(
+    name: str, spec: DifyModelSpec, apps: Mapping[str, Any], endpoint: str
+) -> dict[str, Any]:
+    """Status fields of a model from Serve's applications (camelCase, for `.status`)."""
+    s = model_status(name, spec, dict(apps))
+    ready = s["phase"] == Phase.READY.value
+    return {
+        "phase": s["phase"],
+        "readyReplicas": s["ready_replicas"],
+        "message": s["message"],
+        "loadProgress": s["load_progress"],
+        "endpoint": endpoint if ready or s["phase"] == Phase.DEGRADED.value else None,
+        "_ready": condition("Ready", ready, s["phase"], s["message"]),
+    }
+
+
+def index_status_fields(
+    spec: DifyIndexSpec, models: Mapping[str, DifyModel], model_phases: Mapping[str, str]
+) -> dict[str, Any]:
+    """An index is as ready as its embedding model; Pending while that model is missing."""
+    model = spec.embedding_model
+    if model not in models:
+        message = f"embedding model {model!r} does not exist"
+        return {
+            "phase": Phase.PENDING.value,
+            "message": message,
+            "_ready": condition("Ready", False, "EmbeddingModelMissing", message),
+        }
+    if models[model].spec.task != "feature-extraction":
+        message = f"model {model!r} is {models[model].spec.task}, not feature-extraction"
+        return {
+            "phase": Phase.FAILED.value,
+            "message": message,
+            "_ready": condition("Ready", False, "WrongModelTask", message),
+        }
+    phase = model_phases.get(model, Phase.PENDING.value)
+    ready = phase == Phase.READY.value
+    message = f"embedding model {model!r} is {phase}"
+    if phase == Phase.FAILED.value:
+        phase = Phase.DEGRADED.value
+    elif not ready:
+        phase = Phase.PENDING.value
+    return {
+        "phase": phase,
+        "message": message,
+        "_ready": condition(
+            "Ready", ready, "EmbeddingModel" + ("Ready" if ready else "NotReady"), message
+        ),
+    }
+
+
+def status_patch(
+    current: Mapping[str, Any] | None,
+    fields: Mapping[str, Any],
+    generation: int | None,
+    extra_conditions: Iterable[Mapping[str, Any]] = (),
+) -> dict[str, Any]:
+    """The `.status` patch: fields plus merged conditions; {} when nothing changes."""
+    current = dict(current or {})
+    ready = fields.get("_ready")
+    new = {k: v for k, v in fields.items() if not k.startswith("_")}
+    conditions = [c for c in [ready, *extra_conditions] if c]
+    if conditions:
+        new["conditions"] = merge_conditions(current.get("conditions"), conditions, generation)
+    changed = {k: v for k, v in new.items() if current.get(k) != v}
+    return changed
+
+
+# applying -------------------------------------------------------------------------------
+@dataclass
+class Applier:
+    """Applies rendered configs to one Ray cluster; skips configs it already applied."""
+
+    settings: OperatorSettings
+    dashboard: RayDashboard
+    last_hash: str | None = None
+    applies: int = 0
+    _apps_cache: tuple[float, dict[str, Any]] = field(default=(0.0, {}))
+
+    def apply(self, state: DesiredState) -> bool:
+        """Render and PUT; returns True when Ray was changed. Raises RayUnavailable."""
+        config = render_serve_config(state, serve_options(self.settings))
+        digest = config_hash(config)
+        if digest == self.last_hash:
+            return False
+        self.dashboard.put_applications(config)
+        self.last_hash, self.applies = digest, self.applies + 1
+        self._apps_cache = (0.0, {})
+        return True
+
+    def applications(self, max_age_s: float = 1.0) -> dict[str, Any]:
+        """Serve's applications, cached briefly so N timers cost one GET."""
+        stamp, apps = self._apps_cache
+        if time.monotonic() - stamp > max_age_s:
+            apps = self.dashboard.get_applications().get("applications") or {}
+            self._apps_cache = (time.monotonic(), apps)
+        return apps
+
+    def app_exists(self, name: str) -> bool:
+        return model_app_name(name) in self.applications(max_age_s=0)

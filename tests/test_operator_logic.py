@@ -1,0 +1,110 @@
+"""The operator's reconcile logic as pure functions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from dify_operator import reconcile
+from dify_operator.settings import OperatorSettings
+from dify_serving.specs import DifyIndexSpec
+
+
+def body(name: str, spec: dict[str, Any], deleting: bool = False) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name}
+    if deleting:
+        meta["deletionTimestamp"] = "2026-11-23T00:00:00Z"
+    return {"metadata": meta, "spec": spec}
+
+
+def test_desired_state_skips_invalid_and_deleting_objects() -> None:
+    state, invalid = reconcile.desired_state(
+        [
+            body("a", {"modelId": "m"}),
+            body("b", {"modelId": "m", "precision": "fp99"}),
+            body("c", {"modelId": "m"}, deleting=True),
+        ],
+        [body("i", {"embeddingModel": "a"}), body("j", {"chunking": {"maxTokens": 2}})],
+    )
+    assert list(state.models) == ["a"] and list(state.indexes) == ["i"]
+    assert "spec.precision" in invalid["b"]
+    assert "embeddingModel" in invalid["index/j"]
+
+
+def test_render_is_level_based_and_cluster_shaped() -> None:
+    settings = OperatorSettings()
+    models = [body("b", {"modelId": "m"}), body("a", {"modelId": "m"})]
+    one, _ = reconcile.desired_state(models, [])
+    two, _ = reconcile.desired_state(list(reversed(models)), [])
+    options = reconcile.serve_options(settings)
+    assert options.gateway.control == "kubernetes" and options.host == "0.0.0.0"
+    from dify_serving.render import render_serve_config
+
+    c1, c2 = render_serve_config(one, options), render_serve_config(two, options)
+    assert reconcile.config_hash(c1) == reconcile.config_hash(c2)
+
+
+def test_conditions_keep_transition_time_while_status_holds() -> None:
+    first = reconcile.merge_conditions(
+        None, [reconcile.condition("Ready", False, "Loading", "x")], 1
+    )
+    first[0]["lastTransitionTime"] = "2000-01-01T00:00:00Z"
+    same = reconcile.merge_conditions(
+        first, [reconcile.condition("Ready", False, "Loading", "y")], 2
+    )
+    assert same[0]["lastTransitionTime"] == "2000-01-01T00:00:00Z"
+    assert same[0]["observedGeneration"] == 2 and same[0]["message"] == "y"
+    flipped = reconcile.merge_conditions(
+        same, [reconcile.condition("Ready", True, "Ready", "ok")], 2
+    )
+    assert flipped[0]["lastTransitionTime"] != "2000-01-01T00:00:00Z"
+    assert flipped[0]["status"] == "True"
+
+
+def test_model_status_fields_from_serve() -> None:
+    spec = reconcile.parse_model("m", {"modelId": "x"}).spec
+    apps = {
+        "model-m": {
+            "status": "RUNNING",
+            "deployments": {
+                "ModelServer": {"target_num_replicas": 1, "replicas": [{"state": "RUNNING"}]}
+            },
+        }
+    }
+    fields = reconcile.model_status_fields("m", spec, apps, "http://gw/v1")
+    assert fields["phase"] == "Ready" and fields["readyReplicas"] == 1
+    assert fields["endpoint"] == "http://gw/v1" and fields["_ready"]["status"] == "True"
+    pending = reconcile.model_status_fields("m", spec, {}, "http://gw/v1")
+    assert pending["phase"] == "Pending" and pending["endpoint"] is None
+
+
+def test_status_patch_is_empty_when_nothing_changes() -> None:
+    fields = {"phase": "Ready", "message": "ok"}
+    assert reconcile.status_patch({"phase": "Ready", "message": "ok"}, fields, 1) == {}
+    assert reconcile.status_patch({"phase": "Loading", "message": "ok"}, fields, 1) == {
+        "phase": "Ready"
+    }
+
+
+@pytest.mark.parametrize(
+    ("models", "phases", "phase", "reason"),
+    [
+        ({}, {}, "Pending", "EmbeddingModelMissing"),
+        (
+            {"minilm": "feature-extraction"},
+            {"minilm": "Loading"},
+            "Pending",
+            "EmbeddingModelNotReady",
+        ),
+        ({"minilm": "feature-extraction"}, {"minilm": "Ready"}, "Ready", "EmbeddingModelReady"),
+        ({"minilm": "text-generation"}, {"minilm": "Ready"}, "Failed", "WrongModelTask"),
+    ],
+)
+def test_index_follows_its_embedding_model(
+    models: dict[str, str], phases: dict[str, str], phase: str, reason: str
+) -> None:
+    parsed = {n: reconcile.parse_model(n, {"modelId": "x", "task": t}) for n, t in models.items()}
+    spec = DifyIndexSpec.model_validate({"embeddingModel": "minilm"})
+    fields = reconcile.index_status_fields(spec, parsed, phases)
+    assert fields["phase"] == phase and fields["_ready"]["reason"] == reason
