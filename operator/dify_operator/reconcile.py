@@ -92,6 +92,7 @@ def serve_options(settings: OperatorSettings) -> ServeOptions:
             modules=[m.strip() for m in settings.modules.split(",") if m.strip()],
             home=settings.home,
             control="kubernetes",
+            dashboard_url=settings.ray_dashboard,
         ),
     )
 

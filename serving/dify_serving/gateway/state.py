@@ -13,8 +13,8 @@ import contextlib
 import logging
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
 
 from ray import serve
 from ray.exceptions import RayTaskError
@@ -27,6 +27,9 @@ from dify_serving.render import GatewayOptions, model_app_name, render_serve_con
 from dify_serving.specs import DifyModel, Phase, Task
 from dify_serving.status import model_status
 from dify_serving.store import LocalStateStore
+from dify_serving.store.kubernetes import KubernetesModelStore, KubernetesUnavailable
+
+T = TypeVar("T")
 
 log = logging.getLogger("dify_serving.gateway")
 
@@ -48,6 +51,7 @@ class GatewayState:
     def __init__(self, options: GatewayOptions) -> None:
         self.options = options
         self.store = LocalStateStore(options.home)
+        self.kube = KubernetesModelStore() if options.control == "kubernetes" else None
         self.dashboard = AsyncRayDashboard(options.dashboard_url) if options.dashboard_url else None
         self.statuses: dict[str, dict[str, Any]] = {}
         self.status_time = 0.0
@@ -59,6 +63,9 @@ class GatewayState:
 
     # desired state ---------------------------------------------------------------
     def models(self) -> dict[str, DifyModel]:
+        """The desired models: the local store, or DifyModel objects (cached) in a cluster."""
+        if self.kube is not None:
+            return self.kube.cached()
         return self.store.load()[0].models
 
     def model(self, name: str | None, task: Task | None = None) -> DifyModel:
@@ -82,7 +89,7 @@ class GatewayState:
 
     # status ------------------------------------------------------------------------
     def start(self) -> None:
-        if self._refresher is None and self.dashboard is not None:
+        if self._refresher is None and (self.dashboard or self.kube) is not None:
             self._refresher = asyncio.get_running_loop().create_task(self._refresh_loop())
 
     async def _refresh_loop(self) -> None:
@@ -93,10 +100,16 @@ class GatewayState:
                 log.warning("status refresh failed: %s", exc)
             busy = any(s["phase"] not in _SERVING for s in self.statuses.values())
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), 0.5 if busy else 5.0)
+                idle = 2.0 if self.kube is not None else 5.0
+                await asyncio.wait_for(self._wake.wait(), 0.5 if busy else idle)
             self._wake.clear()
 
     async def refresh_status(self) -> dict[str, dict[str, Any]]:
+        if self.kube is not None:
+            try:
+                await self.kube.refresh()
+            except KubernetesUnavailable as exc:
+                log.warning("%s", exc)
         if self.dashboard is None:
             return self.statuses
         apps = (await self.dashboard.get_applications()).get("applications") or {}
@@ -216,16 +229,30 @@ class GatewayState:
         self._wake.set()
 
     async def load(self, model: DifyModel) -> None:
+        """Local: store + apply. Cluster: write the DifyModel; the operator applies it."""
+        self._handles.pop(model.name, None)
+        if self.kube is not None:
+            await self._kube(self.kube.put(model))
+            self.statuses[model.name] = {
+                **model_status(model.name, model.spec, {}),
+                "phase": Phase.PENDING.value,
+            }
+            return
+
         def change(state: DesiredState, _: Any) -> None:
             state.models[model.name] = model
 
         state, _ = await asyncio.to_thread(self.store.update, change)
-        self._handles.pop(model.name, None)
         self.statuses[model.name] = model_status(model.name, model.spec, {}, self.cluster_gpus)
         self.statuses[model.name]["phase"] = Phase.LOADING.value
         await self.apply(state)
 
     async def unload(self, name: str) -> None:
+        if self.kube is not None:
+            if not await self._kube(self.kube.delete(name)):
+                raise ApiError(404, f"model {name!r} is not loaded", "model_not_found")
+            self._end_streams(name)
+            return
         if name not in self.models():
             raise ApiError(404, f"model {name!r} is not loaded", "model_not_found")
 
@@ -233,8 +260,17 @@ class GatewayState:
             state.models.pop(name, None)
 
         state, _ = await asyncio.to_thread(self.store.update, change)
+        self._end_streams(name)
+        await self.apply(state)
+
+    def _end_streams(self, name: str) -> None:
         for event in list(self._streams.get(name, ())):
             event.set()
         self._handles.pop(name, None)
         self.statuses.pop(name, None)
-        await self.apply(state)
+
+    async def _kube(self, call: Awaitable[T]) -> T:
+        try:
+            return await call
+        except KubernetesUnavailable as exc:
+            raise ApiError(503, str(exc), "kubernetes_unavailable") from None

@@ -1,0 +1,137 @@
+"""DifyModel objects in the Kubernetes API as the gateway's desired state (cluster mode).
+
+In a cluster, `POST /v1/models/load` and `/unload` create and delete `DifyModel` objects
+and the operator does the rest, so Kubernetes stays the source of truth. The gateway
+needs only `get/list/create/update/delete` on `difymodels` in its namespace (the chart's
+Role). Plain HTTP against the API server: no client library in the serving image.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from dify_serving.specs import API_VERSION, GROUP, VERSION, DifyModel
+
+SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+
+
+class KubernetesUnavailable(RuntimeError):
+    pass
+
+
+class KubernetesModelStore:
+    def __init__(
+        self,
+        api: str | None = None,
+        token: str | None = None,
+        namespace: str | None = None,
+        verify: str | bool | None = None,
+        cache_s: float = 2.0,
+    ) -> None:
+        host, port = (
+            os.environ.get("KUBERNETES_SERVICE_HOST"),
+            os.environ.get("KUBERNETES_SERVICE_PORT", "443"),
+        )
+        self.api = (
+            api
+            or os.environ.get("DIFY_MIRROR_KUBE_API")
+            or (f"https://{host}:{port}" if host else "")
+        ).rstrip("/")
+        if not self.api:
+            raise KubernetesUnavailable("no Kubernetes API: not in a cluster and no KUBE_API")
+        token = (
+            token or os.environ.get("DIFY_MIRROR_KUBE_TOKEN") or _read(SERVICE_ACCOUNT / "token")
+        )
+        self.namespace = (
+            namespace
+            or os.environ.get("DIFY_MIRROR_NAMESPACE")
+            or _read(SERVICE_ACCOUNT / "namespace")
+            or "default"
+        )
+        ca = SERVICE_ACCOUNT / "ca.crt"
+        self._client = httpx.AsyncClient(
+            timeout=10,
+            headers={"Authorization": f"Bearer {token}"} if token else {},
+            verify=verify if verify is not None else (str(ca) if ca.is_file() else True),
+        )
+        self.cache_s = cache_s
+        self._cache: dict[str, DifyModel] = {}
+        self._stamp = 0.0
+
+    @property
+    def _collection(self) -> str:
+        return f"{self.api}/apis/{GROUP}/{VERSION}/namespaces/{self.namespace}/difymodels"
+
+    async def _call(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        try:
+            return await self._client.request(method, url, **kwargs)
+        except httpx.HTTPError as exc:
+            raise KubernetesUnavailable(f"Kubernetes API unreachable: {exc}") from exc
+
+    def cached(self) -> dict[str, DifyModel]:
+        return self._cache
+
+    async def refresh(self, force: bool = False) -> dict[str, DifyModel]:
+        """List DifyModels (valid ones; the operator reports invalid ones in status)."""
+        if not force and time.monotonic() - self._stamp < self.cache_s:
+            return self._cache
+        response = await self._call("GET", self._collection)
+        if response.status_code != 200:
+            raise KubernetesUnavailable(f"listing difymodels: HTTP {response.status_code}")
+        models = {}
+        for item in response.json().get("items", []):
+            if item.get("metadata", {}).get("deletionTimestamp"):
+                continue
+            try:
+                model = DifyModel.model_validate(
+                    {**item, "apiVersion": API_VERSION, "kind": "DifyModel"}
+                )
+            except ValueError:
+                continue
+            models[model.name] = model
+        self._cache, self._stamp = models, time.monotonic()
+        return models
+
+    async def put(self, model: DifyModel) -> None:
+        """Create the object, or replace its spec when it exists."""
+        body = {
+            "apiVersion": API_VERSION,
+            "kind": "DifyModel",
+            "metadata": {"name": model.name, "namespace": self.namespace},
+            "spec": model.spec.wire(),
+        }
+        response = await self._call("POST", self._collection, json=body)
+        if response.status_code == 409:
+            response = await self._call(
+                "PATCH",
+                f"{self._collection}/{model.name}",
+                json={"spec": model.spec.wire()},
+                headers={"Content-Type": "application/merge-patch+json"},
+            )
+        if response.status_code >= 300:
+            raise KubernetesUnavailable(
+                f"writing DifyModel {model.name}: HTTP {response.status_code} {response.text[:200]}"
+            )
+        self._cache = {**self._cache, model.name: model}
+
+    async def delete(self, name: str) -> bool:
+        """Delete the object; False when it did not exist."""
+        response = await self._call("DELETE", f"{self._collection}/{name}")
+        if response.status_code == 404:
+            return False
+        if response.status_code >= 300:
+            raise KubernetesUnavailable(f"deleting DifyModel {name}: HTTP {response.status_code}")
+        self._cache = {k: v for k, v in self._cache.items() if k != name}
+        return True
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
