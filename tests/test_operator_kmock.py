@@ -1,0 +1,171 @@
+"""The real kopf operator loop against the emulated Kubernetes API (kmock).
+
+Ray is not running for these tests (the dashboard URL points at a closed port), which is
+itself a case to handle: the operator must say so in a condition and keep retrying.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import kopf
+import pytest
+import pytest_asyncio
+from kube_emulator import (
+    DIFYINDEXES,
+    DIFYMODELS,
+    KubeClient,
+    OperatorThread,
+    make_settings,
+    start_emulator,
+)
+
+from dify_operator import handlers  # noqa: F401  (registers the handlers)
+from dify_operator.settings import OperatorSettings
+
+NS = "default"
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def model(name: str, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "difymirror.dev/v1alpha1",
+        "kind": "DifyModel",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {"modelId": "builtin:demo-llm", **spec},
+    }
+
+
+def index(name: str, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "difymirror.dev/v1alpha1",
+        "kind": "DifyIndex",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": spec,
+    }
+
+
+def condition(obj: dict[str, Any] | None, kind: str) -> dict[str, Any]:
+    for c in (obj or {}).get("status", {}).get("conditions", []):
+        if c["type"] == kind:
+            return dict(c)
+    return {}
+
+
+class Operator:
+    """Runs `dify_operator` (the global kopf registry) in a thread, against one emulator."""
+
+    url: str | None = None
+    _login_added = False
+
+    @classmethod
+    def ensure_login(cls) -> None:
+        if cls._login_added:
+            return
+
+        @kopf.on.login()
+        def login_to_emulator(**_: Any) -> kopf.ConnectionInfo:
+            assert cls.url is not None
+            return kopf.ConnectionInfo(server=cls.url, insecure=True, scheme="Bearer", token="t")
+
+        cls._login_added = True
+
+
+async def start_operator(url: str, config: OperatorSettings) -> OperatorThread:
+    Operator.ensure_login()
+    Operator.url = url
+    op = OperatorThread.__new__(OperatorThread)
+    op.registry = kopf.get_default_registry()
+    op.settings = make_settings()
+    op.operator_kwargs = {"clusterwide": True, "standalone": True, "memo": kopf.Memo(config=config)}
+    import threading
+
+    op.stop_flag, op.ready_flag = threading.Event(), threading.Event()
+    op.exception, op.thread = None, None
+    return await op.start()
+
+
+@pytest_asyncio.fixture()
+async def kube() -> AsyncIterator[tuple[KubeClient, str]]:
+    async with start_emulator() as emu, aiohttp.ClientSession() as session:
+        yield KubeClient(str(emu.url), session), str(emu.url).rstrip("/")
+
+
+def offline_config() -> OperatorSettings:
+    return OperatorSettings(
+        ray_dashboard=f"http://127.0.0.1:{closed_port()}",
+        status_period_s=0.5,
+        retry_delay_s=1,
+        peering=None,
+    )
+
+
+@pytest.mark.asyncio
+async def test_invalid_spec_fails_permanently_with_the_message(kube: Any) -> None:
+    client, url = kube
+    op = await start_operator(url, offline_config())
+    try:
+        await client.create(DIFYMODELS, model("bad", precision="fp99"))
+
+        async def failed() -> Any:
+            obj = await client.get(DIFYMODELS, "bad", NS)
+            return obj if (obj or {}).get("status", {}).get("phase") == "Failed" else None
+
+        obj = await client.wait_for(failed, what="phase Failed")
+        assert "precision" in obj["status"]["message"]
+        reconciled = condition(obj, "Reconciled")
+        assert reconciled["status"] == "False" and reconciled["reason"] == "InvalidSpec"
+        events = await client.events_for("bad")
+        assert any(e.get("reason") == "InvalidSpec" for e in events)
+    finally:
+        await op.stop()
+
+
+@pytest.mark.asyncio
+async def test_ray_unreachable_is_a_condition_and_retried(kube: Any) -> None:
+    client, url = kube
+    op = await start_operator(url, offline_config())
+    try:
+        await client.create(DIFYMODELS, model("llm"))
+
+        async def unreachable() -> Any:
+            c = condition(await client.get(DIFYMODELS, "llm", NS), "Reconciled")
+            return c if c.get("reason") == "RayUnavailable" else None
+
+        c = await client.wait_for(unreachable, what="Reconciled=False RayUnavailable")
+        assert c["status"] == "False" and "unreachable" in c["message"]
+        obj = await client.get(DIFYMODELS, "llm", NS)
+        assert "difymirror.dev/finalizer" in obj["metadata"]["finalizers"]
+    finally:
+        await op.stop()
+
+
+@pytest.mark.asyncio
+async def test_index_waits_for_its_embedding_model_and_recovers(kube: Any) -> None:
+    client, url = kube
+    op = await start_operator(url, offline_config())
+    try:
+        await client.create(DIFYINDEXES, index("docs", embeddingModel="minilm"))
+
+        async def reason() -> str | None:
+            return condition(await client.get(DIFYINDEXES, "docs", NS), "Ready").get("reason")
+
+        await client.wait_for(lambda: _is(reason, "EmbeddingModelMissing"), what="missing")
+        obj = await client.get(DIFYINDEXES, "docs", NS)
+        assert obj["status"]["phase"] == "Pending"
+        await client.create(DIFYMODELS, model("minilm", task="feature-extraction"))
+        await client.wait_for(lambda: _is(reason, "EmbeddingModelNotReady"), what="model seen")
+    finally:
+        await op.stop()
+
+
+async def _is(fn: Any, value: str) -> bool:
+    return bool(await fn() == value)
