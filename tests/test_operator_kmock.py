@@ -6,6 +6,7 @@ itself a case to handle: the operator must say so in a condition and keep retryi
 
 from __future__ import annotations
 
+import logging
 import socket
 from collections.abc import AsyncIterator
 from typing import Any
@@ -79,13 +80,23 @@ class Operator:
         cls._login_added = True
 
 
-async def start_operator(url: str, config: OperatorSettings) -> OperatorThread:
+async def start_operator(
+    url: str, config: OperatorSettings, peering: tuple[str, str, int] | None = None
+) -> OperatorThread:
     Operator.ensure_login()
     Operator.url = url
     op = OperatorThread.__new__(OperatorThread)
     op.registry = kopf.get_default_registry()
     op.settings = make_settings()
     op.operator_kwargs = {"clusterwide": True, "standalone": True, "memo": kopf.Memo(config=config)}
+    if peering:
+        name, identity, priority = peering
+        op.operator_kwargs |= {
+            "standalone": False,
+            "peering_name": name,
+            "identity": identity,
+            "priority": priority,
+        }
     import threading
 
     op.stop_flag, op.ready_flag = threading.Event(), threading.Event()
@@ -169,3 +180,32 @@ async def test_index_waits_for_its_embedding_model_and_recovers(kube: Any) -> No
 
 async def _is(fn: Any, value: str) -> bool:
     return bool(await fn() == value)
+
+
+@pytest.mark.asyncio
+async def test_peering_lets_only_one_operator_act(
+    kube: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    client, url = kube
+    await client.create("kopf.dev/v1/clusterkopfpeerings", {"metadata": {"name": "dify-mirror"}})
+    caplog.set_level(logging.INFO, logger="kopf")
+    config = offline_config()
+    high = await start_operator(url, config, peering=("dify-mirror", "high", 100))
+    low = await start_operator(url, config, peering=("dify-mirror", "low", 50))
+    try:
+        await client.create(DIFYMODELS, model("bad", precision="fp99"))
+
+        async def failed() -> bool:
+            obj = await client.get(DIFYMODELS, "bad", NS)
+            return (obj or {}).get("status", {}).get("phase") == "Failed"
+
+        await client.wait_for(failed, what="phase Failed")
+        actors = {
+            r.threadName
+            for r in caplog.records
+            if "model_changed" in r.getMessage() and r.name.startswith("kopf.objects")
+        }
+        assert actors == {"kopf-high"}, actors
+    finally:
+        await low.stop()
+        await high.stop()

@@ -36,11 +36,9 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.posting.level = logging.INFO
     settings.watching.server_timeout = 60
     settings.execution.max_workers = 4
-    if config.peering:
+    if config.peering:  # standalone or not is kopf.operator()'s argument (see __main__)
         settings.peering.name = config.peering
         settings.peering.mandatory = False  # without the peering CRD: run, with a warning
-    else:
-        settings.peering.standalone = True
 
 
 @kopf.index(G, V, MODELS)

@@ -1,0 +1,70 @@
+"""`python -m dify_operator` starts, logs in from a kubeconfig, and answers its probe."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from conftest import free_port
+from kube_emulator import start_emulator
+
+
+@pytest.mark.asyncio
+async def test_module_entry_point_serves_liveness(tmp_path: Path) -> None:
+    async with start_emulator() as emu:
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "current-context": "emu",
+                    "clusters": [{"name": "emu", "cluster": {"server": str(emu.url).rstrip("/")}}],
+                    "users": [{"name": "u", "user": {"token": "t"}}],
+                    "contexts": [
+                        {
+                            "name": "emu",
+                            "context": {"cluster": "emu", "user": "u", "namespace": "default"},
+                        }
+                    ],
+                }
+            )
+        )
+        port = free_port()
+        env = {
+            **os.environ,
+            "KUBECONFIG": str(kubeconfig),
+            "DIFY_MIRROR_PEERING": "",
+            "DIFY_MIRROR_LIVENESS_PORT": str(port),
+            "DIFY_MIRROR_RAY_DASHBOARD": f"http://127.0.0.1:{free_port()}",
+        }
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dify_operator"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        try:
+            body = None
+            async with httpx.AsyncClient() as http:
+                for _ in range(120):
+                    assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+                    try:
+                        r = await http.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
+                        if r.status_code == 200:
+                            body = r.json()
+                            break
+                    except httpx.HTTPError:
+                        pass
+                    await asyncio.sleep(0.5)
+            assert body is not None and "applied_configs" in body
+        finally:
+            proc.terminate()
+            await asyncio.to_thread(proc.wait, 30)
