@@ -15,8 +15,8 @@ import httpx
 import pytest
 import pytest_asyncio
 from conftest import free_port
-from kube_emulator import DIFYMODELS, KubeClient, start_emulator
-from test_operator_kmock import NS, condition, model, start_operator
+from kube_emulator import DIFYINDEXES, DIFYMODELS, KubeClient, start_emulator
+from test_operator_kmock import NS, condition, index, model, start_operator
 
 from dify_operator.settings import OperatorSettings
 from dify_serving.settings import ray_auth_token
@@ -132,14 +132,58 @@ async def test_model_lifecycle_through_the_operator(cluster: dict[str, Any]) -> 
         await asyncio.sleep(3)
         after = replica_ids(await serve_apps(cluster["dashboard"]))
         assert after == before and set(after) == {"gateway", "model-demo"}
+        assert op.exception is None
+
+        # Indexes: Pending until their embedding model is Ready, then Ready; on deletion
+        # reclaimPolicy decides whether the vectors stay.
+        home = Path(config.home)
+        for name in ("kept", "dropped"):
+            (home / "indexes" / name).mkdir(parents=True)
+        await kube.create(DIFYINDEXES, index("kept", embeddingModel="mini", reclaimPolicy="Retain"))
+        await kube.create(
+            DIFYINDEXES, index("dropped", embeddingModel="mini", reclaimPolicy="Delete")
+        )
+
+        async def index_reason(name: str) -> str | None:
+            return condition(await kube.get(DIFYINDEXES, name, NS), "Ready").get("reason")
+
+        async def reason_is(name: str, value: str) -> bool:
+            return await index_reason(name) == value
+
+        await kube.wait_for(lambda: reason_is("kept", "EmbeddingModelMissing"), what="missing")
+        await kube.create(
+            DIFYMODELS,
+            model(
+                "mini",
+                task="feature-extraction",
+                modelId="sentence-transformers/all-MiniLM-L6-v2",
+                resources={"cpus": 0.5},
+            ),
+        )
+        await kube.wait_for(
+            lambda: reason_is("kept", "EmbeddingModelReady"),
+            timeout=300,
+            interval=0.5,
+            what="index Ready",
+        )
+        assert (await kube.get(DIFYINDEXES, "kept", NS))["status"]["phase"] == "Ready"
+        for name in ("kept", "dropped"):
+            await kube.delete(DIFYINDEXES, name, NS)
+            await kube.wait_for(
+                lambda n=name: _gone(kube, n, DIFYINDEXES), timeout=60, what=f"{name} gone"
+            )
+        assert (home / "indexes" / "kept").is_dir()
+        assert not (home / "indexes" / "dropped").exists()
+        await kube.delete(DIFYMODELS, "mini", NS)
 
         # Delete: the Serve app goes first, then the finalizer is released.
         await kube.delete(DIFYMODELS, "demo", NS)
         await kube.wait_for(lambda: _gone(kube, "demo"), timeout=120, what="demo gone")
-        assert "model-demo" not in await serve_apps(cluster["dashboard"])
+        apps = await serve_apps(cluster["dashboard"])
+        assert "model-demo" not in apps and "model-mini" not in apps
     finally:
         await op.stop()
 
 
-async def _gone(kube: KubeClient, name: str) -> bool:
-    return await kube.get(DIFYMODELS, name, NS) is None
+async def _gone(kube: KubeClient, name: str, resource: str = DIFYMODELS) -> bool:
+    return await kube.get(resource, name, NS) is None
