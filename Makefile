@@ -28,8 +28,8 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check serving operator tests bench
-	$(VENV)/bin/ruff format --check serving operator tests bench
+	$(VENV)/bin/ruff check serving operator tests bench e2e
+	$(VENV)/bin/ruff format --check serving operator tests bench e2e
 	$(VENV)/bin/mypy serving operator
 	$(VENV)/bin/lint-imports
 
