@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import kopf
@@ -89,6 +90,30 @@ def _reconciled(
     )
 
 
+def _validate_and_apply(
+    parse: Callable[[str, Any], Any],
+    name: str,
+    spec: kopf.Spec,
+    meta: kopf.Meta,
+    status: kopf.Status,
+    patch: kopf.Patch,
+    body: kopf.Body,
+    memo: kopf.Memo,
+    model_bodies: kopf.Index,
+    index_bodies: kopf.Index,
+) -> None:
+    """An invalid spec fails for good (with the message in status); else apply everything."""
+    generation = meta.get("generation")
+    try:
+        parse(name, spec)
+    except ValueError as exc:
+        _failed(patch, status, generation, str(exc))
+        kopf.warn(body, reason="InvalidSpec", message=str(exc))
+        raise kopf.PermanentError(f"invalid spec: {exc}") from None
+    _apply(memo, model_bodies, index_bodies, patch, generation)
+    _reconciled(patch, status, generation, "Serve config applied")
+
+
 @kopf.on.resume(G, V, MODELS)
 @kopf.on.create(G, V, MODELS)
 @kopf.on.update(G, V, MODELS, field="spec")
@@ -104,15 +129,18 @@ def model_changed(
     index_bodies: kopf.Index,
     **_: Any,
 ) -> None:
-    generation = meta.get("generation")
-    try:
-        reconcile.parse_model(name, spec)
-    except ValueError as exc:
-        _failed(patch, status, generation, str(exc))
-        kopf.warn(body, reason="InvalidSpec", message=str(exc))
-        raise kopf.PermanentError(f"invalid spec: {exc}") from None
-    _apply(memo, model_bodies, index_bodies, patch, generation)
-    _reconciled(patch, status, generation, "Serve config applied")
+    _validate_and_apply(
+        reconcile.parse_model,
+        name,
+        spec,
+        meta,
+        status,
+        patch,
+        body,
+        memo,
+        model_bodies,
+        index_bodies,
+    )
     if status.get("phase") in (None, Phase.PENDING.value, Phase.FAILED.value):
         patch.status["phase"] = Phase.LOADING.value
         patch.status["message"] = "Serve application deploying"
@@ -219,15 +247,18 @@ def index_changed(
     index_bodies: kopf.Index,
     **_: Any,
 ) -> None:
-    generation = meta.get("generation")
-    try:
-        reconcile.parse_index(name, spec)
-    except ValueError as exc:
-        _failed(patch, status, generation, str(exc))
-        kopf.warn(body, reason="InvalidSpec", message=str(exc))
-        raise kopf.PermanentError(f"invalid spec: {exc}") from None
-    _apply(memo, model_bodies, index_bodies, patch, generation)
-    _reconciled(patch, status, generation, "Serve config applied")
+    _validate_and_apply(
+        reconcile.parse_index,
+        name,
+        spec,
+        meta,
+        status,
+        patch,
+        body,
+        memo,
+        model_bodies,
+        index_bodies,
+    )
     memo.refreshed.pop(f"index/{name}", None)
     _index_status(name, spec, meta, status, patch, body, memo, model_bodies, index_bodies)
 
