@@ -7,7 +7,6 @@ marks the app DEPLOY_FAILED with the reason, while every other app keeps serving
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,7 +15,6 @@ from typing import Any
 from ray import serve
 
 from dify_serving.engines import load_engine
-from dify_serving.engines.embeddings import EmbeddingEngine
 from dify_serving.specs import DifyModelSpec
 
 log = logging.getLogger("dify_serving.model")
@@ -27,22 +25,9 @@ class ModelServer:
     async def __init__(self, name: str, spec: dict[str, Any], home: str) -> None:  # type: ignore[misc]
         self.name = name
         self.spec = DifyModelSpec.model_validate(spec)
+        # Embeddings batch inside the engine (continuous batching across requests).
         self.engine = load_engine(name, self.spec, Path(home))
-        if isinstance(self.engine, EmbeddingEngine):
-            batched: Any = self._rows
-            batched.set_max_batch_size(self.spec.batching.max_batch_size)
-            batched.set_batch_wait_timeout_s(self.spec.batching.batch_wait_timeout_ms / 1000)
-            self.engine.submit = self._submit
         await self.engine.start()
-
-    async def _submit(self, rows: list[list[int]]) -> list[Any]:
-        return list(await asyncio.gather(*(self._rows(row) for row in rows)))
-
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
-    async def _rows(self, rows: list[list[int]]) -> list[Any]:
-        """Dynamic batching across requests: rows from many callers, one forward."""
-        assert isinstance(self.engine, EmbeddingEngine)
-        return await self.engine.forward(rows)
 
     async def info(self) -> dict[str, Any]:
         return self.engine.info()

@@ -1,17 +1,23 @@
-"""Sentence embeddings: mean-pooled, L2-normalised, dynamically batched.
+"""Sentence embeddings: mean-pooled, L2-normalised, continuously batched.
 
 Requests are tokenized once on arrival (that is where over-long inputs are refused),
-then the token rows go to `submit`: in a Serve replica, `ModelServer` routes each row
-through a `@serve.batch` queue; outside Serve (benchmarks, tests) a call is one batch.
-A batch is padded to its longest member and runs on a dedicated compute thread, so the
-event loop keeps forming the next batch while torch works. Matches
-sentence-transformers' `encode` for mean-pooling models.
+then their token rows join one queue. The engine owns its batching, in and outside a
+Serve replica alike: on CPU it runs one compute thread per pinned math thread, each
+with a single torch thread, and whenever a compute thread is free it takes everything
+queued (up to `max_batch_size` rows and a padded-token budget, shared fairly when
+several threads are free). Rows that arrive while batches run form the next batch; a
+small batch waits (batch_wait_timeout_ms) only while another batch is running, so an
+idle engine answers at once. Independent single-threaded forwards beat one two-threaded forward
+on small CPU batches (no barrier between OpenMP threads, so a core lent to the gateway
+stalls one batch, not both) and need no batch window to stay busy. A batch is padded to
+its longest member. Matches sentence-transformers' `encode` for mean-pooling models.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import functools
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -19,6 +25,26 @@ import numpy as np
 
 from dify_serving.engines.base import Engine, InputTooLong
 from dify_serving.specs import DifyModelSpec, Task
+
+# Padded tokens (rows x longest row) one batch may hold, per row of max_batch_size:
+# keeps one long text from padding a whole batch of short ones out to its length.
+TOKENS_PER_ROW = 128
+
+
+class _Job:
+    """One request's rows; its vectors fill `out` as the batches holding them finish."""
+
+    __slots__ = ("arrived", "future", "next", "out", "pending", "rows")
+
+    def __init__(
+        self, rows: list[list[int]], dimension: int, future: asyncio.Future[Any], now: float
+    ) -> None:
+        self.arrived = now
+        self.rows = rows
+        self.out = np.empty((len(rows), dimension), dtype=np.float32)
+        self.pending = len(rows)
+        self.future = future
+        self.next = 0  # first row not yet handed to a batch
 
 
 class EmbeddingEngine(Engine):
@@ -36,17 +62,41 @@ class EmbeddingEngine(Engine):
         positions = getattr(self.model.config, "max_position_embeddings", 512)
         self.max_tokens = int(min(self.tokenizer.model_max_length, positions))
         self.dimension = int(self.model.config.hidden_size)
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"embed-{name}")
-        self.submit: Callable[[list[list[int]]], Awaitable[list[np.ndarray]]] = self.forward
+        self.pad_id = int(self.tokenizer.pad_token_id or 0)
+        self.max_batch_size = spec.batching.max_batch_size
+        self.token_budget = max(self.max_batch_size * TOKENS_PER_ROW, self.max_tokens)
+        self.batch_wait_s = spec.batching.batch_wait_timeout_ms / 1000
+        # CPU: one single-threaded forward per pinned thread; GPU: one stream of batches.
+        threads = torch.get_num_threads()
+        self.workers = threads if self.device == "cpu" else 1
+        per_worker = 1 if self.workers > 1 else threads
+        self._pool = ThreadPoolExecutor(
+            max_workers=self.workers,
+            thread_name_prefix=f"embed-{name}",
+            initializer=torch.set_num_threads,  # per thread: a new one starts at the default
+            initargs=(per_worker,),
+        )
+        self._queue: deque[_Job] = deque()
+        self._queued_rows = 0
+        self._busy = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._finished_at = 0.0  # loop time the last batch finished
 
     async def start(self) -> None:
-        await self.embed(["warm up the kernels"] * 2)
+        await self.embed(["warm up the kernels"] * (2 * self.workers))
 
     def info(self) -> dict[str, Any]:
         return {**super().info(), "dimension": self.dimension, "max_tokens": self.max_tokens}
 
     def tokenize(self, texts: list[str], truncate: bool) -> list[list[int]]:
-        ids: list[list[int]] = self.tokenizer(texts, add_special_tokens=True)["input_ids"]
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        ids: list[list[int]]
+        if backend is not None and backend.truncation is None and backend.padding is None:
+            # The Rust tokenizer directly: what the wrapper does, at half the cost per call.
+            ids = [e.ids for e in backend.encode_batch(texts, add_special_tokens=True)]
+        else:
+            ids = self.tokenizer(texts, add_special_tokens=True)["input_ids"]
         for position, row in enumerate(ids):
             if len(row) > self.max_tokens:
                 if not truncate:
@@ -60,32 +110,110 @@ class EmbeddingEngine(Engine):
 
     async def embed(self, texts: list[str], truncate: bool = False) -> dict[str, Any]:
         ids = self.tokenize(texts, truncate)
-        vectors = await self.submit(ids)
-        return {
-            "vectors": np.stack(vectors) if vectors else np.zeros((0, self.dimension)),
-            "prompt_tokens": sum(len(row) for row in ids),
-        }
+        vectors = await self.submit(ids) if ids else np.zeros((0, self.dimension), np.float32)
+        return {"vectors": vectors, "prompt_tokens": sum(len(row) for row in ids)}
 
-    async def forward(self, rows: list[list[int]]) -> list[np.ndarray]:
-        """One padded batch on the compute thread."""
+    # ---- continuous batching ----------------------------------------------------------
+    async def submit(self, rows: list[list[int]]) -> np.ndarray:
+        """Queue one request's rows; returns their vectors, one row each."""
         loop = asyncio.get_running_loop()
-        matrix = await loop.run_in_executor(self._pool, self._forward, rows)
-        return list(matrix)
+        if loop is not self._loop:  # first call, or a new loop (asyncio.run per test)
+            self._loop, self._queue, self._queued_rows, self._busy = loop, deque(), 0, 0
+            self._timer = None
+        job = _Job(rows, self.dimension, loop.create_future(), loop.time())
+        self._queue.append(job)
+        self._queued_rows += len(rows)
+        self._dispatch()
+        vectors: np.ndarray = await job.future
+        return vectors
+
+    def _dispatch(self) -> None:
+        """Hand queued rows to every free compute thread."""
+        assert self._loop is not None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        while self._queued_rows and self._busy < self.workers:
+            free = self.workers - self._busy
+            share = min(self.max_batch_size, -(-self._queued_rows // free))
+            if self._busy and share < self.max_batch_size // self.workers:
+                # Another batch is running, so this one is not urgent: a partial batch
+                # waits (batch_wait_timeout_ms from its oldest row, or from the last
+                # batch's end if later) for the rows that batch's callers send next.
+                # Tiny batches cost several times more per row than batches of 8+.
+                since = max(self._queue[0].arrived, self._finished_at)
+                wait = since + self.batch_wait_s - self._loop.time()
+                if wait > 0:
+                    self._timer = self._loop.call_later(wait, self._dispatch)
+                    return
+            batch = self._take(share)
+            rows = [row for job, start, end in batch for row in job.rows[start:end]]
+            if not rows:  # only cancelled requests were queued
+                continue
+            self._busy += 1
+            done = self._loop.run_in_executor(self._pool, self._forward, rows)
+            done.add_done_callback(functools.partial(self._finish, batch))
+
+    def _take(self, share: int) -> list[tuple[_Job, int, int]]:
+        """Up to `share` rows from the head of the queue, within the padded-token budget."""
+        batch: list[tuple[_Job, int, int]] = []
+        count = width = 0
+        while self._queue and count < share:
+            job = self._queue[0]
+            if job.future.done():  # cancelled while queued: drop its rows
+                self._queued_rows -= len(job.rows) - job.next
+                self._queue.popleft()
+                continue
+            start = end = job.next
+            while end < len(job.rows) and count < share:
+                longest = max(width, len(job.rows[end]))
+                if count and (count + 1) * longest > self.token_budget:
+                    share = count  # full: stop here
+                    break
+                width, count, end = longest, count + 1, end + 1
+            if end > start:
+                batch.append((job, start, end))
+                job.next = end
+                self._queued_rows -= end - start
+            if job.next == len(job.rows):
+                self._queue.popleft()
+        return batch
+
+    def _finish(self, batch: list[tuple[_Job, int, int]], done: asyncio.Future[np.ndarray]) -> None:
+        self._busy -= 1
+        assert self._loop is not None
+        self._finished_at = self._loop.time()
+        error = None if done.cancelled() else done.exception()
+        matrix = done.result() if error is None and not done.cancelled() else None
+        offset = 0
+        for job, start, end in batch:
+            if matrix is not None:
+                job.out[start:end] = matrix[offset : offset + end - start]
+            offset += end - start
+            if job.future.done():  # the caller went away, or an earlier batch failed
+                continue
+            if matrix is None:
+                job.future.set_exception(error or RuntimeError("embedding batch cancelled"))
+                continue
+            job.pending -= end - start
+            if job.pending == 0:
+                job.future.set_result(job.out)
+        self._dispatch()
 
     def _forward(self, rows: list[list[int]]) -> np.ndarray:
+        """One padded batch, on a compute thread."""
         torch = self._torch
         width = max(len(r) for r in rows)
-        pad = self.tokenizer.pad_token_id or 0
-        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        ids = np.full((len(rows), width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(rows), width), dtype=np.int64)
         for i, row in enumerate(rows):
-            input_ids[i, : len(row)] = torch.tensor(row)
+            ids[i, : len(row)] = row
             mask[i, : len(row)] = 1
         with torch.inference_mode():
-            out = self.model(
-                input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device)
-            ).last_hidden_state
-            weights = mask.to(out.device).unsqueeze(-1).to(out.dtype)
+            input_ids = torch.from_numpy(ids).to(self.device)
+            attention = torch.from_numpy(mask).to(self.device)
+            out = self.model(input_ids=input_ids, attention_mask=attention).last_hidden_state
+            weights = attention.unsqueeze(-1).to(out.dtype)
             pooled = (out * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
             pooled = torch.nn.functional.normalize(pooled.float(), p=2, dim=1)
-        return pooled.cpu().numpy().astype(np.float32)
+        return pooled.cpu().numpy()
