@@ -134,6 +134,33 @@ async def test_model_lifecycle_through_the_operator(cluster: dict[str, Any]) -> 
         assert after == before and set(after) == {"gateway", "model-demo"}
         assert op.exception is None
 
+        # Drift: an app removed from Serve behind the operator's back comes back.
+        token = ray_auth_token()
+        async with httpx.AsyncClient(headers={"Authorization": f"Bearer {token}"}) as http:
+            deployed = (await http.get(f"{cluster['dashboard']}/api/serve/applications/")).json()
+            config_without = {
+                "proxy_location": "HeadOnly",
+                "http_options": {"host": "127.0.0.1", "port": config.serve_port},
+                "applications": [
+                    a["deployed_app_config"]
+                    for n, a in deployed["applications"].items()
+                    if n != "model-demo"
+                ],
+            }
+            r = await http.put(
+                f"{cluster['dashboard']}/api/serve/applications/", json=config_without
+            )
+            assert r.status_code == 200, r.text
+
+        async def demo_back() -> bool:
+            return "model-demo" in await serve_apps(cluster["dashboard"])
+
+        async def drift_seen() -> bool:
+            return any(e.get("reason") == "Drift" for e in await kube.events_for("demo"))
+
+        await kube.wait_for(drift_seen, timeout=60, what="drift noticed")
+        await kube.wait_for(demo_back, timeout=120, interval=0.5, what="model-demo re-applied")
+
         # Indexes: Pending until their embedding model is Ready, then Ready; on deletion
         # reclaimPolicy decides whether the vectors stay.
         home = Path(config.home)

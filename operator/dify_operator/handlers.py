@@ -19,6 +19,7 @@ from dify_operator import reconcile
 from dify_operator.reclaim import reclaim_index
 from dify_operator.settings import OperatorSettings
 from dify_serving.control import RayDashboard, RayUnavailable
+from dify_serving.render import model_app_name
 from dify_serving.specs import Phase
 
 G, V = reconcile.GROUP, reconcile.VERSION
@@ -193,6 +194,8 @@ def model_status(
     patch: kopf.Patch,
     body: kopf.Body,
     memo: kopf.Memo,
+    model_bodies: kopf.Index,
+    index_bodies: kopf.Index,
     **_: Any,
 ) -> None:
     if meta.get("deletionTimestamp") or _invalid(name, spec):
@@ -203,6 +206,11 @@ def model_status(
         apps = memo.applier.applications()
     except RayUnavailable:
         return  # the Reconciled condition says so after the next apply
+    if model_app_name(name) not in apps:  # drift: someone changed Serve behind our back
+        memo.applier.last_hash = None
+        _apply(memo, model_bodies, index_bodies, patch, meta.get("generation"))
+        kopf.warn(body, reason="Drift", message=f"model-{name} was missing from Serve; re-applied")
+        return
     model = reconcile.parse_model(name, spec)
     fields = reconcile.model_status_fields(name, model.spec, apps, memo.config.gateway_url + "/v1")
     changes = reconcile.status_patch(status, fields, meta.get("generation"))
