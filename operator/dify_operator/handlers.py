@@ -198,10 +198,12 @@ def model_status(
     index_bodies: kopf.Index,
     **_: Any,
 ) -> None:
-    if meta.get("deletionTimestamp") or _invalid(name, spec):
+    if meta.get("deletionTimestamp") or not _due(memo, name, status.get("phase")):
         return
-    if not _due(memo, name, status.get("phase")):
-        return
+    try:
+        model = reconcile.parse_model(name, spec)
+    except ValueError:
+        return  # Failed for good; model_changed said why
     try:
         apps = memo.applier.applications()
     except RayUnavailable:
@@ -211,21 +213,12 @@ def model_status(
         _apply(memo, model_bodies, index_bodies, patch, meta.get("generation"))
         kopf.warn(body, reason="Drift", message=f"model-{name} was missing from Serve; re-applied")
         return
-    model = reconcile.parse_model(name, spec)
     fields = reconcile.model_status_fields(name, model.spec, apps, memo.config.gateway_url + "/v1")
     changes = reconcile.status_patch(status, fields, meta.get("generation"))
     for key, value in changes.items():
         patch.status[key] = value
     if "phase" in changes:
         kopf.info(body, reason=changes["phase"], message=fields["message"] or changes["phase"])
-
-
-def _invalid(name: str, spec: kopf.Spec) -> bool:
-    try:
-        reconcile.parse_model(name, spec)
-        return False
-    except ValueError:
-        return True
 
 
 def _due(memo: kopf.Memo, key: str, phase: str | None) -> bool:

@@ -36,52 +36,58 @@ def _raise_for(response: httpx.Response, what: str) -> None:
         raise RayUnavailable(f"{what}: HTTP {response.status_code} {detail[0][:500]}")
 
 
-class RayDashboard:
+class _Dashboard:
+    def __init__(self, url: str) -> None:
+        self.url = _base(url)
+
+    def _unreachable(self, exc: httpx.HTTPError) -> RayUnavailable:
+        return RayUnavailable(f"Ray dashboard {self.url} unreachable: {exc}")
+
+
+class RayDashboard(_Dashboard):
     """Synchronous client (CLI, operator)."""
 
     def __init__(self, url: str, token: str | None = None, timeout: float = 30.0) -> None:
-        self.url = _base(url)
+        super().__init__(url)
         self._client = httpx.Client(timeout=timeout, headers=_headers(token))
 
-    def put_applications(self, config: dict[str, Any]) -> None:
+    def _send(self, method: str, what: str, **kwargs: Any) -> httpx.Response:
         try:
-            response = self._client.put(self.url + _PATH, json=config)
+            response = self._client.request(method, self.url + _PATH, **kwargs)
         except httpx.HTTPError as exc:
-            raise RayUnavailable(f"Ray dashboard {self.url} unreachable: {exc}") from exc
-        _raise_for(response, "applying the Serve config")
+            raise self._unreachable(exc) from exc
+        _raise_for(response, what)
+        return response
+
+    def put_applications(self, config: dict[str, Any]) -> None:
+        self._send("PUT", "applying the Serve config", json=config)
 
     def get_applications(self) -> dict[str, Any]:
-        try:
-            response = self._client.get(self.url + _PATH)
-        except httpx.HTTPError as exc:
-            raise RayUnavailable(f"Ray dashboard {self.url} unreachable: {exc}") from exc
-        _raise_for(response, "reading Serve status")
-        body: dict[str, Any] = response.json()
+        body: dict[str, Any] = self._send("GET", "reading Serve status").json()
         return body
 
     def close(self) -> None:
         self._client.close()
 
 
-class AsyncRayDashboard:
+class AsyncRayDashboard(_Dashboard):
     """Asynchronous twin for the gateway's event loop."""
 
     def __init__(self, url: str, token: str | None = None, timeout: float = 30.0) -> None:
-        self.url = _base(url)
+        super().__init__(url)
         self._client = httpx.AsyncClient(timeout=timeout, headers=_headers(token))
 
-    async def put_applications(self, config: dict[str, Any]) -> None:
+    async def _send(self, method: str, what: str, **kwargs: Any) -> httpx.Response:
         try:
-            response = await self._client.put(self.url + _PATH, json=config)
+            response = await self._client.request(method, self.url + _PATH, **kwargs)
         except httpx.HTTPError as exc:
-            raise RayUnavailable(f"Ray dashboard {self.url} unreachable: {exc}") from exc
-        _raise_for(response, "applying the Serve config")
+            raise self._unreachable(exc) from exc
+        _raise_for(response, what)
+        return response
+
+    async def put_applications(self, config: dict[str, Any]) -> None:
+        await self._send("PUT", "applying the Serve config", json=config)
 
     async def get_applications(self) -> dict[str, Any]:
-        try:
-            response = await self._client.get(self.url + _PATH)
-        except httpx.HTTPError as exc:
-            raise RayUnavailable(f"Ray dashboard {self.url} unreachable: {exc}") from exc
-        _raise_for(response, "reading Serve status")
-        body: dict[str, Any] = response.json()
+        body: dict[str, Any] = (await self._send("GET", "reading Serve status")).json()
         return body

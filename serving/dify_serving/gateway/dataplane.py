@@ -68,11 +68,10 @@ async def generate(
     return result
 
 
-async def generate_stream(
+def generate_stream(
     state: GatewayState, model: DifyModel, request: dict[str, Any]
 ) -> AsyncIterator[dict[str, Any]]:
-    async for item in state.stream(model.name, "generate_stream", request):
-        yield item
+    return state.stream(model.name, "generate_stream", request)
 
 
 async def embed(

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
@@ -54,9 +53,9 @@ class GatewayState:
         self.kube = KubernetesModelStore() if options.control == "kubernetes" else None
         self.dashboard = AsyncRayDashboard(options.dashboard_url) if options.dashboard_url else None
         self.statuses: dict[str, dict[str, Any]] = {}
-        self.status_time = 0.0
         self._handles: dict[str, Any] = {}
-        self._streams: dict[str, set[asyncio.Event]] = defaultdict(set)
+        self._streams: dict[str, set[Any]] = defaultdict(set)  # in-flight stream responses
+        self._unloaded: set[Any] = set()  # streams cancelled because their model went
         self._refresher: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self.cluster_gpus: float | None = None
@@ -121,7 +120,6 @@ class GatewayState:
             name: model_status(name, m.spec, apps, self.cluster_gpus)
             for name, m in self.models().items()
         }
-        self.status_time = time.monotonic()
         return self.statuses
 
     def require_serving(self, name: str) -> None:
@@ -186,35 +184,25 @@ class GatewayState:
     async def stream(self, name: str, method: str, *args: Any) -> AsyncIterator[dict[str, Any]]:
         """Stream from a replica; ends with an EngineError if the model is unloaded."""
         self.require_serving(name)
-        cancelled = asyncio.Event()
-        self._streams[name].add(cancelled)
         response = getattr(self.handle(name).options(stream=True), method).remote(*args)
+        self._streams[name].add(response)
         try:
-            iterator = response.__aiter__()
-            while True:
-                step = asyncio.ensure_future(iterator.__anext__())
-                stop = asyncio.ensure_future(cancelled.wait())
-                done, _ = await asyncio.wait({step, stop}, return_when=asyncio.FIRST_COMPLETED)
-                if step not in done:
-                    step.cancel()
-                    raise EngineError(503, "model_unloaded", f"model {name!r} was unloaded")
-                stop.cancel()
-                try:
-                    item = step.result()
-                except StopAsyncIteration:
-                    return
-                except (RayTaskError, EngineError) as exc:
-                    raise unwrap(exc) from None
-                except Exception as exc:  # replica died (unloaded, crashed)
-                    self._handles.pop(name, None)
-                    raise EngineError(
-                        503,
-                        "model_unavailable",
-                        f"model {name!r} stopped answering: {_first_line(exc)}",
-                    ) from None
+            async for item in response:
                 yield item
+        except (RayTaskError, EngineError) as exc:
+            raise unwrap(exc) from None
+        except (Exception, asyncio.CancelledError) as exc:
+            if response in self._unloaded:  # we cancelled it: the model was unloaded
+                raise EngineError(503, "model_unloaded", f"model {name!r} was unloaded") from None
+            if isinstance(exc, asyncio.CancelledError):  # the client went away
+                raise
+            self._handles.pop(name, None)  # the replica died (crashed, deleted)
+            raise EngineError(
+                503, "model_unavailable", f"model {name!r} stopped answering: {_first_line(exc)}"
+            ) from None
         finally:
-            self._streams[name].discard(cancelled)
+            self._streams[name].discard(response)
+            self._unloaded.discard(response)
             response.cancel()
 
     # load / unload -----------------------------------------------------------------
@@ -264,8 +252,9 @@ class GatewayState:
         await self.apply(state)
 
     def _end_streams(self, name: str) -> None:
-        for event in list(self._streams.get(name, ())):
-            event.set()
+        for response in self._streams.pop(name, set()):
+            self._unloaded.add(response)
+            response.cancel()
         self._handles.pop(name, None)
         self.statuses.pop(name, None)
 
