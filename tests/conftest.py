@@ -37,6 +37,15 @@ def model_doc(name: str, model_id: str, task: str, **spec: object) -> dict:
     }
 
 
+def index_doc(name: str, model: str, **spec: object) -> dict:
+    return {
+        "apiVersion": "difymirror.dev/v1alpha1",
+        "kind": "DifyIndex",
+        "metadata": {"name": name},
+        "spec": {"embeddingModel": model, **spec},
+    }
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("tiny")
@@ -60,6 +69,14 @@ def session_state(tiny_dir: Path) -> DesiredState:
             model_doc("vit", str(tiny_dir / "vit"), "image-classification"),
             model_doc("captioner", str(tiny_dir / "cap"), "image-to-text"),
             model_doc("broken", "/nonexistent/weights", "text-generation"),
+            index_doc(
+                "kb",
+                "minilm",
+                chunking={"maxTokens": 64, "overlap": 8},
+                filterableFields=["lang", "year"],
+            ),
+            index_doc("notes", "minilm"),
+            index_doc("orphan", "no-such-model"),
         ]
     )
 

@@ -32,10 +32,41 @@ def test_render_is_deterministic_and_order_free() -> None:
 def test_quickstart_renders_gateway_plus_one_app_per_model() -> None:
     config = render_serve_config(load_file(ROOT / "examples/quickstart.yaml"), ServeOptions())
     apps = {a["name"]: a for a in config["applications"]}
-    assert set(apps) == {"gateway", "model-demo-llm", "model-minilm"}
+    assert set(apps) == {"gateway", "model-demo-llm", "model-minilm", "index-docs"}
     assert apps["gateway"]["route_prefix"] == "/"
     assert apps["model-minilm"]["route_prefix"] is None  # reached through the gateway only
     assert config["http_options"] == {"host": "127.0.0.1", "port": 8000}
+
+
+def _index(name: str, model: str, **spec: object) -> dict:
+    return {
+        "apiVersion": "difymirror.dev/v1alpha1",
+        "kind": "DifyIndex",
+        "metadata": {"name": name},
+        "spec": {"embeddingModel": model, **spec},
+    }
+
+
+def test_an_index_gets_an_app_only_once_its_embedding_model_exists() -> None:
+    docs = [
+        _model("emb", task="feature-extraction"),
+        _model("llm"),
+        _index("kb", "emb", store={"collection": "shared"}),
+        _index("waiting", "missing"),
+        _index("wrong", "llm"),
+    ]
+    opts = ServeOptions(qdrant_url="http://qdrant:6333")
+    apps = {a["name"]: a for a in render_serve_config(parse_documents(docs), opts)["applications"]}
+    assert "index-waiting" not in apps and "index-wrong" not in apps
+    kb = apps["index-kb"]
+    assert kb["route_prefix"] is None
+    assert kb["args"]["model"]["name"] == "emb" and kb["args"]["qdrant_url"] == opts.qdrant_url
+    assert kb["args"]["spec"]["store"]["collection"] == "shared"
+    assert kb["deployments"][0]["num_replicas"] == 1  # the one writer of its shard
+    # the data module switched off: no index backends at all
+    off = ServeOptions(gateway=GatewayOptions(modules=["models", "inference"]))
+    names = [a["name"] for a in render_serve_config(parse_documents(docs), off)["applications"]]
+    assert not [n for n in names if n.startswith("index-")]
 
 
 def test_model_app_options_follow_the_spec() -> None:

@@ -21,6 +21,7 @@ from dify_operator.settings import OperatorSettings
 from dify_serving.control import RayDashboard, RayUnavailable
 from dify_serving.render import model_app_name
 from dify_serving.specs import Phase
+from dify_serving.status import index_status as index_app_status
 
 G, V = reconcile.GROUP, reconcile.VERSION
 MODELS, INDEXES = "difymodels", "difyindexes"
@@ -299,15 +300,17 @@ def _index_status(
         return
     state, _ = reconcile.desired_state(_bodies(model_bodies), _bodies(index_bodies))
     phases: dict[str, str] = {}
+    app: dict[str, Any] | None = None
     try:
         apps = memo.applier.applications()
         phases = {
             n: reconcile.model_status_fields(n, m.spec, apps, "")["phase"]
             for n, m in state.models.items()
         }
+        app = index_app_status(name, index.spec, state.models, apps)
     except RayUnavailable:
         pass
-    fields = reconcile.index_status_fields(index.spec, state.models, phases)
+    fields = reconcile.index_status_fields(index.spec, state.models, phases, app)
     changes = reconcile.status_patch(status, fields, meta.get("generation"))
     for key, value in changes.items():
         patch.status[key] = value

@@ -88,6 +88,7 @@ def serve_options(settings: OperatorSettings) -> ServeOptions:
     return ServeOptions(
         host=settings.serve_host,
         port=settings.serve_port,
+        qdrant_url=settings.qdrant_url,
         gateway=GatewayOptions(
             modules=[m.strip() for m in settings.modules.split(",") if m.strip()],
             home=settings.home,
@@ -151,9 +152,12 @@ def model_status_fields(
 
 
 def index_status_fields(
-    spec: DifyIndexSpec, models: Mapping[str, DifyModel], model_phases: Mapping[str, str]
+    spec: DifyIndexSpec,
+    models: Mapping[str, DifyModel],
+    model_phases: Mapping[str, str],
+    app: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """An index is as ready as its embedding model; Pending while that model is missing."""
+    """Pending while the embedding model is missing or loading; then its own app's phase."""
     model = spec.embedding_model
     if model not in models:
         message = f"embedding model {model!r} does not exist"
@@ -170,6 +174,12 @@ def index_status_fields(
             "_ready": condition("Ready", False, "WrongModelTask", message),
         }
     phase = model_phases.get(model, Phase.PENDING.value)
+    if phase == Phase.READY.value and app is not None and app["phase"] != Phase.READY.value:
+        return {
+            "phase": app["phase"],
+            "message": app["message"],
+            "_ready": condition("Ready", False, "Index" + app["phase"], app["message"]),
+        }
     ready = phase == Phase.READY.value
     message = f"embedding model {model!r} is {phase}"
     if phase == Phase.FAILED.value:

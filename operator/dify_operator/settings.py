@@ -22,7 +22,10 @@ class OperatorSettings(BaseSettings):
     serve_host: str = Field("0.0.0.0", description="Serve HTTP host on the Ray head.")
     serve_port: int = Field(8000, description="Serve HTTP port on the Ray head.")
     home: str = Field("/tmp/dify-mirror", description="State folder on the Ray nodes.")
-    modules: str = Field("models,inference,openai", description="Gateway modules.")
+    modules: str = Field("models,inference,openai,data", description="Gateway modules.")
+    qdrant_url: str | None = Field(
+        None, description="Qdrant server for indexes with store type embedded (None: on disk)."
+    )
     status_period_s: float = Field(3.0, gt=0, description="Status refresh while not Ready.")
     ready_period_s: float = Field(30.0, gt=0, description="Status refresh once Ready.")
     retry_delay_s: float = Field(5.0, gt=0, description="Back-off while Ray is unreachable.")

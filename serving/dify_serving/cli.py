@@ -80,7 +80,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from dify_serving.control import RayDashboard
-    from dify_serving.status import model_status
+    from dify_serving.status import index_status, model_status
     from dify_serving.store import LocalStateStore
 
     store = LocalStateStore(Settings().state_dir)
@@ -90,6 +90,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 1
     apps = RayDashboard(options.gateway.dashboard_url).get_applications()["applications"] or {}
     statuses = {n: model_status(n, m.spec, apps) for n, m in state.models.items()}
+    for name, index in state.indexes.items():
+        statuses[f"index/{name}"] = index_status(name, index.spec, state.models, apps)
     print(json.dumps(statuses, indent=2) if args.json else _table(statuses))
     return 0
 
@@ -106,7 +108,7 @@ def parser() -> argparse.ArgumentParser:
     apply = sub.add_parser("apply", help="change a running local stack")
     apply.add_argument("-f", "--file", required=True)
     apply.set_defaults(func=cmd_apply)
-    status = sub.add_parser("status", help="show model status of the running stack")
+    status = sub.add_parser("status", help="show model and index status of the running stack")
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=cmd_status)
     return p

@@ -42,6 +42,10 @@ class ModelServer:
     async def embed(self, texts: list[str], truncate: bool = False) -> dict[str, Any]:
         return await self.engine.embed(texts, truncate)
 
+    async def embed_tokens(self, rows: list[list[int]]) -> Any:
+        """Vectors for rows already tokenized (and limited) by the caller: an index."""
+        return await self.engine.embed_tokens(rows)
+
     async def predict(self, inputs: list[Any], options: dict[str, Any]) -> list[Any]:
         return await self.engine.predict(inputs, options)
 

@@ -15,10 +15,15 @@ from typing import Any
 
 from dify_serving.control import RayDashboard
 from dify_serving.manifests import DesiredState
-from dify_serving.render import GatewayOptions, ServeOptions, render_serve_config
+from dify_serving.render import (
+    GatewayOptions,
+    ServeOptions,
+    render_serve_config,
+    servable_indexes,
+)
 from dify_serving.settings import Settings
 from dify_serving.specs import Phase
-from dify_serving.status import model_status
+from dify_serving.status import index_status, model_status
 from dify_serving.store import LocalStateStore
 
 
@@ -54,6 +59,7 @@ class LocalStack:
             host=self.settings.host,
             port=self.settings.port,
             proxy_port=proxy_port,
+            qdrant_url=self.settings.qdrant_url,
             gateway=GatewayOptions(
                 listen_host=self.settings.host if proxy_port else None,
                 listen_port=self.settings.port if proxy_port else None,
@@ -62,6 +68,7 @@ class LocalStack:
                 home=str(self.settings.state_dir),
                 dashboard_url=url,
                 replicas=self.settings.gateway_replicas,
+                max_document_bytes=self.settings.max_document_bytes,
             ),
         )
         return url
@@ -94,8 +101,13 @@ class LocalStack:
     def statuses(self) -> dict[str, dict[str, Any]]:
         assert self.dashboard is not None
         apps = self.dashboard.get_applications().get("applications") or {}
+        assert self.options is not None
         state, _ = self.store.load()
         out = {n: model_status(n, m.spec, apps) for n, m in state.models.items()}
+        if "data" in self.options.gateway.modules:  # indexes waiting for a model: Pending
+            for index, _ in servable_indexes(state):
+                status = index_status(index.name, index.spec, state.models, apps)
+                out[f"index/{index.name}"] = status
         gateway = apps.get("gateway", {})
         out["gateway"] = {"name": "gateway", "phase": _gateway_phase(gateway.get("status"))}
         return out

@@ -13,10 +13,11 @@ from pydantic import BaseModel, Field
 
 from dify_serving.manifests import DesiredState
 from dify_serving.settings import ALL_MODULES
-from dify_serving.specs import DifyModel
+from dify_serving.specs import DifyIndex, DifyModel, Task
 
 GATEWAY_APP = "gateway"
 MODEL_APP_PREFIX = "model-"
+INDEX_APP_PREFIX = "index-"
 #: Seconds a replica waits for in-flight requests when its model is unloaded.
 GRACEFUL_SHUTDOWN_S = 3.0
 
@@ -33,6 +34,9 @@ class GatewayOptions(BaseModel):
     listen_host: str | None = Field(None, description="Serve HTTP here directly (no proxy)")
     listen_port: int | None = None
     request_timeout_s: float = Field(300.0, gt=0, description="Longest wait for a model")
+    max_document_bytes: int = Field(
+        10 * 1024 * 1024, ge=1, description="Largest document /v1/data/upsert accepts"
+    )
 
 
 class ServeOptions(BaseModel):
@@ -43,11 +47,18 @@ class ServeOptions(BaseModel):
         description="Port of Serve's own proxy when the gateway serves `port` directly "
         "(direct ingress); None: the proxy serves `port`.",
     )
+    qdrant_url: str | None = Field(
+        None, description="Qdrant server for indexes of store type embedded (None: on disk)."
+    )
     gateway: GatewayOptions = Field(default_factory=GatewayOptions)
 
 
 def model_app_name(name: str) -> str:
     return f"{MODEL_APP_PREFIX}{name}"
+
+
+def index_app_name(name: str) -> str:
+    return f"{INDEX_APP_PREFIX}{name}"
 
 
 def _threads(cpus: float) -> int:
@@ -95,6 +106,51 @@ def model_app(model: DifyModel, home: str) -> dict[str, Any]:
     }
 
 
+def index_app(
+    index: DifyIndex, model: DifyModel, home: str, qdrant_url: str | None
+) -> dict[str, Any]:
+    """One index → one Serve application: the single writer of its collection.
+
+    One replica: an embedded shard is a directory one process owns. It needs little CPU
+    (tokenizing, the store); the embedding model app does the heavy work.
+    """
+    one = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return {
+        "name": index_app_name(index.name),
+        "route_prefix": None,
+        "import_path": "dify_serving.knowledge.server:build_index_app",
+        "args": {
+            "name": index.name,
+            "spec": index.spec.wire(),
+            "model": {"name": model.name, "spec": model.spec.wire()},
+            "home": home,
+            "qdrant_url": qdrant_url,
+        },
+        "deployments": [
+            {
+                "name": "IndexServer",
+                "num_replicas": 1,
+                "max_ongoing_requests": 256,
+                "graceful_shutdown_timeout_s": GRACEFUL_SHUTDOWN_S,
+                "graceful_shutdown_wait_loop_s": 0.5,
+                "health_check_period_s": 5,
+                "ray_actor_options": {"num_cpus": 0, "runtime_env": {"env_vars": one}},
+            }
+        ],
+    }
+
+
+def servable_indexes(state: DesiredState) -> list[tuple[DifyIndex, DifyModel]]:
+    """Indexes whose embedding model exists and embeds; the others wait (Pending)."""
+    out = []
+    for name in sorted(state.indexes):
+        index = state.indexes[name]
+        model = state.models.get(index.spec.embedding_model)
+        if model is not None and model.spec.task == Task.FEATURE_EXTRACTION:
+            out.append((index, model))
+    return out
+
+
 def gateway_app(options: GatewayOptions) -> dict[str, Any]:
     return {
         "name": GATEWAY_APP,
@@ -116,6 +172,11 @@ def render_serve_config(state: DesiredState, options: ServeOptions) -> dict[str,
     """The whole Serve config for a desired state. Same input, same output."""
     apps = [gateway_app(options.gateway)]
     apps += [model_app(state.models[name], options.gateway.home) for name in sorted(state.models)]
+    if "data" in options.gateway.modules:  # a switched-off module starts no backends
+        apps += [
+            index_app(index, model, options.gateway.home, options.qdrant_url)
+            for index, model in servable_indexes(state)
+        ]
     return {
         "proxy_location": "HeadOnly",
         "http_options": {"host": options.host, "port": options.proxy_port or options.port},

@@ -14,7 +14,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 #: Gateway modules that can be switched off for small edge deployments.
-ALL_MODULES: tuple[str, ...] = ("models", "inference", "openai")
+ALL_MODULES: tuple[str, ...] = ("models", "inference", "openai", "data")
 
 
 class Settings(BaseSettings):
@@ -25,7 +25,7 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535, description="HTTP port of the gateway.")
     modules: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: list(ALL_MODULES),
-        description="Gateway modules to run, comma-separated (models,inference,openai).",
+        description="Gateway modules to run, comma-separated (models,inference,openai,data).",
     )
     default_model: str | None = Field(
         None, description="Model used when a request names none (else the first LLM)."
@@ -39,6 +39,9 @@ class Settings(BaseSettings):
     direct_ingress: bool = Field(
         True,
         description="Gateway replicas serve the HTTP port themselves (no proxy hop).",
+    )
+    max_document_bytes: int = Field(
+        10 * 1024 * 1024, ge=1, description="Largest document an upsert accepts (bytes)."
     )
     redis_url: str | None = None
     database_url: str | None = None

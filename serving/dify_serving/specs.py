@@ -259,6 +259,9 @@ class Cleaning(_Spec):
 class Hnsw(_Spec):
     m: int = Field(16, ge=4, le=128, description="Edges per node.")
     ef_construct: int = Field(100, ge=8, le=4096, description="Build-time search width.")
+    ef: int = Field(
+        128, ge=8, le=4096, description="Search-time width (hnsw_ef): higher is more exact."
+    )
 
 
 class Quantization(_Spec):

@@ -9,8 +9,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from dify_serving.render import model_app_name
-from dify_serving.specs import DifyModelSpec, Phase
+from dify_serving.render import index_app_name, model_app_name
+from dify_serving.specs import DifyIndexSpec, DifyModel, DifyModelSpec, Phase, Task
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*(Error|Exception|Found|Long)[\w]*): (.+)$")
@@ -37,29 +37,15 @@ def failure_reason(message: str) -> str:
     return lines[0][:500] if lines else ""
 
 
-def model_status(
-    name: str,
-    spec: DifyModelSpec,
-    applications: dict[str, Any],
-    cluster_gpus: float | None = None,
-) -> dict[str, Any]:
-    """The status of one model from the Serve applications map."""
-    app = applications.get(model_app_name(name))
-    desired = spec.autoscaling.min_replicas if spec.autoscaling else spec.replicas
+def app_status(app: dict[str, Any] | None, desired: int) -> dict[str, Any]:
+    """Phase, replicas, message and progress of one Serve application (None: not applied)."""
     out: dict[str, Any] = {
-        "name": name,
         "phase": Phase.PENDING.value,
         "ready_replicas": 0,
         "desired_replicas": desired,
         "message": "not applied to Ray Serve yet",
         "load_progress": 0.0,
     }
-    if spec.uses_cuda and cluster_gpus == 0:
-        out.update(
-            phase=Phase.FAILED.value,
-            message=f"device {spec.device} needs a GPU and the cluster has none",
-        )
-        return out
     if app is None:
         return out
     deployments = list((app.get("deployments") or {}).values())
@@ -89,4 +75,41 @@ def model_status(
         if desired
         else 1.0,
     )
+    return out
+
+
+def model_status(
+    name: str,
+    spec: DifyModelSpec,
+    applications: dict[str, Any],
+    cluster_gpus: float | None = None,
+) -> dict[str, Any]:
+    """The status of one model from the Serve applications map."""
+    desired = spec.autoscaling.min_replicas if spec.autoscaling else spec.replicas
+    if spec.uses_cuda and cluster_gpus == 0:
+        return {
+            "name": name,
+            **app_status(None, desired),
+            "phase": Phase.FAILED.value,
+            "message": f"device {spec.device} needs a GPU and the cluster has none",
+        }
+    return {"name": name, **app_status(applications.get(model_app_name(name)), desired)}
+
+
+def index_status(
+    name: str,
+    spec: DifyIndexSpec,
+    models: dict[str, DifyModel],
+    applications: dict[str, Any],
+) -> dict[str, Any]:
+    """The status of one index: Pending while its embedding model is missing."""
+    model = models.get(spec.embedding_model)
+    out = {"name": name, **app_status(applications.get(index_app_name(name)), 1)}
+    if model is None:
+        out.update(message=f"embedding model {spec.embedding_model!r} does not exist")
+    elif model.spec.task != Task.FEATURE_EXTRACTION:
+        out.update(
+            phase=Phase.FAILED.value,
+            message=f"model {spec.embedding_model!r} is {model.spec.task}, not feature-extraction",
+        )
     return out

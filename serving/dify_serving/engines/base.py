@@ -100,6 +100,9 @@ class Engine(ABC):
     async def embed(self, texts: list[str], truncate: bool = False) -> dict[str, Any]:
         raise EngineError(400, "unsupported_task", f"{self.name} is not an embedding model")
 
+    async def embed_tokens(self, rows: list[list[int]]) -> Any:
+        raise EngineError(400, "unsupported_task", f"{self.name} is not an embedding model")
+
     async def predict(self, inputs: list[Any], options: dict[str, Any]) -> list[Any]:
         raise EngineError(400, "unsupported_task", f"{self.name} does not classify")
 

@@ -113,6 +113,18 @@ class EmbeddingEngine(Engine):
         vectors = await self.submit(ids) if ids else np.zeros((0, self.dimension), np.float32)
         return {"vectors": vectors, "prompt_tokens": sum(len(row) for row in ids)}
 
+    async def embed_tokens(self, rows: list[list[int]]) -> np.ndarray:
+        """Vectors for token rows the caller cut (an index's chunker): no second tokenize."""
+        for position, row in enumerate(rows):
+            if len(row) > self.max_tokens:
+                raise InputTooLong(
+                    f"row {position} has {len(row)} tokens; {self.name} accepts at most "
+                    f"{self.max_tokens}"
+                )
+        if not rows:
+            return np.zeros((0, self.dimension), np.float32)
+        return await self.submit(rows)
+
     # ---- continuous batching ----------------------------------------------------------
     async def submit(self, rows: list[list[int]]) -> np.ndarray:
         """Queue one request's rows; returns their vectors, one row each."""

@@ -129,6 +129,15 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if isinstance(exc.__cause__, UnicodeDecodeError):  # FastAPI says 400 "error parsing"
+            bad = exc.__cause__
+            return error_response(
+                request,
+                422,
+                "invalid_encoding",
+                f"request body is not valid UTF-8 (byte 0x{bad.object[bad.start]:02x} at "
+                f"offset {bad.start}); send text as UTF-8 JSON",
+            )
         code = _STATUS_CODES.get(exc.status_code, "error")
         message = exc.detail if isinstance(exc.detail, str) else code
         if exc.status_code == 404 and message == "Not Found":

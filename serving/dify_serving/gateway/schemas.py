@@ -80,6 +80,8 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     model: str | None = None
+    index: str | None = Field(None, description="Answer from this knowledge index (extension).")
+    top_k: int = Field(4, ge=1, le=50, description="Chunks retrieved when `index` is given.")
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
@@ -110,3 +112,67 @@ class EmbeddingRequest(BaseModel):
     input: str | list[str] = Field(...)
     encoding_format: Literal["float", "base64"] = "float"
     truncate: bool = False
+
+
+# ---- data ----------------------------------------------------------------------------
+_ID = Field(..., min_length=1, max_length=512, description="Document id (unique per index).")
+
+
+class CleanRequest(_Body):
+    text: str = Field(..., min_length=1, description="Raw text or HTML.")
+    index: str | None = Field(None, description="Use this index's cleaning rules and chunker.")
+    rules: dict[str, Any] | None = Field(
+        None, description="Cleaning rules (DifyIndex spec `cleaning`), when no index is named."
+    )
+    chunk: bool = Field(False, description="Also return the chunks (needs `index`).")
+
+
+class EmbedRequest(_Body):
+    model: str | None = Field(None, description="Embedding model; the first one if left out.")
+    input: str | list[str] = Field(..., description="Text or texts to embed.")
+    truncate: bool = Field(False, description="Cut inputs over the model's token limit.")
+
+
+class Document(_Body):
+    id: str = _ID
+    text: str = Field(..., description="Raw text or HTML; cleaned and chunked on upsert.")
+    metadata: dict[str, Any] = Field(default_factory=dict, description="Stored with each chunk.")
+    subject_id: str | None = Field(
+        None, max_length=512, description="The person the text is about (for erasure)."
+    )
+
+
+class UpsertRequest(_Body):
+    index: str = Field(..., min_length=1, description="Index name.")
+    documents: list[Document] = Field(..., description="Documents to add or replace.")
+
+
+class SearchRequest(_Body):
+    index: str = Field(..., min_length=1, description="Index name.")
+    query: str | None = Field(None, min_length=1, description="Text to search for.")
+    vector: list[float] | None = Field(None, description="Or a query vector of the index's size.")
+    top_k: int = Field(10, ge=1, le=1000, description="Hits to return, 1..1000.")
+    filter: dict[str, Any] | None = Field(
+        None,
+        description='Metadata filter: {"lang": "en"}, {"lang": ["en", "de"]}, '
+        '{"year": {"gte": 2020}}; keys: document_id, subject_id, filterableFields.',
+    )
+    score_threshold: float | None = Field(None, description="Drop hits scoring below this.")
+
+
+class DeleteRequest(_Body):
+    index: str | None = Field(None, description="Index to delete documents from.")
+    document_ids: list[str] | None = Field(None, description="Documents to delete.")
+    subject_id: str | None = Field(
+        None, min_length=1, description="Erase everything about this subject, in every index."
+    )
+
+
+class KnowledgeChatRequest(SamplingParams):
+    model: str | None = Field(None, description="Generation model; the default if left out.")
+    index: str = Field(..., min_length=1, description="Index to retrieve from.")
+    messages: list[ChatMessage] = Field(..., min_length=1, description="The conversation.")
+    top_k: int = Field(4, ge=1, le=50, description="Chunks to retrieve.")
+    filter: dict[str, Any] | None = Field(None, description="Retrieval filter (as in search).")
+    score_threshold: float | None = Field(None, description="Ignore chunks scoring below this.")
+    stream: bool = Field(False, description="Answer as server-sent events.")

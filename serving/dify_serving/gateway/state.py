@@ -22,9 +22,14 @@ from dify_serving.control import AsyncRayDashboard, RayUnavailable
 from dify_serving.engines.base import EngineError
 from dify_serving.gateway.errors import ApiError
 from dify_serving.manifests import DesiredState
-from dify_serving.render import GatewayOptions, model_app_name, render_serve_config
-from dify_serving.specs import DifyModel, Phase, Task
-from dify_serving.status import model_status
+from dify_serving.render import (
+    GatewayOptions,
+    index_app_name,
+    model_app_name,
+    render_serve_config,
+)
+from dify_serving.specs import DifyIndex, DifyModel, Phase, Task
+from dify_serving.status import index_status, model_status
 from dify_serving.store import LocalStateStore
 from dify_serving.store.kubernetes import KubernetesModelStore, KubernetesUnavailable
 
@@ -53,6 +58,7 @@ class GatewayState:
         self.kube = KubernetesModelStore() if options.control == "kubernetes" else None
         self.dashboard = AsyncRayDashboard(options.dashboard_url) if options.dashboard_url else None
         self.statuses: dict[str, dict[str, Any]] = {}
+        self.index_statuses: dict[str, dict[str, Any]] = {}
         self._handles: dict[str, Any] = {}
         self._streams: dict[str, set[Any]] = defaultdict(set)  # in-flight stream responses
         self._unloaded: set[Any] = set()  # streams cancelled because their model went
@@ -70,10 +76,10 @@ class GatewayState:
     def model(self, name: str | None, task: Task | None = None) -> DifyModel:
         """The model a request names, or the default; 404 when it does not exist."""
         models = self.models()
+        wanted = task or Task.TEXT_GENERATION
         if name is None:
             name = self.options.default_model
-            if name is None:
-                wanted = task or Task.TEXT_GENERATION
+            if name is None or (name in models and models[name].spec.task != wanted):
                 fits = [n for n in sorted(models) if models[n].spec.task == wanted]
                 serving = [n for n in fits if self.statuses.get(n, {}).get("phase") in _SERVING]
                 name = next(iter(serving or fits), None)
@@ -85,6 +91,17 @@ class GatewayState:
         if model is None:
             raise ApiError(404, f"model {name!r} is not loaded", "model_not_found")
         return model
+
+    def indexes(self) -> dict[str, DifyIndex]:
+        if self.kube is not None:
+            return self.kube.cached_indexes()
+        return self.store.load()[0].indexes
+
+    def index(self, name: str) -> DifyIndex:
+        index = self.indexes().get(name)
+        if index is None:
+            raise ApiError(404, f"index {name!r} does not exist", "index_not_found")
+        return index
 
     # status ------------------------------------------------------------------------
     def start(self) -> None:
@@ -116,70 +133,82 @@ class GatewayState:
             import ray
 
             self.cluster_gpus = float(ray.cluster_resources().get("GPU", 0))
+        models = self.models()
         self.statuses = {
-            name: model_status(name, m.spec, apps, self.cluster_gpus)
-            for name, m in self.models().items()
+            name: model_status(name, m.spec, apps, self.cluster_gpus) for name, m in models.items()
+        }
+        self.index_statuses = {
+            name: index_status(name, i.spec, models, apps) for name, i in self.indexes().items()
         }
         return self.statuses
 
-    def require_serving(self, name: str) -> None:
-        status = self.statuses.get(name)
+    def require_serving(self, name: str, kind: str = "model") -> None:
+        statuses = self.statuses if kind == "model" else self.index_statuses
+        status = statuses.get(name)
         if status is None or status["phase"] in _SERVING:
             return  # unknown yet: let the handle decide
         phase = status["phase"]
         if phase == Phase.FAILED.value:
             raise ApiError(
-                503, f"model {name!r} failed to load: {status['message']}", "model_failed"
+                503, f"{kind} {name!r} failed to load: {status['message']}", f"{kind}_failed"
             )
         raise ApiError(
             503,
-            f"model {name!r} is {phase.lower()} ({status['message']}); retry shortly",
-            "model_not_ready",
+            f"{kind} {name!r} is {phase.lower()} ({status['message']}); retry shortly",
+            f"{kind}_not_ready",
             headers={"Retry-After": "2"},
         )
 
-    # calls into model replicas ---------------------------------------------------
-    def handle(self, name: str) -> Any:
-        handle = self._handles.get(name)
+    # calls into model and index replicas ---------------------------------------------
+    def handle(self, name: str, kind: str = "model") -> Any:
+        app = model_app_name(name) if kind == "model" else index_app_name(name)
+        handle = self._handles.get(app)
         if handle is None:
             try:
-                handle = serve.get_app_handle(model_app_name(name))
+                handle = serve.get_app_handle(app)
             except Exception as exc:
                 raise ApiError(
                     503,
-                    f"model {name!r} is not running yet",
-                    "model_not_ready",
+                    f"{kind} {name!r} is not running yet",
+                    f"{kind}_not_ready",
                     headers={"Retry-After": "2"},
                 ) from exc
-            self._handles[name] = handle
+            self._handles[app] = handle
         return handle
 
-    async def call(self, name: str, method: str, *args: Any) -> Any:
+    async def call(self, name: str, method: str, *args: Any, kind: str = "model") -> Any:
         """Call a replica; bounded in time (a deleted app's handle can otherwise hang)."""
-        self.require_serving(name)
+        self.require_serving(name, kind)
         try:
             return await asyncio.wait_for(
-                getattr(self.handle(name), method).remote(*args), self.options.request_timeout_s
+                getattr(self.handle(name, kind), method).remote(*args),
+                self.options.request_timeout_s,
             )
         except (RayTaskError, EngineError) as exc:
             raise unwrap(exc) from None
         except TimeoutError:
-            self._handles.pop(name, None)
+            self._forget(name, kind)
             raise ApiError(
                 504,
-                f"model {name!r} did not answer within {self.options.request_timeout_s}s",
+                f"{kind} {name!r} did not answer within {self.options.request_timeout_s}s",
                 "timeout",
             ) from None
         except ApiError:
             raise
         except Exception as exc:  # replica gone (unloaded, crashed) or Serve unavailable
-            self._handles.pop(name, None)
+            self._forget(name, kind)
             raise ApiError(
                 503,
-                f"model {name!r} is unavailable: {_first_line(exc)}",
-                "model_unavailable",
+                f"{kind} {name!r} is unavailable: {_first_line(exc)}",
+                f"{kind}_unavailable",
                 headers={"Retry-After": "2"},
             ) from None
+
+    async def call_index(self, name: str, method: str, *args: Any) -> Any:
+        return await self.call(name, method, *args, kind="index")
+
+    def _forget(self, name: str, kind: str) -> None:
+        self._handles.pop(model_app_name(name) if kind == "model" else index_app_name(name), None)
 
     async def stream(self, name: str, method: str, *args: Any) -> AsyncIterator[dict[str, Any]]:
         """Stream from a replica; ends with an EngineError if the model is unloaded."""
@@ -196,7 +225,7 @@ class GatewayState:
                 raise EngineError(503, "model_unloaded", f"model {name!r} was unloaded") from None
             if isinstance(exc, asyncio.CancelledError):  # the client went away
                 raise
-            self._handles.pop(name, None)  # the replica died (crashed, deleted)
+            self._forget(name, "model")  # the replica died (crashed, deleted)
             raise EngineError(
                 503, "model_unavailable", f"model {name!r} stopped answering: {_first_line(exc)}"
             ) from None
@@ -218,7 +247,7 @@ class GatewayState:
 
     async def load(self, model: DifyModel) -> None:
         """Local: store + apply. Cluster: write the DifyModel; the operator applies it."""
-        self._handles.pop(model.name, None)
+        self._forget(model.name, "model")
         if self.kube is not None:
             await self._kube(self.kube.put(model))
             self.statuses[model.name] = {
@@ -255,7 +284,7 @@ class GatewayState:
         for response in self._streams.pop(name, set()):
             self._unloaded.add(response)
             response.cancel()
-        self._handles.pop(name, None)
+        self._forget(name, "model")
         self.statuses.pop(name, None)
 
     async def _kube(self, call: Awaitable[T]) -> T:

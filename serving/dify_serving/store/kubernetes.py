@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 
-from dify_serving.specs import API_VERSION, GROUP, VERSION, DifyModel
+from dify_serving.specs import API_VERSION, GROUP, VERSION, DifyIndex, DifyModel
 
 SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 
@@ -61,6 +61,7 @@ class KubernetesModelStore:
         )
         self.cache_s = cache_s
         self._cache: dict[str, DifyModel] = {}
+        self._indexes: dict[str, DifyIndex] = {}
         self._stamp = 0.0
 
     @property
@@ -76,6 +77,9 @@ class KubernetesModelStore:
     def cached(self) -> dict[str, DifyModel]:
         return self._cache
 
+    def cached_indexes(self) -> dict[str, DifyIndex]:
+        return self._indexes
+
     async def refresh(self, force: bool = False) -> dict[str, DifyModel]:
         """List DifyModels (valid ones; the operator reports invalid ones in status)."""
         if not force and time.monotonic() - self._stamp < self.cache_s:
@@ -83,17 +87,10 @@ class KubernetesModelStore:
         response = await self._call("GET", self._collection)
         if response.status_code != 200:
             raise KubernetesUnavailable(f"listing difymodels: HTTP {response.status_code}")
-        models = {}
-        for item in response.json().get("items", []):
-            if item.get("metadata", {}).get("deletionTimestamp"):
-                continue
-            try:
-                model = DifyModel.model_validate(
-                    {**item, "apiVersion": API_VERSION, "kind": "DifyModel"}
-                )
-            except ValueError:
-                continue
-            models[model.name] = model
+        models = _valid(response.json().get("items", []), DifyModel)
+        response = await self._call("GET", self._collection.replace("difymodels", "difyindexes"))
+        if response.status_code == 200:  # a gateway without index rights still serves models
+            self._indexes = _valid(response.json().get("items", []), DifyIndex)
         self._cache, self._stamp = models, time.monotonic()
         return models
 
@@ -128,6 +125,20 @@ class KubernetesModelStore:
             raise KubernetesUnavailable(f"deleting DifyModel {name}: HTTP {response.status_code}")
         self._cache = {k: v for k, v in self._cache.items() if k != name}
         return True
+
+
+def _valid(items: list[dict[str, Any]], kind: Any) -> dict[str, Any]:
+    """Living, valid objects by name (the operator reports invalid ones in their status)."""
+    out = {}
+    for item in items:
+        if item.get("metadata", {}).get("deletionTimestamp"):
+            continue
+        try:
+            obj = kind.model_validate({**item, "apiVersion": API_VERSION, "kind": kind.__name__})
+        except ValueError:
+            continue
+        out[obj.name] = obj
+    return out
 
 
 def _read(path: Path) -> str | None:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from dify_serving.gateway.routers import health, inference, models, openai_compat
+from dify_serving.gateway.routers import data, health, inference, models, openai_compat
 
 ROUTERS = {
     "models": models.router,
     "inference": inference.router,
     "openai": openai_compat.router,
+    "data": data.router,
 }
 
 

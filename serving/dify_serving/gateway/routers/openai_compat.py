@@ -10,7 +10,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from dify_serving.gateway import dataplane
+from dify_serving.gateway import dataplane, retrieval
 from dify_serving.gateway.errors import ApiError, request_id
 from dify_serving.gateway.routers.models import StateDep
 from dify_serving.gateway.schemas import (
@@ -39,6 +39,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
     model = state.model(body.model)
     dataplane.expect_task(model, Task.TEXT_GENERATION)
     messages = [{"role": m.role, "content": _text(m.content)} for m in body.messages]
+    cites = None
+    if body.index is not None:  # extension: answer from a knowledge index, with citations
+        hits = await retrieval.retrieve(
+            state, body.index, retrieval.last_user_text(messages), body.top_k
+        )
+        messages, cites = retrieval.augment(messages, hits), retrieval.citations(hits)
     gen = dataplane.generation_request(
         model,
         messages=messages,
@@ -48,11 +54,13 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
         seed=body.seed,
     )
     cid, created = dataplane.new_id("chatcmpl"), int(time.time())
-    base = {"id": cid, "created": created, "model": model.name}
+    base: dict[str, Any] = {"id": cid, "created": created, "model": model.name}
     if body.stream:
         usage = bool((body.stream_options or {}).get("include_usage"))
         return StreamingResponse(
-            dataplane.sse_stream(_chat_chunks(state, model, gen, base, usage), request_id(request)),
+            dataplane.sse_stream(
+                _chat_chunks(state, model, gen, base, usage, cites), request_id(request)
+            ),
             media_type="text/event-stream",
         )
     result = await dataplane.generate(state, model, gen)
@@ -68,11 +76,17 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
             }
         ],
         "usage": _usage(result),
+        **({"citations": cites} if cites is not None else {}),
     }
 
 
 async def _chat_chunks(
-    state: Any, model: Any, gen: dict[str, Any], base: dict[str, Any], usage: bool
+    state: Any,
+    model: Any,
+    gen: dict[str, Any],
+    base: dict[str, Any],
+    usage: bool,
+    cites: list[dict[str, Any]] | None = None,
 ) -> AsyncIterator[dict[str, Any]]:
     chunk = {**base, "object": "chat.completion.chunk"}
     yield {
@@ -80,6 +94,7 @@ async def _chat_chunks(
         "choices": [
             {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
         ],
+        **({"citations": cites} if cites is not None else {}),
     }
     async for item in dataplane.generate_stream(state, model, gen):
         finish = item.get("finish_reason")

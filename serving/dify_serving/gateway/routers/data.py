@@ -1,0 +1,269 @@
+"""Data: clean, embed, upsert, search, delete (GDPR erasure), indexes, knowledge chat.
+
+The gateway checks the wire format and the limits (sizes, counts, names); each index's
+own replica does the work, so one index's load never blocks another's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+from pydantic import ValidationError
+
+from dify_serving.gateway import dataplane, retrieval
+from dify_serving.gateway.errors import ApiError, describe_validation, request_id
+from dify_serving.gateway.routers.models import StateDep
+from dify_serving.gateway.schemas import (
+    CleanRequest,
+    DeleteRequest,
+    EmbedRequest,
+    KnowledgeChatRequest,
+    SearchRequest,
+    UpsertRequest,
+)
+from dify_serving.gateway.state import GatewayState
+from dify_serving.knowledge.cleaning import clean_text
+from dify_serving.specs import Cleaning, Task
+
+router = APIRouter(prefix="/v1", tags=["data"])
+
+
+@router.post("/data/clean", summary="Clean text (and optionally chunk it) as an upsert would")
+async def clean(body: CleanRequest, state: StateDep) -> dict[str, Any]:
+    if body.index is not None:
+        rules = state.index(body.index).spec.cleaning
+    else:
+        if body.chunk:
+            raise ApiError(422, "chunk: needs an index (its tokenizer cuts the chunks)")
+        try:
+            rules = Cleaning.model_validate(body.rules or {})
+        except ValidationError as exc:
+            raise ApiError(422, "rules." + describe_validation(exc.errors())) from None
+    text = clean_text(body.text, rules)
+    out: dict[str, Any] = {"text": text, "chars_in": len(body.text), "chars_out": len(text)}
+    if body.chunk and body.index is not None:
+        out["chunks"] = await state.call_index(body.index, "chunk", body.text)
+    return out
+
+
+@router.post("/data/embed", summary="Embed texts with a feature-extraction model")
+async def embed(body: EmbedRequest, state: StateDep) -> dict[str, Any]:
+    model = state.model(body.model, Task.FEATURE_EXTRACTION)
+    texts = [body.input] if isinstance(body.input, str) else body.input
+    result = await dataplane.embed(state, model, texts, body.truncate)
+    vectors = result["vectors"]
+    return {
+        "model": model.name,
+        "dimension": int(vectors.shape[1]) if len(vectors) else 0,
+        "data": vectors.tolist(),
+        "usage": {"prompt_tokens": result["prompt_tokens"]},
+    }
+
+
+def _check_documents(body: UpsertRequest, limit: int) -> None:
+    if not body.documents:
+        raise ApiError(422, "documents: give at least one document")
+    seen: set[str] = set()
+    for position, doc in enumerate(body.documents):
+        size = len(doc.text.encode("utf-8", "surrogatepass"))
+        if size > limit:
+            raise ApiError(
+                413,
+                f"documents.{position} ({doc.id!r}) is {size} bytes; the limit is {limit} bytes",
+            )
+        if not doc.text.strip():
+            raise ApiError(422, f"documents.{position}.text ({doc.id!r}): must not be empty")
+        if doc.id in seen:
+            raise ApiError(422, f"documents.{position}.id: {doc.id!r} appears twice")
+        seen.add(doc.id)
+
+
+@router.post("/data/upsert", summary="Clean, chunk, embed and store documents (replace by id)")
+async def upsert(body: UpsertRequest, state: StateDep) -> dict[str, Any]:
+    state.index(body.index)
+    _check_documents(body, state.options.max_document_bytes)
+    docs = [doc.model_dump() for doc in body.documents]
+    result: dict[str, Any] = await state.call_index(body.index, "upsert", docs)
+    return result
+
+
+@router.post("/data/search", summary="Nearest chunks to a query text or vector")
+async def search(body: SearchRequest, state: StateDep) -> dict[str, Any]:
+    state.index(body.index)
+    if (body.query is None) == (body.vector is None):
+        raise ApiError(422, "give exactly one of query (text) or vector")
+    started = time.perf_counter()
+    result: dict[str, Any] = await state.call_index(
+        body.index, "search", body.model_dump(exclude={"index"})
+    )
+    result["index"] = body.index
+    result["took_ms"] = round((time.perf_counter() - started) * 1000, 2)
+    return result
+
+
+@router.post("/data/delete", summary="Delete documents, or erase a subject in every index")
+async def delete(body: DeleteRequest, state: StateDep) -> dict[str, Any]:
+    if (body.document_ids is None) == (body.subject_id is None):
+        raise ApiError(422, "give exactly one of document_ids (with index) or subject_id")
+    if body.document_ids is not None:
+        if body.index is None:
+            raise ApiError(422, "index: required with document_ids")
+        if not body.document_ids:
+            raise ApiError(422, "document_ids: give at least one id")
+        targets = [state.index(body.index).name]
+    else:
+        targets = [body.index] if body.index else sorted(state.indexes())
+        targets = [n for n in targets if not _never_stored(state, n)]
+    outcomes = await asyncio.gather(
+        *(state.call_index(n, "delete", body.document_ids, body.subject_id) for n in targets),
+        return_exceptions=True,
+    )
+    removed = [
+        {"index": n, "points": r}
+        for n, r in zip(targets, outcomes, strict=True)
+        if isinstance(r, int)
+    ]
+    failed = [
+        f"{n}: {getattr(r, 'message', r)}"
+        for n, r in zip(targets, outcomes, strict=True)
+        if not isinstance(r, int)
+    ]
+    if failed:  # an erasure is complete or it is an error; deleting again is harmless
+        done = ", ".join(f"{r['index']} ({r['points']} points)" for r in removed) or "none"
+        raise ApiError(
+            503,
+            f"erasure incomplete; failed: {'; '.join(failed)}; done: {done}. Retry the request.",
+            "erasure_incomplete",
+            headers={"Retry-After": "2"},
+        )
+    return {
+        "receipt_id": uuid.uuid4().hex,
+        "completed_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "subject_id": body.subject_id,
+        "document_ids": body.document_ids,
+        "removed": removed,
+        "points_removed": sum(r["points"] for r in removed),
+    }
+
+
+def _never_stored(state: GatewayState, name: str) -> bool:
+    """An index that never ran here has nothing to erase (its shard was never created)."""
+    index = state.index(name)
+    if state.options.control != "local" or index.spec.store.type != "embedded":
+        return False
+    if state.store.load()[1].qdrant_url:  # "embedded" indexes then live on that server
+        return False
+    if state.index_statuses.get(name, {}).get("phase") in ("Ready", "Degraded"):
+        return False
+    collection = index.spec.store.collection or name
+    return not (Path(state.options.home) / "indexes" / collection).exists()
+
+
+async def _index_info(state: GatewayState, name: str) -> dict[str, Any]:
+    try:
+        info: dict[str, Any] = await asyncio.wait_for(state.call_index(name, "info"), 5)
+        return info
+    except Exception:
+        return {}
+
+
+@router.get("/indexes", summary="Indexes: model, dimension, points, status")
+async def list_indexes(state: StateDep) -> dict[str, Any]:
+    await state.refresh_status()
+    indexes = state.indexes()
+    statuses = {n: state.index_statuses.get(n, {}) for n in indexes}
+    infos = await asyncio.gather(
+        *(
+            _index_info(state, n)
+            if statuses[n].get("phase") in ("Ready", "Degraded")
+            else asyncio.sleep(0, {})
+            for n in indexes
+        )
+    )
+    data = []
+    for (name, index), info in zip(sorted(indexes.items()), infos, strict=True):
+        status = statuses[name]
+        phase, message = status.get("phase", "Pending"), status.get("message")
+        if info.get("error"):
+            phase, message = "Failed", info["error"]
+        data.append(
+            {
+                "name": name,
+                "model": index.spec.embedding_model,
+                "store": index.spec.store.type,
+                "collection": index.spec.store.collection or name,
+                "dimension": info.get("dimension"),
+                "points": info.get("points"),
+                "status": phase,
+                "message": message,
+            }
+        )
+    return {"object": "list", "data": data}
+
+
+@router.post("/chat", summary="Answer from an index: retrieve, generate, cite (stream too)")
+async def chat(body: KnowledgeChatRequest, request: Request, state: StateDep) -> Any:
+    model = state.model(body.model)
+    dataplane.expect_task(model, Task.TEXT_GENERATION)
+    messages = [{"role": m.role, "content": m.content} for m in body.messages]
+    hits = await retrieval.retrieve(
+        state,
+        body.index,
+        retrieval.last_user_text(messages),
+        body.top_k,
+        body.filter,
+        body.score_threshold,
+    )
+    gen = dataplane.generation_request(
+        model,
+        messages=retrieval.augment(messages, hits),
+        max_tokens=body.max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        seed=body.seed,
+    )
+    base = {"id": dataplane.new_id("chat"), "model": model.name, "index": body.index}
+    cites = retrieval.citations(hits)
+    if body.stream:
+        return StreamingResponse(
+            dataplane.sse_stream(_chat_events(state, model, gen, base, cites), request_id(request)),
+            media_type="text/event-stream",
+        )
+    result = await dataplane.generate(state, model, gen)
+    return {
+        **base,
+        "message": {"role": "assistant", "content": result["text"]},
+        "citations": cites,
+        "finish_reason": result["finish_reason"],
+        "usage": {
+            "prompt_tokens": result["prompt_tokens"],
+            "completion_tokens": result["completion_tokens"],
+        },
+    }
+
+
+async def _chat_events(
+    state: GatewayState,
+    model: Any,
+    gen: dict[str, Any],
+    base: dict[str, Any],
+    cites: list[dict[str, Any]],
+) -> AsyncIterator[dict[str, Any]]:
+    yield {**base, "citations": cites}
+    async for item in dataplane.generate_stream(state, model, gen):
+        event = {**base, "delta": item.get("delta", "")}
+        if item.get("finish_reason"):
+            event["finish_reason"] = item["finish_reason"]
+            event["usage"] = {
+                "prompt_tokens": item.get("prompt_tokens", 0),
+                "completion_tokens": item.get("completion_tokens", 0),
+            }
+        yield event

@@ -1,0 +1,1 @@
+"""Knowledge: cleaning, chunking, vector stores and the index deployment."""
