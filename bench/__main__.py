@@ -24,7 +24,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from bench import load
+from bench import knowledge, load
 
 ROOT = Path(__file__).resolve().parents[1]
 THREADS = 2
@@ -169,7 +169,10 @@ def http_embeddings(base: str, texts: list[str], concurrency: int) -> tuple[floa
     return result.requests / result.seconds, p99
 
 
-def main() -> int:
+SECTIONS = ("generation", "embeddings", "knowledge")
+
+
+def main(argv: list[str]) -> int:
     import torch
 
     from dify_serving.engines.weights import packaged_path
@@ -177,82 +180,116 @@ def main() -> int:
     from dify_serving.manifests import parse_documents
     from dify_serving.settings import Settings
 
+    sections = [a for a in argv if a in SECTIONS] or list(SECTIONS)
     torch.set_num_threads(THREADS)
     home = Path(tempfile.mkdtemp(prefix="dify-bench-"))
     settings = Settings(home=home, port=free_port(), ray_num_cpus=4, ray_dashboard_port=free_port())
+    docs = [
+        model_doc(
+            "demo-llm",
+            "builtin:demo-llm",
+            "text-generation",
+            generation={"maxNewTokens": MAX_NEW, "temperature": 0},
+            batching={"maxConcurrentRequests": 128},
+        ),
+        model_doc(
+            "minilm",
+            "sentence-transformers/all-MiniLM-L6-v2",
+            "feature-extraction",
+            batching={"maxBatchSize": 32, "batchWaitTimeoutMs": 10, "maxConcurrentRequests": 128},
+        ),
+    ]
+    vectors = None
+    if "knowledge" in sections:
+        vectors = knowledge.corpus_vectors()
+        search_index = knowledge.index_doc("bench", chunking={"maxTokens": 256, "overlap": 32})
+        print("knowledge: building the 100k-chunk shard", flush=True)
+        built = knowledge.build_shard(home.resolve(), search_index, vectors)
+        print(f"  {built:.0f} s (upsert + HNSW)", flush=True)
+        docs += [search_index, knowledge.index_doc("ingest", chunking={"maxTokens": 256})]
     stack = LocalStack(settings, object_store_memory=200 * 1024 * 1024)
     stack.start()
     rows: list[tuple[str, str, str, str]] = []
     try:
-        stack.apply(
-            parse_documents(
-                [
-                    model_doc(
-                        "demo-llm",
-                        "builtin:demo-llm",
-                        "text-generation",
-                        generation={"maxNewTokens": MAX_NEW, "temperature": 0},
-                        batching={"maxConcurrentRequests": 128},
-                    ),
-                    model_doc(
-                        "minilm",
-                        "sentence-transformers/all-MiniLM-L6-v2",
-                        "feature-extraction",
-                        batching={
-                            "maxBatchSize": 32,
-                            "batchWaitTimeoutMs": 10,
-                            "maxConcurrentRequests": 128,
-                        },
-                    ),
-                ]
-            )
-        )
+        stack.apply(parse_documents(docs))
         statuses = stack.wait(600)
         assert all(s["phase"] == "Ready" for s in statuses.values()), statuses
         base = f"http://127.0.0.1:{settings.port}"
-        llm_path = str(home.resolve() / "models" / "demo-llm")
-        print("generation: anchors", flush=True)
-        seq = generate_sequential(llm_path, [prompt(i) for i in range(6)])
-        anchor = ManagerAnchor(llm_path)
-        for c in (1, 16, 64):
-            total = {1: 6, 16: 48, 64: 128}[c]
-            ceiling = anchor.run([prompt(i) for i in range(total)], c)
-            http(base, total, c)  # warm this concurrency level
-            rate, p50 = http_generation(base, c, total)
+        if "generation" in sections:
+            rows += generation_rows(base, str(home.resolve() / "models" / "demo-llm"))
+        if "embeddings" in sections:
+            texts = [sentence(i) for i in range(2000)]
+            print("embeddings", flush=True)
+            local = encode_in_process(str(packaged_path("all-MiniLM-L6-v2")), texts)
+            rate, p99 = http_embeddings(base, texts, 32)
             rows.append(
                 (
-                    f"generation tok/s, concurrency {c}",
+                    "embeddings sentences/s, concurrency 32",
                     f"{rate:.0f}",
-                    f"(a) generate one at a time {seq:.0f}; (b) CB manager {ceiling:.0f}",
-                    f"{rate / ceiling:.2f}× (b), {rate / seq:.1f}× (a); p50 {p50 * 1000:.0f} ms",
+                    f"sentence-transformers encode(batch_size=32) {local:.0f}",
+                    f"{rate / local:.2f}×; p99 {p99 * 1000:.0f} ms",
                 )
             )
             print(rows[-1], flush=True)
-        anchor.stop()
-        texts = [sentence(i) for i in range(2000)]
-        print("embeddings", flush=True)
-        local = encode_in_process(str(packaged_path("all-MiniLM-L6-v2")), texts)
-        rate, p99 = http_embeddings(base, texts, 32)
-        rows.append(
-            (
-                "embeddings sentences/s, concurrency 32",
-                f"{rate:.0f}",
-                f"sentence-transformers encode(batch_size=32) {local:.0f}",
-                f"{rate / local:.2f}×; p99 {p99 * 1000:.0f} ms",
-            )
-        )
-        print(rows[-1], flush=True)
+        if vectors is not None:
+            print("knowledge: search", flush=True)
+            rows += knowledge.search_rows(base, "bench", vectors)
+            print("knowledge: ingest", flush=True)
+            rows += knowledge.ingest_rows(base, "ingest", 48)
+            for row in rows[-4:]:
+                print(row, flush=True)
     finally:
         stack.stop()
     write_report(rows)
     return 0
 
 
+def generation_rows(base: str, llm_path: str) -> list[tuple[str, str, str, str]]:
+    print("generation: anchors", flush=True)
+    rows = []
+    seq = generate_sequential(llm_path, [prompt(i) for i in range(6)])
+    anchor = ManagerAnchor(llm_path)
+    for c in (1, 16, 64):
+        total = {1: 6, 16: 48, 64: 128}[c]
+        ceiling = anchor.run([prompt(i) for i in range(total)], c)
+        http(base, total, c)  # warm this concurrency level
+        rate, p50 = http_generation(base, c, total)
+        rows.append(
+            (
+                f"generation tok/s, concurrency {c}",
+                f"{rate:.0f}",
+                f"(a) generate one at a time {seq:.0f}; (b) CB manager {ceiling:.0f}",
+                f"{rate / ceiling:.2f}× (b), {rate / seq:.1f}× (a); p50 {p50 * 1000:.0f} ms",
+            )
+        )
+        print(rows[-1], flush=True)
+    anchor.stop()
+    return rows
+
+
 def http(base: str, total: int, c: int) -> None:
     http_generation(base, c, min(total, c * 2))
 
 
+def _kept_rows(path: Path, fresh: list[tuple[str, str, str, str]]) -> list[list[str]]:
+    """Rows of sections not run this time stay (each was measured beside its anchor)."""
+    if not path.exists():
+        return []
+    ran = {row[0].split(" ", 1)[0] for row in fresh}
+    kept = []
+    for line in path.read_text().split("<!-- notes -->", 1)[0].splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        row = len(cells) == 4 and line.startswith("| ") and cells[0] not in ("figure", "---")
+        if row and cells[0].split(" ", 1)[0] not in ran:
+            kept.append(cells)
+    return kept
+
+
 def write_report(rows: list[tuple[str, str, str, str]]) -> None:
+    path = ROOT / "docs" / "benchmarks.md"
+    table = _kept_rows(path, rows) + [list(r) for r in rows]
+    order = {"generation": 0, "embeddings": 1, "search": 2, "ingest": 3}
+    table.sort(key=lambda r: order.get(r[0].split(" ", 1)[0], 9))
     lines = [
         "# Benchmarks",
         "",
@@ -265,10 +302,9 @@ def write_report(rows: list[tuple[str, str, str, str]]) -> None:
         "",
         "| figure | HTTP (this stack) | anchor (in-process) | ratio |",
         "|---|---|---|---|",
-        *[f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows],
+        *[f"| {a} | {b} | {c} | {d} |" for a, b, c, d in table],
         "",
     ]
-    path = ROOT / "docs" / "benchmarks.md"
     notes = (
         path.read_text().split("<!-- notes -->", 1)[1]
         if path.exists() and "<!-- notes -->" in path.read_text()
@@ -279,4 +315,4 @@ def write_report(rows: list[tuple[str, str, str, str]]) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

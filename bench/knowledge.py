@@ -95,10 +95,21 @@ def corpus_vectors() -> np.ndarray:
     return vectors
 
 
-def build_shard(home: Path, index: str, spec: Any, vectors: np.ndarray) -> float:
+def index_doc(name: str, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "difymirror.dev/v1alpha1",
+        "kind": "DifyIndex",
+        "metadata": {"name": name},
+        "spec": {"embeddingModel": "minilm", **spec},
+    }
+
+
+def build_shard(home: Path, doc: dict[str, Any], vectors: np.ndarray) -> float:
     """Write the corpus into the index's embedded shard with the platform's store code."""
     from dify_serving.knowledge.stores import ChunkPoint, open_store, point_id
+    from dify_serving.specs import DifyIndexSpec
 
+    index, spec = doc["metadata"]["name"], DifyIndexSpec.model_validate(doc["spec"])
     store = open_store(index, spec, home)
     store.ensure(vectors.shape[1])
     t0 = time.perf_counter()
@@ -162,13 +173,15 @@ def qdrant_local_anchor(vectors: np.ndarray, queries: np.ndarray) -> tuple[float
     return qps, statistics.median(latencies)
 
 
-def http_search(base: str, index: str, bodies: list[dict[str, Any]]) -> load.Result:
+def http_search(
+    base: str, index: str, bodies: list[dict[str, Any]], concurrency: int
+) -> load.Result:
     def body(i: int) -> dict[str, Any]:
         return {"index": index, **bodies[i]}
 
-    asyncio.run(load.run(base, "/v1/data/search", body, 32, CONCURRENCY))  # warm
+    asyncio.run(load.run(base, "/v1/data/search", body, 32, concurrency))  # warm
     result = asyncio.run(
-        load.run(base, "/v1/data/search", body, len(bodies), CONCURRENCY, keep_bodies=True)
+        load.run(base, "/v1/data/search", body, len(bodies), concurrency, keep_bodies=True)
     )
     assert result.errors == 0, result.bodies[:1]
     return result
@@ -183,30 +196,34 @@ def search_rows(base: str, index: str, vectors: np.ndarray) -> list[tuple[str, s
     texts = [query_text(i) for i in range(N_QUERIES)]
     queries = _encode(texts)
     truth = exact_top10(vectors, queries)
-    by_vector = http_search(base, index, [{"vector": q.tolist(), "top_k": 10} for q in queries])
+    by_vector = [{"vector": q.tolist(), "top_k": 10} for q in queries]
+    by_text = [{"query": t, "top_k": 10} for t in texts]
+    loaded = http_search(base, index, by_vector, CONCURRENCY)
     found = [
         {int(h["document_id"][1:]) * CHUNKS_PER_DOC + h["chunk_index"] for h in hits}
-        for hits in (json.loads(b)["hits"] for b in by_vector.bodies)
+        for hits in (json.loads(b)["hits"] for b in loaded.bodies)
     ]
     recall = float(np.mean([len(f & t) / 10 for f, t in zip(found, truth, strict=True)]))
-    by_text = http_search(base, index, [{"query": t, "top_k": 10} for t in texts])
     print("search: qdrant-client local mode anchor", flush=True)
     local_qps, local_p50 = qdrant_local_anchor(vectors, queries)
     rows = []
-    for label, result in (("by vector", by_vector), ("by text (embedding included)", by_text)):
-        qps = result.requests / result.seconds
-        p50, p99 = percentile(result.latencies, 0.5), percentile(result.latencies, 0.99)
+    for label, bodies in (("by vector", by_vector), ("by text, embedding included", by_text)):
+        one = http_search(base, index, bodies[:200], 1)
+        busy = loaded if label == "by vector" else http_search(base, index, bodies, CONCURRENCY)
+        qps = busy.requests / busy.seconds
         rows.append(
             (
-                f"search 100k chunks {label}, QPS at concurrency {CONCURRENCY}",
-                f"{qps:.0f} QPS; p50 {p50 * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms",
-                f"qdrant-client local mode {local_qps:.1f} QPS (p50 {local_p50 * 1000:.0f} ms)",
-                f"{qps / local_qps:.0f}×",
+                f"search 100k chunks {label}: latency alone; QPS at concurrency {CONCURRENCY}",
+                f"p50 {percentile(one.latencies, 0.5) * 1000:.1f} ms, "
+                f"p99 {percentile(one.latencies, 0.99) * 1000:.1f} ms; {qps:.0f} QPS "
+                f"(p99 {percentile(busy.latencies, 0.99) * 1000:.0f} ms under load)",
+                f"qdrant-client local mode: p50 {local_p50 * 1000:.0f} ms, {local_qps:.1f} QPS",
+                f"{qps / local_qps:.0f}× QPS",
             )
         )
     rows.append(
         (
-            "search recall@10 (HNSW vs exact brute force)",
+            "search recall@10, HNSW (m 16, ef 128) over HTTP",
             f"{recall:.3f}",
             "exact brute force (numpy) 1.000",
             f"{recall:.3f}",
@@ -217,7 +234,9 @@ def search_rows(base: str, index: str, vectors: np.ndarray) -> list[tuple[str, s
 
 # ---- ingest ---------------------------------------------------------------------------
 def ingest_document(i: int) -> str:
-    return "\n\n".join(" ".join(chunk_text(i * 50 + k) for k in range(6)) for _ in range(3))
+    """About 2,000 tokens in 8 paragraphs: eight 256-token chunks or so."""
+    paragraphs = (" ".join(chunk_text(i * 97 + p * 11 + k) for k in range(10)) for p in range(8))
+    return "\n\n".join(paragraphs)
 
 
 def ingest_rows(base: str, index: str, n_docs: int) -> list[tuple[str, str, str, str]]:
@@ -237,21 +256,23 @@ def ingest_rows(base: str, index: str, n_docs: int) -> list[tuple[str, str, str,
         )
     )
     chunks = [[c["text"] for c in json.loads(b)["chunks"]] for b in preview.bodies]
-
-    def embed_body(i: int) -> dict[str, Any]:
-        return {"model": "minilm", "input": chunks[i]}
-
-    asyncio.run(load.run(base, "/v1/data/embed", embed_body, 16, CONCURRENCY))  # warm
-    bare = asyncio.run(load.run(base, "/v1/data/embed", embed_body, n_docs, CONCURRENCY))
+    flat = [c for doc in chunks for c in doc]
+    print(f"ingest: {len(flat)} chunks; sentence-transformers anchor", flush=True)
+    _encode(flat[:64])
+    t0 = time.perf_counter()
+    _encode(flat)
+    anchor = n_docs / (time.perf_counter() - t0)
+    asyncio.run(load.run(base, "/v1/data/upsert", upsert_body, 8, CONCURRENCY))  # warm
     ingest = asyncio.run(load.run(base, "/v1/data/upsert", upsert_body, n_docs, CONCURRENCY))
-    assert bare.errors == 0 and ingest.errors == 0
-    bare_rate, rate = bare.requests / bare.seconds, ingest.requests / ingest.seconds
-    per_doc = sum(len(c) for c in chunks) / n_docs
+    assert ingest.errors == 0
+    rate = ingest.requests / ingest.seconds
     return [
         (
-            f"ingest documents/s ({per_doc:.0f} chunks each), concurrency {CONCURRENCY}",
-            f"{rate:.1f}",
-            f"the same chunks through /v1/data/embed alone {bare_rate:.1f}",
-            f"{rate / bare_rate:.2f}×",
+            f"ingest documents/s (~2,000 tokens, {len(flat) / n_docs:.1f} chunks each), "
+            f"concurrency {CONCURRENCY}",
+            f"{rate:.2f} ({rate * len(flat) / n_docs:.0f} chunks/s)",
+            f"embedding alone: sentence-transformers encode(batch 128) of the same chunks "
+            f"{anchor:.2f} docs/s",
+            f"{rate / anchor:.2f}×",
         )
     ]

@@ -80,6 +80,8 @@ async def run(
     host, port = base.removeprefix("http://").split(":")
     result = Result()
     counter = iter(range(total))
+    if keep_bodies:
+        result.bodies = [b""] * total  # in request order, whatever order answers come in
     connections = [Connection(host, int(port)) for _ in range(concurrency)]
 
     async def worker(conn: Connection) -> None:
@@ -92,7 +94,7 @@ async def run(
             if status != 200:
                 result.errors += 1
             if keep_bodies:
-                result.bodies.append(body)
+                result.bodies[i] = body
 
     start = time.perf_counter()
     await asyncio.gather(*(worker(c) for c in connections))
