@@ -1,0 +1,84 @@
+"""Which scope each route needs, and which routes are sensitive (a second factor).
+
+One table, read top to bottom, first match wins. It is the whole authorization policy
+of the HTTP API, kept apart from the mechanism (`gateway/security.py`) so that a review
+of "who may call what" reads one page. Routes not listed under `/v1` need a valid key
+and no particular scope (they answer 404 anyway); routes outside `/v1` are public
+(probes, docs).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+INFERENCE = "inference"
+DATA_READ = "data:read"
+DATA_WRITE = "data:write"
+MODELS_ADMIN = "models:admin"
+AUDIT_READ = "audit:read"
+ADMIN = "admin"
+SCOPES = (INFERENCE, DATA_READ, DATA_WRITE, MODELS_ADMIN, AUDIT_READ, ADMIN)
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    template: str  # the route as the audit log names it
+    scopes: tuple[str, ...] = ()  # all of these are needed
+    sensitive: bool = False  # needs a second factor for keys that have one
+    public: bool = False
+    generates: bool = False  # counts against tokens/minute
+
+
+def _rule(method: str, path: str, *scopes: str, **flags: bool) -> tuple[str, re.Pattern[str], Rule]:
+    pattern = re.compile("^" + re.sub(r"\{[^}]+\}", "[^/]+", path) + "$")
+    return method, pattern, Rule(path, scopes, **flags)
+
+
+RULES = [
+    _rule("GET", "/healthz", public=True),
+    _rule("GET", "/readyz", public=True),
+    _rule("GET", "/docs", public=True),
+    _rule("GET", "/docs/oauth2-redirect", public=True),
+    _rule("GET", "/openapi.json", public=True),
+    _rule("GET", "/v1/metrics", public=True),  # has its own optional token
+    _rule("GET", "/v1/models", INFERENCE),
+    _rule("GET", "/v1/models/status", INFERENCE),
+    _rule("POST", "/v1/models/load", MODELS_ADMIN, sensitive=True),
+    _rule("POST", "/v1/models/unload", MODELS_ADMIN, sensitive=True),
+    _rule("POST", "/v1/models/{name}/switch", MODELS_ADMIN, sensitive=True),
+    _rule("POST", "/v1/models/feedback", INFERENCE),
+    _rule("POST", "/v1/inference", INFERENCE, generates=True),
+    _rule("POST", "/v1/inference/async", INFERENCE, generates=True),
+    _rule("POST", "/v1/inference/batch", INFERENCE, generates=True),
+    _rule("GET", "/v1/tasks/{id}", INFERENCE),
+    _rule("DELETE", "/v1/tasks/{id}", INFERENCE),
+    _rule("POST", "/v1/chat/completions", INFERENCE, generates=True),
+    _rule("POST", "/v1/completions", INFERENCE, generates=True),
+    _rule("POST", "/v1/embeddings", INFERENCE),
+    _rule("POST", "/v1/chat", INFERENCE, DATA_READ, generates=True),
+    _rule("POST", "/v1/data/clean", DATA_READ),
+    _rule("POST", "/v1/data/embed", DATA_READ),
+    _rule("POST", "/v1/data/search", DATA_READ),
+    _rule("GET", "/v1/indexes", DATA_READ),
+    _rule("POST", "/v1/data/upsert", DATA_WRITE),
+    _rule("POST", "/v1/data/delete", DATA_WRITE, sensitive=True),
+    _rule("GET", "/v1/audit/logs", AUDIT_READ),
+    _rule("GET", "/v1/audit/export", AUDIT_READ, sensitive=True),
+    _rule("POST", "/v1/admin/keys", ADMIN, sensitive=True),
+    _rule("GET", "/v1/admin/keys", ADMIN, sensitive=True),
+    _rule("DELETE", "/v1/admin/keys/{id}", ADMIN, sensitive=True),
+]
+
+_PUBLIC_OTHER = Rule("(public)", public=True)
+
+
+def rule_for(method: str, path: str) -> Rule:
+    """The rule of a request; unknown `/v1` routes need a key, anything else is public."""
+    head = "GET" if method == "HEAD" else method
+    for rule_method, pattern, rule in RULES:
+        if rule_method == head and pattern.match(path):
+            return rule
+    if path == "/v1" or path.startswith("/v1/"):
+        return Rule(path if len(path) < 200 else path[:200])
+    return _PUBLIC_OTHER
