@@ -21,6 +21,13 @@ from dify_serving.local import LocalStack
 from dify_serving.manifests import DesiredState, parse_documents
 from dify_serving.settings import Settings
 
+#: The admin key every stack the tests start is bootstrapped with (Ray workers and
+#: subprocesses inherit the environment).
+API_KEY = os.environ.setdefault(
+    "DIFY_MIRROR_BOOTSTRAP_KEY", "dm_testadmin001_T3stS3cretT3stS3cretT3stS3cretAB"
+)
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -102,5 +109,5 @@ def base_url(stack: LocalStack) -> str:
 
 @pytest.fixture()
 def client(base_url: str) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=base_url, timeout=120) as c:
+    with httpx.Client(base_url=base_url, timeout=120, headers=AUTH) as c:
         yield c

@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 import yaml
-from conftest import free_port, model_doc
+from conftest import AUTH, free_port, model_doc
 
 CLI = [sys.executable, "-m", "dify_serving.cli"]
 
@@ -80,6 +80,7 @@ def test_serve_runs_until_interrupted(tmp_path: Path, tiny_dir: Path) -> None:
                 r = httpx.post(
                     f"http://127.0.0.1:{port}/v1/inference",
                     json={"model": "sentiment", "input": "good"},
+                    headers=AUTH,
                     timeout=10,
                 )
                 if r.status_code == 200:

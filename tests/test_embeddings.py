@@ -5,6 +5,7 @@ from __future__ import annotations
 import httpx
 import numpy as np
 import pytest
+from conftest import AUTH
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -42,6 +43,7 @@ def test_concurrent_requests_are_batched_correctly(base_url: str, reference: np.
         r = httpx.post(
             f"{base_url}/v1/embeddings",
             json={"model": "minilm", "input": TEXTS[i % len(TEXTS)], "encoding_format": "float"},
+            headers=AUTH,
         )
         return i, r.json()["data"][0]["embedding"]
 

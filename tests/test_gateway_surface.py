@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import httpx
+from conftest import AUTH
 from fastapi.testclient import TestClient
 
 from dify_serving.gateway.app import create_app
@@ -40,7 +41,7 @@ def test_health_and_readiness(client: httpx.Client) -> None:
 
 def test_switched_off_modules_have_no_routes(tmp_path) -> None:
     state = GatewayState(GatewayOptions(modules=["inference"], home=str(tmp_path)))
-    with TestClient(create_app(state)) as http:
+    with TestClient(create_app(state), headers=AUTH) as http:
         for path in ("/v1/chat/completions", "/v1/embeddings", "/v1/models/load"):
             r = http.post(path, json={})
             assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"

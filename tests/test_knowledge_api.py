@@ -8,7 +8,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import index_doc
+from conftest import API_KEY, AUTH, index_doc
 
 TOPICS = {
     "volcano": "Volcanoes erupt molten lava from the mantle. Magma chambers feed the eruptions, "
@@ -49,7 +49,7 @@ def corpus(client_module: httpx.Client) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def client_module(base_url: str) -> Any:
-    with httpx.Client(base_url=base_url, timeout=120) as c:
+    with httpx.Client(base_url=base_url, timeout=120, headers=AUTH) as c:
         yield c
 
 
@@ -273,7 +273,7 @@ def test_knowledge_chat_cites_retrieved_chunks(
 def test_openai_chat_accepts_an_index(base_url: str, corpus: dict[str, Any]) -> None:
     from openai import OpenAI
 
-    api = OpenAI(base_url=f"{base_url}/v1", api_key="unused")
+    api = OpenAI(base_url=f"{base_url}/v1", api_key=API_KEY)
     result = api.chat.completions.create(
         model="demo-llm",
         messages=[{"role": "user", "content": "Tell me about sourdough bread"}],

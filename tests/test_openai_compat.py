@@ -7,11 +7,12 @@ import base64
 import numpy as np
 import openai
 import pytest
+from conftest import API_KEY, AUTH
 
 
 @pytest.fixture()
 def oai(base_url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0)
+    return openai.OpenAI(base_url=f"{base_url}/v1", api_key=API_KEY, max_retries=0)
 
 
 def test_chat_completion(oai: openai.OpenAI) -> None:
@@ -87,6 +88,7 @@ def test_base64_roundtrip_is_little_endian_float32(base_url: str) -> None:
     r = httpx.post(
         f"{base_url}/v1/embeddings",
         json={"model": "minilm", "input": "x", "encoding_format": "base64"},
+        headers=AUTH,
     )
     raw = base64.b64decode(r.json()["data"][0]["embedding"])
     assert len(raw) == 384 * 4

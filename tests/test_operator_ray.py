@@ -14,7 +14,7 @@ import aiohttp
 import httpx
 import pytest
 import pytest_asyncio
-from conftest import free_port
+from conftest import AUTH, free_port
 from kube_emulator import DIFYINDEXES, DIFYMODELS, KubeClient, start_emulator
 from test_operator_kmock import NS, condition, index, model, start_operator
 
@@ -107,7 +107,7 @@ async def test_model_lifecycle_through_the_operator(cluster: dict[str, Any]) -> 
         assert {"Applied", "Ready"} <= reasons
 
         base = f"http://127.0.0.1:{config.serve_port}"
-        async with httpx.AsyncClient(base_url=base, timeout=60) as http:
+        async with httpx.AsyncClient(base_url=base, timeout=60, headers=AUTH) as http:
             for _ in range(120):  # the gateway lists DifyModels every 2 s
                 r = await http.post(
                     "/v1/inference", json={"model": "demo", "prompt": "hi", "max_tokens": 4}

@@ -1,4 +1,4 @@
-"""`dify-mirror`: serve | apply | status (keys and bench come with their issues)."""
+"""`dify-mirror`: serve | apply | status | keys | audit."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import threading
 from typing import Any
 
 from dify_serving.manifests import ManifestError, load_file
+from dify_serving.security import cli as security_cli
 from dify_serving.settings import Settings
 
 
@@ -111,6 +112,7 @@ def parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="show model and index status of the running stack")
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=cmd_status)
+    security_cli.add_commands(sub)
     return p
 
 

@@ -69,6 +69,7 @@ class LocalStack:
                 dashboard_url=url,
                 replicas=self.settings.gateway_replicas,
                 max_document_bytes=self.settings.max_document_bytes,
+                security=self.settings.security_options(),
             ),
         )
         return url

@@ -22,6 +22,26 @@ INDEX_APP_PREFIX = "index-"
 GRACEFUL_SHUTDOWN_S = 3.0
 
 
+class SecurityOptions(BaseModel):
+    """The gateway's guard (no secrets here: keys' pepper and bootstrap key come from env)."""
+
+    enabled: bool = Field(True, description="API keys, allowlists, rate limits and audit")
+    database_url: str | None = Field(None, description="keys + audit (None: SQLite in home)")
+    redis_url: str | None = Field(None, description="shared rate limits and OTP replay")
+    trusted_proxies: list[str] = Field(default_factory=list, description="CIDRs (ingress)")
+    ip_allowlist: list[str] = Field(default_factory=list, description="CIDRs; empty: all")
+    route_limits: dict[str, float] = Field(
+        default_factory=dict, description="route template → requests/second, all keys"
+    )
+    fail_open: bool = Field(False, description="allow requests when Redis is down")
+    require_totp_for_admin: bool = Field(False, description="sensitive routes need TOTP")
+    record_text: bool = Field(False, description="audit rows keep prompt/document text")
+    retention_days: int = Field(180, ge=1, description="audit rows kept at least this long")
+    allow_short_retention: bool = Field(False, description="permit retention < 180 days")
+    tls_certfile: str | None = Field(None, description="serve HTTPS with this certificate")
+    tls_keyfile: str | None = Field(None, description="and this private key")
+
+
 class GatewayOptions(BaseModel):
     """What the gateway app is told; part of the config, so a change redeploys it."""
 
@@ -37,6 +57,7 @@ class GatewayOptions(BaseModel):
     max_document_bytes: int = Field(
         10 * 1024 * 1024, ge=1, description="Largest document /v1/data/upsert accepts"
     )
+    security: SecurityOptions = Field(default_factory=SecurityOptions)
 
 
 class ServeOptions(BaseModel):

@@ -9,17 +9,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
 from ray import serve
 
 from dify_serving.gateway import errors, routers
+from dify_serving.gateway.security import Guard, SecurityMiddleware
 from dify_serving.gateway.state import GatewayState
 from dify_serving.render import GatewayOptions
 
 
 def create_app(state: GatewayState) -> FastAPI:
+    """The FastAPI app; with security on, every /v1 request passes the guard first."""
     app = FastAPI(
         title="dify-mirror",
         version="0.1.0",
@@ -27,6 +30,11 @@ def create_app(state: GatewayState) -> FastAPI:
         'Errors are JSON: {"error": {"code", "message", "request_id"}}.',
     )
     app.state.gateway = state
+    security = state.options.security
+    if security.enabled:
+        guard = Guard(security, Path(state.options.home))
+        app.state.guard = guard
+        app.add_middleware(SecurityMiddleware, guard=guard)  # inside the request-id one
     errors.install(app)
     routers.register(app, state.options.modules)
     return app
@@ -48,10 +56,14 @@ class Gateway:
         self.fastapi = create_app(self.state)
         self.server: Any = None
         if self.state.options.listen_port:
+            security = self.state.options.security
             self.server = await serve_directly(
                 self.fastapi,
                 self.state.options.listen_host or "127.0.0.1",
                 self.state.options.listen_port,
+                tls=(security.tls_certfile, security.tls_keyfile)
+                if security.tls_certfile and security.tls_keyfile
+                else None,
             )
 
     def __serve_build_asgi_app__(self) -> FastAPI:
@@ -61,10 +73,15 @@ class Gateway:
     async def __del__(self) -> None:
         if self.server is not None:
             self.server.should_exit = True
+        guard = getattr(self.fastapi.state, "guard", None)
+        if guard is not None:
+            guard.close()
 
 
-async def serve_directly(app: FastAPI, host: str, port: int) -> Any:
-    """Run uvicorn for `app` on this replica's event loop; returns the server."""
+async def serve_directly(
+    app: FastAPI, host: str, port: int, tls: tuple[str, str] | None = None
+) -> Any:
+    """Run uvicorn for `app` on this replica's event loop (HTTPS with `tls`)."""
     import uvicorn
 
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
@@ -80,6 +97,10 @@ async def serve_directly(app: FastAPI, host: str, port: int) -> Any:
             access_log=False,
             log_config=None,
             timeout_keep_alive=30,
+            # the guard decides whom to believe (trusted proxies), not uvicorn
+            proxy_headers=False,
+            ssl_certfile=tls[0] if tls else None,
+            ssl_keyfile=tls[1] if tls else None,
         )
     )
     server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]

@@ -13,6 +13,7 @@ from typing import Any
 
 from dify_serving.engines.base import EngineError
 from dify_serving.gateway.errors import ApiError, error_body
+from dify_serving.gateway.notes import note_usage
 from dify_serving.gateway.state import GatewayState
 from dify_serving.specs import DifyModel, Task
 
@@ -65,13 +66,17 @@ async def generate(
     state: GatewayState, model: DifyModel, request: dict[str, Any]
 ) -> dict[str, Any]:
     result: dict[str, Any] = await state.call(model.name, "generate", request)
+    note_usage(result)
     return result
 
 
-def generate_stream(
+async def generate_stream(
     state: GatewayState, model: DifyModel, request: dict[str, Any]
 ) -> AsyncIterator[dict[str, Any]]:
-    return state.stream(model.name, "generate_stream", request)
+    async for item in state.stream(model.name, "generate_stream", request):
+        if item.get("finish_reason"):
+            note_usage(item)
+        yield item
 
 
 async def embed(
@@ -81,6 +86,7 @@ async def embed(
     if not texts or any(not isinstance(t, str) or not t for t in texts):
         raise ApiError(422, "input: give one or more non-empty strings", "invalid_request")
     result: dict[str, Any] = await state.call(model.name, "embed", texts, truncate)
+    note_usage(result)
     return result
 
 

@@ -21,6 +21,7 @@ from ray.exceptions import RayTaskError
 from dify_serving.control import AsyncRayDashboard, RayUnavailable
 from dify_serving.engines.base import EngineError
 from dify_serving.gateway.errors import ApiError
+from dify_serving.gateway.notes import note
 from dify_serving.manifests import DesiredState
 from dify_serving.render import (
     GatewayOptions,
@@ -179,6 +180,7 @@ class GatewayState:
     async def call(self, name: str, method: str, *args: Any, kind: str = "model") -> Any:
         """Call a replica; bounded in time (a deleted app's handle can otherwise hang)."""
         self.require_serving(name, kind)
+        note(**{kind: name})
         try:
             return await asyncio.wait_for(
                 getattr(self.handle(name, kind), method).remote(*args),
@@ -213,6 +215,7 @@ class GatewayState:
     async def stream(self, name: str, method: str, *args: Any) -> AsyncIterator[dict[str, Any]]:
         """Stream from a replica; ends with an EngineError if the model is unloaded."""
         self.require_serving(name)
+        note(model=name)
         response = getattr(self.handle(name).options(stream=True), method).remote(*args)
         self._streams[name].add(response)
         try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from dify_serving.gateway.routers import data, health, inference, models, openai_compat
+from dify_serving.gateway.routers import admin, data, health, inference, models, openai_compat
 
 ROUTERS = {
     "models": models.router,
@@ -16,5 +16,6 @@ ROUTERS = {
 
 def register(app: FastAPI, modules: list[str]) -> None:
     app.include_router(health.router)
+    app.include_router(admin.router)
     for module in modules:
         app.include_router(ROUTERS[module])

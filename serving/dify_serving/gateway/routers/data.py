@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 from dify_serving.gateway import dataplane, retrieval
 from dify_serving.gateway.errors import ApiError, describe_validation, request_id
+from dify_serving.gateway.notes import note
 from dify_serving.gateway.routers.models import StateDep
 from dify_serving.gateway.schemas import (
     CleanRequest,
@@ -144,8 +145,18 @@ async def delete(body: DeleteRequest, state: StateDep) -> dict[str, Any]:
             "erasure_incomplete",
             headers={"Retry-After": "2"},
         )
+    receipt_id = uuid.uuid4().hex
+    what = (
+        f"subject {body.subject_id}"
+        if body.subject_id
+        else f"{len(body.document_ids or [])} documents"
+    )
+    note(
+        detail=f"erasure {receipt_id}: {what}; "
+        + ", ".join(f"{r['index']}={r['points']}" for r in removed)
+    )
     return {
-        "receipt_id": uuid.uuid4().hex,
+        "receipt_id": receipt_id,
         "completed_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "subject_id": body.subject_id,
         "document_ids": body.document_ids,

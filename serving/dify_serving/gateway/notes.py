@@ -1,0 +1,28 @@
+"""What a request touched (model, index, tokens), noted for its audit row.
+
+The security middleware puts a fresh dict in `NOTES` for each request; code deep in the
+data plane adds to it without threading the request through every call. A streaming
+response runs in a child task that shares the same dict, so a stream's final token
+counts land in the row too.
+"""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+from typing import Any
+
+NOTES: ContextVar[dict[str, Any] | None] = ContextVar("dify_audit_notes", default=None)
+
+
+def note(**fields: Any) -> None:
+    notes = NOTES.get()
+    if notes is not None:
+        notes.update(fields)
+
+
+def note_usage(result: dict[str, Any]) -> None:
+    """Token counts from an engine result or a stream's final item."""
+    note(
+        prompt_tokens=result.get("prompt_tokens"),
+        completion_tokens=result.get("completion_tokens"),
+    )

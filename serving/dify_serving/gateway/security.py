@@ -1,0 +1,302 @@
+"""The gateway's guard: client address, API key, scope, second factor, rate limits, audit.
+
+One pure ASGI middleware, ahead of routing, so a refused request costs no FastAPI work
+and every request, allowed or refused, leaves one audit row. The order is the order of
+cheapness and of what a client may learn: address (403) → key (401, one message for
+every reason, the reason only in the audit row) → the key's own allowlist (403) → scope
+(403 naming it) → second factor for sensitive routes (401/403) → route and key rate
+limits (429 with Retry-After and X-RateLimit-*). The data plane notes the model, index
+and token counts (`gateway/notes.py`); the row is written when the response ends, so a
+stream's tokens are counted. Generated tokens are charged to the key's tokens/minute
+bucket afterwards (a request may overdraw it; the next ones wait).
+
+Nothing here blocks on a database: keys are checked against a short-lived in-process
+cache, the in-process limiter is a dict, and the audit log batches its writes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from dify_serving.gateway.errors import error_body
+from dify_serving.gateway.notes import NOTES
+from dify_serving.gateway.policy import Rule, rule_for
+from dify_serving.render import SecurityOptions
+from dify_serving.security.audit import AuditEntry, AuditLog
+from dify_serving.security.keys import AuthError, KeyRecord, KeyStore, allows, sqlite_url
+from dify_serving.security.network import Allowlist, client_ip, parse_cidrs
+from dify_serving.security.ratelimit import (
+    Decision,
+    LimiterUnavailable,
+    MemoryLimiter,
+    RedisLimiter,
+)
+from dify_serving.security.secrets import bootstrap_key, key_pepper
+from dify_serving.security.totp import OtpGuard, OtpUnavailable
+
+log = logging.getLogger("dify_serving.security")
+
+_JSON = [(b"content-type", b"application/json")]
+
+
+class _Refusal(Exception):
+    def __init__(
+        self, status: int, code: str, message: str, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.headers = status, code, message, headers
+
+
+class Guard:
+    """The security components one gateway replica uses."""
+
+    def __init__(self, config: SecurityOptions, home: Path) -> None:
+        self.config = config
+        pepper = key_pepper(home)
+        keys_url = config.database_url or sqlite_url(home / "keys.db")
+        self.keys = KeyStore(keys_url, pepper)
+        self.keys.ensure_bootstrap(bootstrap_key(), home / "bootstrap.key")
+        self.audit = AuditLog.from_settings_like(
+            config.database_url,
+            home,
+            retention_days=config.retention_days,
+            allow_short_retention=config.allow_short_retention,
+        )
+        self.limiter: Any = (
+            RedisLimiter(config.redis_url, prefix="dm:rl:", fail_open=config.fail_open)
+            if config.redis_url
+            else MemoryLimiter()
+        )
+        self.otp = OtpGuard(redis_url=config.redis_url) if config.redis_url else OtpGuard()
+        self.trusted = parse_cidrs(config.trusted_proxies)
+        self.allowlist = Allowlist(config.ip_allowlist)
+
+    def close(self) -> None:
+        self.audit.close()
+
+    # ---- checks -----------------------------------------------------------------------
+    async def authenticate(self, headers: dict[bytes, bytes]) -> KeyRecord:
+        raw = headers.get(b"authorization", b"").decode("latin-1")
+        scheme, _, token = raw.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise AuthError("missing" if not raw else "malformed header")
+        return await self.keys.aauthenticate(token.strip())
+
+    async def second_factor(self, key: KeyRecord, headers: dict[bytes, bytes]) -> None:
+        if key.totp_secret is None:
+            if self.config.require_totp_for_admin:
+                raise _Refusal(
+                    403,
+                    "second_factor_required",
+                    "this operation needs a key with a second factor (TOTP); this key has none",
+                )
+            return
+        code = headers.get(b"x-dify-otp", b"").decode("latin-1").strip()
+        if not code:
+            raise _Refusal(401, "second_factor_required", "send the TOTP code in X-Dify-OTP")
+        try:
+            accepted = await self.otp.acheck(key.id, key.totp_secret, code)
+        except OtpUnavailable as exc:
+            raise _Refusal(
+                503, "second_factor_unavailable", f"cannot check the TOTP code now: {exc}"
+            ) from None
+        if not accepted:
+            raise _Refusal(401, "second_factor_invalid", "the TOTP code is wrong or was used")
+
+    async def limit(self, rule: Rule, key: KeyRecord) -> Decision | None:
+        """Route cap, then the key's requests/minute and tokens/minute; None: no key limit."""
+        per_second = self.config.route_limits.get(rule.template)
+        if per_second:
+            d = await self._check(f"route:{rule.template}", max(1, int(per_second)), per_second)
+            if not d.allowed:
+                raise _Refusal(
+                    429, "rate_limited", f"{rule.template} is at its limit", _limit_headers(d)
+                )
+        limits = key.rate_limit or {}
+        decision = None
+        rpm = limits.get("requests_per_minute")
+        if rpm:
+            decision = await self._check(f"key:{key.id}:req", rpm, rpm / 60)
+            if not decision.allowed:
+                raise _Refusal(
+                    429,
+                    "rate_limited",
+                    f"key {key.id} is over its limit of {rpm} requests per minute",
+                    _limit_headers(decision),
+                )
+        tpm = limits.get("tokens_per_minute")
+        if tpm and rule.generates:
+            tokens = await self._check(f"key:{key.id}:tok", tpm, tpm / 60, cost=0)
+            if tokens.remaining <= 0:
+                raise _Refusal(
+                    429,
+                    "rate_limited",
+                    f"key {key.id} is over its limit of {tpm} tokens per minute",
+                    _limit_headers(tokens),
+                )
+        return decision
+
+    async def charge_tokens(self, key: KeyRecord, tokens: int) -> None:
+        tpm = (key.rate_limit or {}).get("tokens_per_minute")
+        if tpm and tokens > 0:
+            try:
+                await self._call("charge", f"key:{key.id}:tok", tpm, tpm / 60, tokens)
+            except LimiterUnavailable:
+                log.warning("could not charge %d tokens to key %s", tokens, key.id)
+
+    async def _check(self, bucket: str, capacity: int, refill: float, cost: float = 1) -> Decision:
+        try:
+            decision: Decision = await self._call("check", bucket, capacity, refill, cost)
+            return decision
+        except LimiterUnavailable as exc:
+            raise _Refusal(
+                503,
+                "rate_limiter_unavailable",
+                f"rate limiting is unavailable ({exc}); retry shortly",
+                {"Retry-After": "2"},
+            ) from None
+
+    async def _call(self, method: str, *args: Any) -> Any:
+        async_method = getattr(self.limiter, "a" + method, None)
+        if async_method is not None:
+            return await async_method(*args)
+        return getattr(self.limiter, method)(*args)
+
+
+def _limit_headers(d: Decision) -> dict[str, str]:
+    headers = {
+        "X-RateLimit-Limit": str(d.limit),
+        "X-RateLimit-Remaining": str(max(0, int(d.remaining))),
+        "X-RateLimit-Reset": str(max(0, round(d.reset_s))),
+    }
+    if not d.allowed or d.remaining <= 0:
+        headers["Retry-After"] = str(max(1, round(d.retry_after_s + 0.499)))
+    return headers
+
+
+class SecurityMiddleware:
+    """Pure ASGI: refuses early, audits always (see the module docstring)."""
+
+    def __init__(self, app: ASGIApp, guard: Guard) -> None:
+        self.app = app
+        self.guard = guard
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        rule = rule_for(scope["method"], scope["path"])
+        if rule.public:
+            await self.app(scope, receive, send)
+            return
+        state = scope.setdefault("state", {})
+        note: dict[str, Any] = {}
+        NOTES.set(note)
+        headers = dict(scope["headers"])
+        peer = scope["client"][0] if scope.get("client") else None
+        forwarded = headers.get(b"x-forwarded-for", b"").decode("latin-1") or None
+        ip = client_ip(peer, forwarded, self.guard.trusted)
+        counts = {"in": 0, "out": 0, "status": 500}
+        key: KeyRecord | None = None
+
+        async def counting_receive() -> Message:
+            message = await receive()
+            counts["in"] += len(message.get("body", b""))
+            return message
+
+        extra: list[tuple[bytes, bytes]] = []
+
+        async def counting_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                counts["status"] = message["status"]
+                if extra:
+                    message["headers"] = [*message.get("headers", []), *extra]
+            elif message["type"] == "http.response.body":
+                counts["out"] += len(message.get("body", b""))
+            await send(message)
+
+        try:
+            key = await self._admit(rule, headers, ip, note)
+            decision = await self.guard.limit(rule, key)
+            if decision is not None:
+                extra.extend(
+                    (k.lower().encode(), v.encode()) for k, v in _limit_headers(decision).items()
+                )
+            state["key"] = key
+            await self.app(scope, counting_receive, counting_send)
+        except _Refusal as refusal:
+            await _refuse(send, counting_send, state, refusal)
+        finally:
+            if key is not None and rule.generates:
+                await self.guard.charge_tokens(key, int(note.get("completion_tokens") or 0))
+            self.guard.audit.record(
+                AuditEntry(
+                    time=time.time(),
+                    request_id=state.get("request_id", ""),
+                    key_id=key.id if key else note.get("key_id"),
+                    client_ip=ip,
+                    method=scope["method"],
+                    route=rule.template,
+                    status=counts["status"],
+                    latency_ms=(time.perf_counter() - started) * 1000,
+                    model=note.get("model"),
+                    index=note.get("index"),
+                    prompt_tokens=note.get("prompt_tokens"),
+                    completion_tokens=note.get("completion_tokens"),
+                    bytes_in=counts["in"],
+                    bytes_out=counts["out"],
+                    detail=_detail(note, self.guard.config.record_text),
+                )
+            )
+
+    async def _admit(
+        self, rule: Rule, headers: dict[bytes, bytes], ip: str | None, note: dict[str, Any]
+    ) -> KeyRecord:
+        if not self.guard.allowlist.allows(ip):
+            raise _Refusal(403, "address_not_allowed", f"client address {ip} is not allowed")
+        try:
+            key = await self.guard.authenticate(headers)
+        except AuthError as exc:
+            note["detail"] = f"auth: {exc}"
+            note["key_id"] = getattr(exc, "key_id", None)
+            raise _Refusal(
+                401,
+                "unauthorized",
+                "missing or invalid API key (Authorization: Bearer dm_...)",
+                {"WWW-Authenticate": "Bearer"},
+            ) from None
+        if key.ip_allowlist and not Allowlist(key.ip_allowlist).allows(ip):
+            raise _Refusal(403, "address_not_allowed", f"key {key.id} may not be used from {ip}")
+        missing = [s for s in rule.scopes if not allows(key, s)]
+        if missing:
+            raise _Refusal(
+                403, "forbidden", f"key {key.id} lacks scope {', '.join(missing)} for this route"
+            )
+        if rule.sensitive:
+            await self.guard.second_factor(key, headers)
+        return key
+
+
+def _detail(note: dict[str, Any], record_text: bool) -> str | None:
+    """Operational detail always; request text only when a setting asks for it."""
+    parts = [note.get("detail"), note.get("text") if record_text else None]
+    return "; ".join(str(p) for p in parts if p) or None
+
+
+async def _refuse(send: Send, counting_send: Any, state: dict[str, Any], r: _Refusal) -> None:
+    import json
+
+    body = json.dumps(error_body(r.code, r.message, state.get("request_id", ""))).encode()
+    headers = [
+        *_JSON,
+        (b"content-length", str(len(body)).encode()),
+        *((k.lower().encode(), v.encode()) for k, v in (r.headers or {}).items()),
+    ]
+    await counting_send({"type": "http.response.start", "status": r.status, "headers": headers})
+    await counting_send({"type": "http.response.body", "body": body})

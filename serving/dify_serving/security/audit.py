@@ -1,0 +1,739 @@
+"""The audit trail: one row per gateway request, tamper-evident, written off the request path.
+
+Why it is built this way:
+
+* **Cheap on the request path.** `record()` only appends to an in-memory deque under a lock:
+  well under a microsecond on average and never a database call (like any Python call it can
+  still wait for the GIL while the writer hashes a batch). A writer thread turns the queue into
+  rows every `flush_interval_s` (1 s by default) or as soon as `max_batch` (500) entries wait,
+  one transaction per batch. **A crash loses at most the last flush interval: by default up to
+  1 second of requests** (while the database is unreachable: everything still queued, at most
+  `max_queue` entries). A full queue drops its oldest entries and counts them in `dropped`; a
+  failed write puts its batch back at the head of the queue and is retried with backoff.
+  Nothing raises into the caller.
+* **One hash chain, even with many writers.** Each row has a `seq` and `hash = sha256(canonical
+  row fields + seq + prev_hash)`; the first row links to `GENESIS`. Reading the chain head and
+  inserting the batch happen in one transaction under a database-wide lock
+  (`pg_advisory_xact_lock` on PostgreSQL, `BEGIN IMMEDIATE` on SQLite in WAL mode), so gateway
+  processes sharing a database extend a single chain. `seq` is assigned here, not by an
+  autoincrement, so a deleted row leaves a gap that `verify()` reports as "chain broken", and an
+  edited row no longer matches its hash ("hash mismatch"). The chain cannot reveal a truncated
+  tail or a wholesale rewrite by someone with write access; keep the newest `hash` elsewhere
+  (an export, a log line) to cover that.
+* **Retention without breaking the chain.** `purge()` deletes a *prefix* of the chain: the rows
+  before the first one still inside retention. A row's `time` is the request's, not its flush
+  time, so rows are only roughly time-ordered; deleting by time alone could punch a hole in
+  the middle, while a prefix never does and never removes anything newer than the cutoff. The
+  purge stores the last removed row's `(seq, hash)` as the anchor in `audit_anchor` and
+  appends an "audit.purge" row whose `detail` repeats that anchor, in the same transaction.
+  `verify()` starts from the anchor instead of `GENESIS` and trusts it only when a chained
+  purge row vouches for it, so rewriting `audit_anchor` to hide deleted rows is caught too.
+  A checkpoint was chosen over re-hashing the survivors: a purge stays one DELETE and hashes
+  already exported stay valid.
+* **No secrets, no content.** Entries carry request metadata only; `detail` is stored only
+  when the caller fills it (a setting decides). Text is NUL-free valid UTF-8 and short fields
+  are capped, so one odd value cannot wedge the queue (PostgreSQL refuses NULs and oversized
+  index keys); entries that cannot be stored at all (non-finite time, missing route) are
+  dropped and counted.
+* **Bounded reads.** Queries are keyset-paged by `seq` with an opaque cursor and a limit
+  clamped to 1..1000, and exports page internally, so any time range costs bounded memory.
+  Every filter value is a bound parameter. CSV cells a spreadsheet would evaluate as formulas
+  are prefixed with `'`; JSONL is the lossless format.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import math
+import re
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    ColumnElement,
+    Connection,
+    Double,
+    Engine,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    delete,
+    event,
+    exc,
+    func,
+    insert,
+    select,
+    text,
+)
+from sqlalchemy.engine import URL, make_url
+
+log = logging.getLogger(__name__)
+
+GENESIS = "0" * 64
+HASH_MISMATCH = "hash mismatch"
+CHAIN_BROKEN = "chain broken"
+ANCHOR_UNVOUCHED = "anchor not vouched for by a purge row"
+PURGE_ROUTE = "audit.purge"
+MIN_RETENTION_DAYS = 180
+MAX_QUERY_LIMIT = 1000
+EXPORT_PAGE_ROWS = 1000
+MAX_SHORT_TEXT = 512
+MAX_BACKOFF_S = 30.0
+_CHAIN_VERSION = "audit.v1"
+_WRITE_OPTION = "audit_write"
+_LOCK_KEY = int.from_bytes(
+    hashlib.sha256(b"dify_mirror.audit_log").digest()[:8], "big", signed=True
+)
+_CURSOR = re.compile(r"seq:(\d{1,18})")
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_ROW_ERRORS = (exc.DataError, exc.IntegrityError)
+
+
+@dataclass(slots=True)
+class AuditEntry:
+    """One gateway request, allowed or refused. Metadata only; `detail` only when enabled."""
+
+    time: float
+    request_id: str
+    key_id: str | None
+    client_ip: str | None
+    method: str
+    route: str
+    status: int
+    latency_ms: float
+    model: str | None = None
+    index: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    bytes_in: int | None = None
+    bytes_out: int | None = None
+    detail: str | None = None
+
+
+FIELDS = tuple(f.name for f in dataclasses.fields(AuditEntry))
+COLUMNS = ("seq", *FIELDS, "prev_hash", "hash")
+_REQUIRED_TEXT = ("request_id", "method", "route")
+_OPTIONAL_TEXT = ("key_id", "client_ip", "model", "index")
+_OPTIONAL_INT = ("prompt_tokens", "completion_tokens", "bytes_in", "bytes_out")
+_FLOATS = ("time", "latency_ms")
+
+
+@dataclass(slots=True, frozen=True)
+class VerifyReport:
+    """The outcome of walking the chain; `first_bad_seq` is the first row that fails."""
+
+    ok: bool
+    rows_checked: int
+    first_bad_seq: int | None = None
+    reason: str | None = None
+
+    def summary(self) -> str:
+        """One line for a CLI or a log."""
+        if self.ok:
+            return f"audit chain ok: {self.rows_checked} rows"
+        return f"audit chain BROKEN at seq {self.first_bad_seq}: {self.reason}"
+
+
+_METADATA = MetaData()
+_LOG = Table(
+    "audit_log",
+    _METADATA,
+    Column("seq", BigInteger, primary_key=True, autoincrement=False),
+    Column("time", Double, nullable=False),
+    Column("request_id", String, nullable=False),
+    Column("key_id", String),
+    Column("client_ip", String),
+    Column("method", String, nullable=False),
+    Column("route", String, nullable=False),
+    Column("status", Integer, nullable=False),
+    Column("latency_ms", Double, nullable=False),
+    Column("model", String),
+    Column("index", String),
+    Column("prompt_tokens", BigInteger),
+    Column("completion_tokens", BigInteger),
+    Column("bytes_in", BigInteger),
+    Column("bytes_out", BigInteger),
+    Column("detail", Text),
+    Column("prev_hash", String(64), nullable=False),
+    Column("hash", String(64), nullable=False),
+)
+Index("ix_audit_log_time", _LOG.c.time)
+Index("ix_audit_log_key_id_time", _LOG.c.key_id, _LOG.c.time)
+Index("ix_audit_log_route_time", _LOG.c.route, _LOG.c.time)
+Index("ix_audit_log_status", _LOG.c.status)
+Index("ix_audit_log_client_ip", _LOG.c.client_ip)
+_ANCHOR = Table(
+    "audit_anchor",
+    _METADATA,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("seq", BigInteger, nullable=False),
+    Column("hash", String(64), nullable=False),
+)
+
+
+class AuditLog:
+    """The audit trail on SQLite (a file) or PostgreSQL (shared by many gateway processes)."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        flush_interval_s: float = 1.0,
+        max_batch: int = 500,
+        retention_days: int = 180,
+        allow_short_retention: bool = False,
+        max_queue: int = 100_000,
+    ) -> None:
+        _check_settings(flush_interval_s, max_batch, max_queue)
+        self.retention_days = _checked_retention(retention_days, allow_short_retention)
+        self._engine = _engine_for(url)
+        self._write_engine = self._engine.execution_options(**{_WRITE_OPTION: True})
+        self._interval = flush_interval_s
+        self._max_batch = max_batch
+        self._max_queue = max_queue
+        self._queue: deque[AuditEntry] = deque(maxlen=max_queue)
+        self._lock = threading.Lock()
+        self._flush_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._in_flight = 0
+        self._dropped = 0
+        self._closed = False
+        self._schema_ready = False
+        self._outage = False
+        self._writer = threading.Thread(target=self._run, name="audit-writer", daemon=True)
+        self._writer.start()
+
+    @classmethod
+    def from_settings_like(cls, database_url: str | None, home: Path, **kw: Any) -> AuditLog:
+        """Open the shared database when one is configured, else `home/audit.db`."""
+        return cls(database_url or f"sqlite:///{Path(home) / 'audit.db'}", **kw)
+
+    @property
+    def dropped(self) -> int:
+        """Entries lost: evicted from a full queue, unstorable, or recorded after close."""
+        return self._dropped
+
+    @property
+    def pending(self) -> int:
+        """Entries recorded but not yet written (queued or being written)."""
+        return len(self._queue) + self._in_flight
+
+    def record(self, entry: AuditEntry) -> None:
+        """Queue one entry; never blocks on the database and never raises."""
+        with self._lock:
+            if self._closed or len(self._queue) == self._max_queue:
+                self._dropped += 1
+                if self._closed:
+                    return
+            self._queue.append(entry)
+            waiting = len(self._queue)
+        if waiting >= self._max_batch and not self._wake.is_set():
+            self._wake.set()
+
+    def flush(self) -> int:
+        """Write what is queued now; returns rows written (entries stay queued on failure)."""
+        return self._drain()[0]
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Flush and stop the writer, waiting at most `timeout_s` for it."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._stop.set()
+        self._wake.set()
+        self._writer.join(timeout_s)
+        if self._writer.is_alive():
+            log.warning(
+                "audit writer busy after %.1fs; %d entries may be lost", timeout_s, self.pending
+            )
+            return
+        if self.pending:
+            log.warning("audit log closed with %d entries unwritten", self.pending)
+        self._engine.dispose()
+
+    def verify(self) -> VerifyReport:
+        """Walk the chain from the anchor (or genesis) and report the first bad row."""
+        self._ensure_schema()
+        with self._snapshot() as conn:
+            anchor = conn.execute(select(_ANCHOR.c.seq, _ANCHOR.c.hash)).first()
+            return _walk(_pages(conn, [], 0, EXPORT_PAGE_ROWS), anchor)
+
+    def purge(self, now: float | None = None) -> int:
+        """Remove rows older than retention (a chain prefix), record it; returns rows removed."""
+        started = time.perf_counter()
+        now = time.time() if now is None else now
+        cutoff = now - self.retention_days * 86_400
+        self._ensure_schema()
+        with self._write_transaction() as conn:
+            removed = _remove_prefix(conn, cutoff)
+            anchor = conn.execute(select(_ANCHOR.c.seq, _ANCHOR.c.hash)).first()
+            latency_ms = (time.perf_counter() - started) * 1000
+            entry = _purge_entry(now, removed, cutoff, anchor, latency_ms)
+            _append(conn, [_storable(entry)])
+        log.info("audit purge removed %d rows older than %.0f", removed, cutoff)
+        return removed
+
+    def query(
+        self,
+        since: float | None = None,
+        until: float | None = None,
+        key_id: str | None = None,
+        route: str | None = None,
+        status: int | None = None,
+        client_ip: str | None = None,
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """One page of rows in chain order (`since` inclusive, `until` exclusive)."""
+        conditions = _filters(since, until, key_id, route, status, client_ip)
+        after = 0 if cursor is None else decode_cursor(cursor)
+        size = max(1, min(int(limit), MAX_QUERY_LIMIT))
+        self._ensure_schema()
+        with self._engine.connect() as conn:
+            rows = _page(conn, conditions, after, size + 1)
+        if len(rows) <= size:
+            return rows, None
+        return rows[:size], encode_cursor(rows[size - 1]["seq"])
+
+    def export(
+        self,
+        fmt: Literal["jsonl", "csv"],
+        since: float | None = None,
+        until: float | None = None,
+        key_id: str | None = None,
+        route: str | None = None,
+        status: int | None = None,
+        client_ip: str | None = None,
+    ) -> Iterator[str]:
+        """Stream matching rows as newline-terminated JSONL or CSV lines, page by page."""
+        if fmt not in ("jsonl", "csv"):
+            raise ValueError(f"export format must be 'jsonl' or 'csv', not {fmt!r}")
+        rows = self._scan(_filters(since, until, key_id, route, status, client_ip))
+        return _jsonl_lines(rows) if fmt == "jsonl" else _csv_lines(rows)
+
+    def _scan(self, conditions: list[ColumnElement[bool]]) -> Iterator[dict[str, Any]]:
+        self._ensure_schema()
+        after = 0
+        while True:
+            with self._engine.connect() as conn:
+                rows = _page(conn, conditions, after, EXPORT_PAGE_ROWS)
+            yield from rows
+            if len(rows) < EXPORT_PAGE_ROWS:
+                return
+            after = rows[-1]["seq"]
+
+    def _run(self) -> None:
+        self._try_schema()
+        delay = self._interval
+        while not self._stop.is_set():
+            if delay > self._interval:
+                self._stop.wait(delay)
+            else:
+                self._wake.wait(delay)
+            self._wake.clear()
+            if self._stop.is_set():
+                break
+            ok = self._drain()[1]
+            delay = self._interval if ok else min(max(delay, self._interval) * 2, MAX_BACKOFF_S)
+        self._drain()
+
+    def _try_schema(self) -> None:
+        try:
+            self._ensure_schema()
+        except Exception as err:
+            self._note_outage(err)
+
+    def _drain(self) -> tuple[int, bool]:
+        with self._flush_lock:
+            written = 0
+            for _ in range(-(-self.pending // self._max_batch)):
+                try:
+                    written += self._write_batch()
+                except Exception as err:
+                    self._note_outage(err)
+                    return written, False
+                self._note_recovery()
+            return written, True
+
+    def _write_batch(self) -> int:
+        batch = self._take(self._max_batch)
+        kept, rows = self._convert(batch)
+        try:
+            if rows:
+                self._ensure_schema()
+                with self._write_transaction() as conn:
+                    _append(conn, rows)
+        except _ROW_ERRORS:
+            log.exception("audit batch of %d rows refused by the database; dropped", len(rows))
+            self._forget(len(rows))
+            return 0
+        except Exception:
+            self._requeue(kept)
+            raise
+        self._forget(0)
+        return len(rows)
+
+    def _take(self, n: int) -> list[AuditEntry]:
+        with self._lock:
+            batch = [self._queue.popleft() for _ in range(min(n, len(self._queue)))]
+            self._in_flight = len(batch)
+        return batch
+
+    def _requeue(self, entries: list[AuditEntry]) -> None:
+        with self._lock:
+            room = self._max_queue - len(self._queue)
+            keep = entries[max(0, len(entries) - room) :]
+            self._dropped += len(entries) - len(keep)
+            self._queue.extendleft(reversed(keep))
+            self._in_flight = 0
+
+    def _forget(self, lost: int) -> None:
+        with self._lock:
+            self._dropped += lost
+            self._in_flight = 0
+
+    def _convert(self, batch: list[AuditEntry]) -> tuple[list[AuditEntry], list[dict[str, Any]]]:
+        kept: list[AuditEntry] = []
+        rows: list[dict[str, Any]] = []
+        for entry in batch:
+            try:
+                rows.append(_storable(entry))
+            except (TypeError, ValueError, OverflowError) as err:
+                log.warning("audit entry %r not storable (%s); dropped", entry.request_id, err)
+                continue
+            kept.append(entry)
+        with self._lock:
+            self._dropped += len(batch) - len(kept)
+            self._in_flight = len(kept)
+        return kept, rows
+
+    def _note_outage(self, err: Exception) -> None:
+        if not self._outage:
+            log.warning("audit database unavailable, %d entries queued: %s", self.pending, err)
+        self._outage = True
+
+    def _note_recovery(self) -> None:
+        if self._outage:
+            log.info("audit database reachable again")
+        self._outage = False
+
+    def _ensure_schema(self) -> None:
+        if self._schema_ready:
+            return
+        with self._write_transaction() as conn:
+            _METADATA.create_all(conn)
+        self._schema_ready = True
+
+    @contextmanager
+    def _write_transaction(self) -> Iterator[Connection]:
+        """A transaction that holds the chain lock: no other writer can read or move the head."""
+        with self._write_engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _LOCK_KEY})
+            yield conn
+
+    @contextmanager
+    def _snapshot(self) -> Iterator[Connection]:
+        """A read transaction with one consistent view across pages."""
+        with self._engine.connect() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.execution_options(isolation_level="REPEATABLE READ")
+            with conn.begin():
+                yield conn
+
+
+def encode_cursor(seq: int) -> str:
+    """The opaque cursor that resumes a query after row `seq`."""
+    return base64.urlsafe_b64encode(f"seq:{seq}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> int:
+    """The `seq` inside a cursor from `encode_cursor`; ValueError for anything else."""
+    problem = f"malformed audit cursor {cursor[:40]!r}: pass back a next_cursor from query()"
+    if not isinstance(cursor, str) or not 0 < len(cursor) <= 40:
+        raise ValueError(problem)
+    try:
+        raw = base64.b64decode(cursor + "=" * (-len(cursor) % 4), altchars=b"-_", validate=True)
+        match = _CURSOR.fullmatch(raw.decode("ascii"))
+    except (binascii.Error, UnicodeDecodeError):
+        match = None
+    if match is None:
+        raise ValueError(problem)
+    return int(match.group(1))
+
+
+def _check_settings(flush_interval_s: float, max_batch: int, max_queue: int) -> None:
+    if not flush_interval_s > 0:
+        raise ValueError("flush_interval_s must be positive")
+    if max_batch < 1 or max_queue < 1:
+        raise ValueError("max_batch and max_queue must be at least 1")
+
+
+def _checked_retention(days: int, allow_short: bool) -> int:
+    if days < 1:
+        raise ValueError("retention_days must be at least 1")
+    if days < MIN_RETENTION_DAYS and not allow_short:
+        raise ValueError(
+            f"retention_days={days} is below the {MIN_RETENTION_DAYS}-day minimum; "
+            "pass allow_short_retention=True to accept that"
+        )
+    return days
+
+
+def _engine_for(url: str) -> Engine:
+    parsed = make_url(url)
+    if parsed.drivername == "postgresql":
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        return _sqlite_engine(parsed)
+    if backend == "postgresql":
+        return create_engine(parsed, pool_pre_ping=True, connect_args={"connect_timeout": 5})
+    raise ValueError(f"audit log needs a sqlite:/// or postgresql:// URL, not {backend!r}")
+
+
+def _sqlite_engine(url: URL) -> Engine:
+    if not url.database or url.database == ":memory:" or url.database.startswith("file:"):
+        raise ValueError("the SQLite audit log needs a file path: sqlite:///path/to/audit.db")
+    Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url, connect_args={"timeout": 30})
+    event.listen(engine, "connect", _sqlite_connect)
+    event.listen(engine, "begin", _sqlite_begin)
+    return engine
+
+
+def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.close()
+
+
+def _sqlite_begin(conn: Connection) -> None:
+    immediate = conn.get_execution_options().get(_WRITE_OPTION)
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+def _storable(entry: AuditEntry) -> dict[str, Any]:
+    """The entry as column values: typed, finite, NUL-free, short fields capped."""
+    row: dict[str, Any] = {name: _finite(getattr(entry, name)) for name in _FLOATS}
+    for name in _REQUIRED_TEXT:
+        value = getattr(entry, name)
+        if value is None or value == "":
+            raise ValueError(f"{name} is required")
+        row[name] = _clean(value, MAX_SHORT_TEXT)
+    for name in _OPTIONAL_TEXT:
+        row[name] = _maybe_text(getattr(entry, name), MAX_SHORT_TEXT)
+    for name in _OPTIONAL_INT:
+        row[name] = _maybe_int(getattr(entry, name))
+    row["status"] = _int64(entry.status)
+    row["detail"] = _maybe_text(entry.detail, None)
+    return row
+
+
+def _finite(value: Any) -> float:
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"{number} is not a finite number")
+    return number
+
+
+def _int64(value: Any) -> int:
+    number = int(value)
+    if not -(2**63) <= number < 2**63:
+        raise ValueError(f"{number} does not fit in 64 bits")
+    return number
+
+
+def _maybe_int(value: Any) -> int | None:
+    return None if value is None else _int64(value)
+
+
+def _maybe_text(value: Any, cap: int | None) -> str | None:
+    return None if value is None else _clean(value, cap)
+
+
+def _clean(value: Any, cap: int | None) -> str:
+    valid = str(value).encode("utf-8", "replace").decode("utf-8").replace("\x00", "\ufffd")
+    return valid if cap is None else valid[:cap]
+
+
+def _digest(row: Mapping[str, Any]) -> str:
+    """sha256 over a canonical JSON array: version, seq, every field in order, prev_hash."""
+    fields = [float(row[name]) if name in _FLOATS else row[name] for name in FIELDS]
+    payload = [_CHAIN_VERSION, row["seq"], *fields, row["prev_hash"]]
+    encoded = json.dumps(payload, ensure_ascii=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(encoded.encode()).hexdigest()
+
+
+def _append(conn: Connection, rows: list[dict[str, Any]]) -> None:
+    """Chain `rows` after the current head and insert them; the caller holds the chain lock."""
+    seq, prev_hash = _chain_head(conn)
+    chained = []
+    for row in rows:
+        seq += 1
+        linked = {"seq": seq, **row, "prev_hash": prev_hash}
+        linked["hash"] = prev_hash = _digest(linked)
+        chained.append(linked)
+    conn.execute(insert(_LOG), chained)
+
+
+def _chain_head(conn: Connection) -> tuple[int, str]:
+    last = conn.execute(select(_LOG.c.seq, _LOG.c.hash).order_by(_LOG.c.seq.desc()).limit(1))
+    head = last.first() or conn.execute(select(_ANCHOR.c.seq, _ANCHOR.c.hash)).first()
+    return (int(head.seq), str(head.hash)) if head else (0, GENESIS)
+
+
+def _remove_prefix(conn: Connection, cutoff: float) -> int:
+    """Delete rows before the first row at or after `cutoff`; anchor the chain at the last one."""
+    first_kept = conn.scalar(select(func.min(_LOG.c.seq)).where(_LOG.c.time >= cutoff))
+    candidates = select(_LOG.c.seq, _LOG.c.hash).order_by(_LOG.c.seq.desc()).limit(1)
+    if first_kept is not None:
+        candidates = candidates.where(_LOG.c.seq < first_kept)
+    last_removed = conn.execute(candidates).first()
+    if last_removed is None:
+        return 0
+    removed = conn.execute(delete(_LOG).where(_LOG.c.seq <= last_removed.seq)).rowcount
+    conn.execute(delete(_ANCHOR))
+    conn.execute(insert(_ANCHOR), {"id": 1, "seq": last_removed.seq, "hash": last_removed.hash})
+    return int(removed)
+
+
+def _purge_entry(
+    now: float, removed: int, cutoff: float, anchor: Any, latency_ms: float
+) -> AuditEntry:
+    detail = {
+        "removed": removed,
+        "cutoff": cutoff,
+        "anchor_seq": anchor.seq if anchor else None,
+        "anchor_hash": anchor.hash if anchor else None,
+    }
+    return AuditEntry(
+        time=now,
+        request_id=f"purge-{uuid.uuid4().hex}",
+        key_id=None,
+        client_ip=None,
+        method="PURGE",
+        route=PURGE_ROUTE,
+        status=200,
+        latency_ms=latency_ms,
+        detail=json.dumps(detail, sort_keys=True),
+    )
+
+
+def _walk(rows: Iterable[dict[str, Any]], anchor: Any) -> VerifyReport:
+    expected_seq, prev_hash = (anchor.seq + 1, anchor.hash) if anchor else (1, GENESIS)
+    vouched = anchor is None
+    checked = 0
+    for row in rows:
+        problem = _link_problem(row, expected_seq, prev_hash)
+        if problem:
+            return VerifyReport(False, checked, row["seq"], problem)
+        checked += 1
+        expected_seq, prev_hash = row["seq"] + 1, row["hash"]
+        vouched = vouched or _vouches_for(row, anchor)
+    if not vouched:
+        return VerifyReport(False, checked, anchor.seq, ANCHOR_UNVOUCHED)
+    return VerifyReport(True, checked)
+
+
+def _link_problem(row: Mapping[str, Any], expected_seq: int, prev_hash: str) -> str | None:
+    if row["seq"] != expected_seq or row["prev_hash"] != prev_hash:
+        return CHAIN_BROKEN
+    if _digest(row) != row["hash"]:
+        return HASH_MISMATCH
+    return None
+
+
+def _vouches_for(row: Mapping[str, Any], anchor: Any) -> bool:
+    if row["route"] != PURGE_ROUTE or not row["detail"]:
+        return False
+    try:
+        detail = json.loads(row["detail"])
+    except ValueError:
+        return False
+    return bool(detail.get("anchor_seq") == anchor.seq and detail.get("anchor_hash") == anchor.hash)
+
+
+def _filters(
+    since: float | None,
+    until: float | None,
+    key_id: str | None,
+    route: str | None,
+    status: int | None,
+    client_ip: str | None,
+) -> list[ColumnElement[bool]]:
+    conditions: list[ColumnElement[bool]] = []
+    if since is not None:
+        conditions.append(_LOG.c.time >= float(since))
+    if until is not None:
+        conditions.append(_LOG.c.time < float(until))
+    equal = {"key_id": key_id, "route": route, "client_ip": client_ip}
+    conditions += [_LOG.c[name] == value for name, value in equal.items() if value is not None]
+    if status is not None:
+        conditions.append(_LOG.c.status == int(status))
+    return conditions
+
+
+def _page(
+    conn: Connection, conditions: list[ColumnElement[bool]], after: int, size: int
+) -> list[dict[str, Any]]:
+    statement = select(_LOG).where(*conditions, _LOG.c.seq > after)
+    result = conn.execute(statement.order_by(_LOG.c.seq).limit(size))
+    return [dict(row) for row in result.mappings()]
+
+
+def _pages(
+    conn: Connection, conditions: list[ColumnElement[bool]], after: int, size: int
+) -> Iterator[dict[str, Any]]:
+    while True:
+        rows = _page(conn, conditions, after, size)
+        yield from rows
+        if len(rows) < size:
+            return
+        after = rows[-1]["seq"]
+
+
+def _jsonl_lines(rows: Iterable[dict[str, Any]]) -> Iterator[str]:
+    for row in rows:
+        yield json.dumps(row, ensure_ascii=False, separators=(",", ":")) + "\n"
+
+
+def _csv_lines(rows: Iterable[dict[str, Any]]) -> Iterator[str]:
+    yield _csv_line(COLUMNS)
+    for row in rows:
+        yield _csv_line([_spreadsheet_safe(row[name]) for name in COLUMNS])
+
+
+def _csv_line(values: Iterable[Any]) -> str:
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerow(values)
+    return buffer.getvalue()
+
+
+def _spreadsheet_safe(value: Any) -> Any:
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value

@@ -1,0 +1,101 @@
+"""The guard in-process: proxies, allowlists, route caps, shared Redis limits, TOTP policy."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import API_KEY
+from fastapi.testclient import TestClient
+
+from dify_serving.gateway.app import create_app
+from dify_serving.gateway.state import GatewayState
+from dify_serving.render import GatewayOptions, SecurityOptions
+
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
+def gateway(home: Path, peer: str = "127.0.0.1", **security: Any) -> TestClient:
+    options = GatewayOptions(home=str(home), security=SecurityOptions(**security))
+    app = create_app(GatewayState(options))
+    return TestClient(app, client=(peer, 40000), raise_server_exceptions=False)
+
+
+@pytest.fixture()
+def home(tmp_path: Path) -> Iterator[Path]:
+    yield tmp_path
+
+
+def test_forwarded_for_is_believed_only_from_a_trusted_proxy(home: Path) -> None:
+    allow = {"ip_allowlist": ["198.51.100.0/24"], "trusted_proxies": ["10.0.0.0/8"]}
+    via_proxy = gateway(home, "10.0.0.7", **allow)
+    headers = {**AUTH, "X-Forwarded-For": "198.51.100.9, 10.0.0.8"}
+    assert via_proxy.get("/v1/models", headers=headers).status_code == 200
+    direct = gateway(home, "203.0.113.5", **allow)
+    r = direct.get("/v1/models", headers=headers)  # a spoofed header changes nothing
+    assert r.status_code == 403 and "203.0.113.5" in r.json()["error"]["message"]
+
+
+def test_route_caps_apply_to_all_keys_together(home: Path) -> None:
+    client = gateway(home, route_limits={"/v1/models": 3})
+    statuses = [client.get("/v1/models", headers=AUTH).status_code for _ in range(5)]
+    assert statuses[:3] == [200, 200, 200] and statuses[3:] == [429, 429]
+    assert client.get("/v1/models/status", headers=AUTH).status_code != 429
+
+
+def test_admin_keys_without_a_second_factor_can_be_refused(home: Path) -> None:
+    client = gateway(home, require_totp_for_admin=True)
+    r = client.get("/v1/admin/keys", headers=AUTH)
+    assert r.status_code == 403 and "second factor" in r.json()["error"]["message"]
+    assert client.get("/v1/models", headers=AUTH).status_code == 200
+
+
+def test_replicas_share_one_limit_through_redis(home: Path) -> None:
+    prefix_db = f"redis://127.0.0.1:6379/0?client_name=t{uuid.uuid4().hex[:6]}"
+    first = gateway(home, redis_url=prefix_db)
+    created = first.post(
+        "/v1/admin/keys",
+        json={"name": "r", "scopes": ["inference"], "rate_limit": {"requests_per_minute": 4}},
+        headers=AUTH,
+    ).json()
+    second = gateway(home, redis_url=prefix_db)
+    key = {"Authorization": f"Bearer {created['key']}"}
+    statuses = [c.get("/v1/models", headers=key).status_code for c in (first, second) * 3]
+    assert statuses.count(200) == 4 and statuses.count(429) == 2
+
+
+@pytest.mark.parametrize(("fail_open", "status"), [(False, 503), (True, 200)])
+def test_redis_down_is_503_unless_fail_open(home: Path, fail_open: bool, status: int) -> None:
+    healthy = gateway(home)
+    created = healthy.post(
+        "/v1/admin/keys",
+        json={"name": "r", "scopes": ["inference"], "rate_limit": {"requests_per_minute": 9}},
+        headers=AUTH,
+    ).json()
+    client = gateway(home, redis_url="redis://127.0.0.1:1/0", fail_open=fail_open)
+    r = client.get("/v1/models", headers={"Authorization": f"Bearer {created['key']}"})
+    assert r.status_code == status, r.text
+
+
+def test_security_can_be_switched_off(home: Path) -> None:
+    client = gateway(home, enabled=False)
+    assert client.get("/v1/models").status_code == 200
+    assert client.get("/v1/admin/keys").status_code == 404
+
+
+def test_bootstrap_key_file_is_private_when_generated(home: Path, monkeypatch: Any) -> None:
+    monkeypatch.delenv("DIFY_MIRROR_BOOTSTRAP_KEY")
+    gateway(home)
+    path = home / "bootstrap.key"
+    assert path.stat().st_mode & 0o777 == 0o600
+    key = path.read_text().strip()
+    client = gateway(home)  # a restart keeps the same first key, and makes no other
+    assert (
+        client.get("/v1/admin/keys", headers={"Authorization": f"Bearer {key}"}).json()["data"][0][
+            "name"
+        ]
+        == "bootstrap"
+    )
