@@ -24,20 +24,30 @@ class Result:
     bodies: list[bytes] = field(default_factory=list)
 
 
+#: Sent with every request (the stack's bootstrap admin key, when auth is on).
+HEADERS: dict[str, str] = {}
+
+
 class Connection:
     def __init__(self, host: str, port: int) -> None:
         self.host, self.port = host, port
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
+        self.extra = "".join(f"{k}: {v}\r\n" for k, v in HEADERS.items())
 
-    async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
+    async def post(self, path: str, body: bytes | None) -> tuple[int, bytes]:
+        """POST `body` (JSON), or GET when `body` is None."""
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
         assert self.reader is not None
-        head = (
-            f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n"
-        ).encode()
+        if body is None:
+            head = f"GET {path} HTTP/1.1\r\nHost: {self.host}\r\n{self.extra}\r\n".encode()
+            body = b""
+        else:
+            head = (
+                f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\n{self.extra}"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+            ).encode()
         self.writer.write(head + body)
         status_line = await self.reader.readline()
         status = int(status_line.split()[1])
@@ -72,7 +82,7 @@ class Connection:
 async def run(
     base: str,
     path: str,
-    make_body: Callable[[int], dict[str, Any]],
+    make_body: Callable[[int], dict[str, Any] | None],
     total: int,
     concurrency: int,
     keep_bodies: bool = False,
@@ -86,7 +96,8 @@ async def run(
 
     async def worker(conn: Connection) -> None:
         for i in counter:
-            payload = json.dumps(make_body(i)).encode()
+            made = make_body(i)
+            payload = None if made is None else json.dumps(made).encode()
             t0 = time.perf_counter()
             status, body = await conn.post(path, payload)
             result.latencies.append(time.perf_counter() - t0)

@@ -2,9 +2,11 @@
 
 Prerequisites (the packaging issue's `make e2e` sets them up): the CRDs applied, a Ray
 cluster with the dashboard reachable by the operator, `python -m dify_operator` (or the
-chart) running, and the gateway reachable at DIFY_MIRROR_E2E_GATEWAY.
+chart) running, the gateway reachable at DIFY_MIRROR_E2E_GATEWAY, and an API key with the
+inference scope in DIFY_MIRROR_E2E_KEY.
 
-    DIFY_MIRROR_E2E=1 DIFY_MIRROR_E2E_GATEWAY=http://127.0.0.1:8000 pytest e2e -m e2e
+    DIFY_MIRROR_E2E=1 DIFY_MIRROR_E2E_GATEWAY=http://127.0.0.1:8000 DIFY_MIRROR_E2E_KEY=dm_... \
+        pytest e2e -m e2e
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ def test_model_lifecycle_on_a_cluster() -> None:
             f"{gateway}/v1/inference",
             timeout=60,
             json={"model": "e2e-demo", "prompt": "hi", "max_tokens": 4},
+            # the key the cluster's gateway was bootstrapped with
+            headers={"Authorization": f"Bearer {os.environ['DIFY_MIRROR_E2E_KEY']}"},
         )
         assert r.status_code == 200, r.text
     finally:

@@ -316,11 +316,11 @@ def test_changing_to_a_model_of_another_dimension_is_409(
 ) -> None:
     from conftest import model_doc
 
-    from dify_serving.manifests import parse_documents
+    from dify_serving.manifests import DesiredState, parse_documents
 
     assert upsert(client, "notes", [{"id": "n", "text": "Some note."}]).status_code == 200
     state, _ = stack.store.load()
-    original = parse_documents(state.documents())
+    original = DesiredState(dict(state.models), dict(state.indexes))
     extra = parse_documents(
         [
             model_doc("tiny-embed", str(tiny_dir / "clf"), "feature-extraction"),
@@ -346,3 +346,4 @@ def test_changing_to_a_model_of_another_dimension_is_409(
     finally:
         stack.apply(original)
     _wait(lambda: search(client, "notes", query="note").status_code == 200)
+    stack.wait(300)

@@ -18,15 +18,23 @@ from dify_serving.render import GatewayOptions, SecurityOptions
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
+_APPS: list[Any] = []
+
+
 def gateway(home: Path, peer: str = "127.0.0.1", **security: Any) -> TestClient:
     options = GatewayOptions(home=str(home), security=SecurityOptions(**security))
     app = create_app(GatewayState(options))
+    _APPS.append(app)
     return TestClient(app, client=(peer, 40000), raise_server_exceptions=False)
 
 
 @pytest.fixture()
 def home(tmp_path: Path) -> Iterator[Path]:
     yield tmp_path
+    while _APPS:  # each guard has an audit writer process
+        guard = getattr(_APPS.pop().state, "guard", None)
+        if guard is not None:
+            guard.close()
 
 
 def test_forwarded_for_is_believed_only_from_a_trusted_proxy(home: Path) -> None:
@@ -99,3 +107,105 @@ def test_bootstrap_key_file_is_private_when_generated(home: Path, monkeypatch: A
         ]
         == "bootstrap"
     )
+
+
+def test_the_gateway_serves_https_with_a_certificate(home: Path) -> None:
+    import asyncio
+    import datetime
+
+    import httpx
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    from dify_serving.gateway.app import serve_directly
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    certfile, keyfile = home / "tls.crt", home / "tls.key"
+    certfile.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    keyfile.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    options = GatewayOptions(home=str(home))
+    app = create_app(GatewayState(options))
+    port = __import__("conftest").free_port()
+
+    async def scenario() -> tuple[int, int]:
+        server = await serve_directly(app, "127.0.0.1", port, tls=(str(certfile), str(keyfile)))
+        try:
+            for _ in range(100):
+                if server.started:
+                    break
+                await asyncio.sleep(0.05)
+            async with httpx.AsyncClient(verify=str(certfile)) as http:
+                secure = await http.get(f"https://localhost:{port}/v1/models", headers=AUTH)
+                try:
+                    await http.get(f"http://localhost:{port}/v1/models", headers=AUTH)
+                    plain = 200
+                except httpx.HTTPError:
+                    plain = 0
+            return secure.status_code, plain
+        finally:
+            server.should_exit = True
+            await asyncio.sleep(0.3)
+            app.state.guard.close()
+
+    secure, plain = asyncio.run(scenario())
+    assert secure == 200
+    assert plain != 200  # plain HTTP on the TLS port gets nowhere
+
+
+def test_cli_manages_keys_and_audits_itself(tmp_path: Path) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "DIFY_MIRROR_HOME": str(tmp_path)}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "dify_serving.cli", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    created = cli("keys", "create", "--name", "ci", "--scopes", "inference", "--rpm", "60")
+    assert created.returncode == 0, created.stderr
+    key = json.loads(created.stdout)
+    assert key["key"].startswith(f"dm_{key['id']}_")
+    assert cli("keys", "create", "--name", "x", "--scopes", "inference", "--ip", "1.2.3/99")
+    listed = cli("keys", "list").stdout
+    assert key["id"] in listed and key["key"].split("_", 2)[2] not in listed
+    assert cli("keys", "revoke", key["id"]).returncode == 0
+    assert cli("keys", "revoke", "nosuchkey000").returncode == 1
+    assert "revoked" in cli("keys", "list").stdout
+    verify = cli("audit", "verify")
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+
+    from dify_serving.security.audit import AuditLog
+
+    audit = AuditLog.from_settings_like(None, tmp_path)
+    routes = [row["route"] for row in audit.query(limit=100)[0]]
+    audit.close()
+    assert routes.count("cli keys create") == 1 and routes.count("cli keys revoke") == 2

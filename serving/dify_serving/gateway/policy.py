@@ -71,11 +71,15 @@ RULES = [
 ]
 
 _PUBLIC_OTHER = Rule("(public)", public=True)
+_EXACT = {(m, r.template): r for m, _, r in reversed(RULES) if "{" not in r.template}
 
 
 def rule_for(method: str, path: str) -> Rule:
     """The rule of a request; unknown `/v1` routes need a key, anything else is public."""
     head = "GET" if method == "HEAD" else method
+    exact = _EXACT.get((head, path))
+    if exact is not None:
+        return exact
     for rule_method, pattern, rule in RULES:
         if rule_method == head and pattern.match(path):
             return rule

@@ -5,7 +5,8 @@ and every request, allowed or refused, leaves one audit row. The order is the or
 cheapness and of what a client may learn: address (403) → key (401, one message for
 every reason, the reason only in the audit row) → the key's own allowlist (403) → scope
 (403 naming it) → second factor for sensitive routes (401/403) → route and key rate
-limits (429 with Retry-After and X-RateLimit-*). The data plane notes the model, index
+limits (429 with Retry-After and X-RateLimit-*; a request under its limits carries no
+extra headers, which keeps the common path lean). The data plane notes the model, index
 and token counts (`gateway/notes.py`); the row is written when the response ends, so a
 stream's tokens are counted. Generated tokens are charged to the key's tokens/minute
 bucket afterwards (a request may overdraw it; the next ones wait).
@@ -16,6 +17,7 @@ cache, the in-process limiter is a dict, and the audit log batches its writes.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from pathlib import Path
@@ -27,7 +29,8 @@ from dify_serving.gateway.errors import error_body
 from dify_serving.gateway.notes import NOTES
 from dify_serving.gateway.policy import Rule, rule_for
 from dify_serving.render import SecurityOptions
-from dify_serving.security.audit import AuditEntry, AuditLog
+from dify_serving.security.audit import AuditEntry
+from dify_serving.security.audit_ship import AuditShipper
 from dify_serving.security.keys import AuthError, KeyRecord, KeyStore, allows, sqlite_url
 from dify_serving.security.network import Allowlist, client_ip, parse_cidrs
 from dify_serving.security.ratelimit import (
@@ -42,6 +45,9 @@ from dify_serving.security.totp import OtpGuard, OtpUnavailable
 log = logging.getLogger("dify_serving.security")
 
 _JSON = [(b"content-type", b"application/json")]
+#: How often a replica purges audit rows past retention (the purge records itself).
+PURGE_EVERY_S = 24 * 3600
+_WANTED = frozenset((b"authorization", b"x-forwarded-for", b"x-dify-otp", b"content-length"))
 
 
 class _Refusal(Exception):
@@ -61,9 +67,8 @@ class Guard:
         keys_url = config.database_url or sqlite_url(home / "keys.db")
         self.keys = KeyStore(keys_url, pepper)
         self.keys.ensure_bootstrap(bootstrap_key(), home / "bootstrap.key")
-        self.audit = AuditLog.from_settings_like(
-            config.database_url,
-            home,
+        self.audit = AuditShipper(
+            config.database_url or f"sqlite:///{home.resolve() / 'audit.db'}",
             retention_days=config.retention_days,
             allow_short_retention=config.allow_short_retention,
         )
@@ -72,12 +77,31 @@ class Guard:
             if config.redis_url
             else MemoryLimiter()
         )
+        self._in_process = isinstance(self.limiter, MemoryLimiter)
+        self._purger: asyncio.Task[None] | None = None
         self.otp = OtpGuard(redis_url=config.redis_url) if config.redis_url else OtpGuard()
         self.trusted = parse_cidrs(config.trusted_proxies)
         self.allowlist = Allowlist(config.ip_allowlist)
 
     def close(self) -> None:
+        if self._purger is not None:
+            self._purger.cancel()
         self.audit.close()
+
+    def start_purging(self) -> None:
+        """Once per replica: purge audit rows past retention now and every day."""
+        if self._purger is None:
+            self._purger = asyncio.get_running_loop().create_task(self._purge_daily())
+
+    async def _purge_daily(self) -> None:
+        while True:
+            try:
+                removed = await asyncio.to_thread(self.audit.purge)
+                if removed:
+                    log.info("audit purge removed %d rows past retention", removed)
+            except Exception as exc:  # the next day tries again
+                log.warning("audit purge failed: %s", exc)
+            await asyncio.sleep(PURGE_EVERY_S)
 
     # ---- checks -----------------------------------------------------------------------
     async def authenticate(self, headers: dict[bytes, bytes]) -> KeyRecord:
@@ -162,10 +186,9 @@ class Guard:
             ) from None
 
     async def _call(self, method: str, *args: Any) -> Any:
-        async_method = getattr(self.limiter, "a" + method, None)
-        if async_method is not None:
-            return await async_method(*args)
-        return getattr(self.limiter, method)(*args)
+        if self._in_process:  # a dict and a lock: no reason to leave the loop
+            return getattr(self.limiter, method)(*args)
+        return await getattr(self.limiter, "a" + method)(*args)
 
 
 def _limit_headers(d: Decision) -> dict[str, str]:
@@ -191,6 +214,8 @@ class SecurityMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
+        if self.guard._purger is None:
+            self.guard.start_purging()
         rule = rule_for(scope["method"], scope["path"])
         if rule.public:
             await self.app(scope, receive, send)
@@ -198,38 +223,29 @@ class SecurityMiddleware:
         state = scope.setdefault("state", {})
         note: dict[str, Any] = {}
         NOTES.set(note)
-        headers = dict(scope["headers"])
+        headers = {k: v for k, v in scope["headers"] if k in _WANTED}
         peer = scope["client"][0] if scope.get("client") else None
-        forwarded = headers.get(b"x-forwarded-for", b"").decode("latin-1") or None
-        ip = client_ip(peer, forwarded, self.guard.trusted)
-        counts = {"in": 0, "out": 0, "status": 500}
+        forwarded = headers.get(b"x-forwarded-for")
+        if forwarded and self.guard.trusted:
+            ip = client_ip(peer, forwarded.decode("latin-1"), self.guard.trusted)
+        else:  # nobody to believe but the peer
+            ip = peer
+        length = headers.get(b"content-length", b"0")
+        counts = {"in": int(length) if length.isdigit() else 0, "out": 0, "status": 500}
         key: KeyRecord | None = None
 
-        async def counting_receive() -> Message:
-            message = await receive()
-            counts["in"] += len(message.get("body", b""))
-            return message
-
-        extra: list[tuple[bytes, bytes]] = []
-
         async def counting_send(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                counts["status"] = message["status"]
-                if extra:
-                    message["headers"] = [*message.get("headers", []), *extra]
-            elif message["type"] == "http.response.body":
+            if message["type"] == "http.response.body":
                 counts["out"] += len(message.get("body", b""))
+            else:
+                counts["status"] = message.get("status", counts["status"])
             await send(message)
 
         try:
             key = await self._admit(rule, headers, ip, note)
-            decision = await self.guard.limit(rule, key)
-            if decision is not None:
-                extra.extend(
-                    (k.lower().encode(), v.encode()) for k, v in _limit_headers(decision).items()
-                )
+            await self.guard.limit(rule, key)
             state["key"] = key
-            await self.app(scope, counting_receive, counting_send)
+            await self.app(scope, receive, counting_send)
         except _Refusal as refusal:
             await _refuse(send, counting_send, state, refusal)
         finally:

@@ -100,6 +100,7 @@ EXPORT_PAGE_ROWS = 1000
 MAX_SHORT_TEXT = 512
 MAX_BACKOFF_S = 30.0
 _CHAIN_VERSION = "audit.v1"
+_JSON_VERSION = f'"{_CHAIN_VERSION}"'
 _WRITE_OPTION = "audit_write"
 _LOCK_KEY = int.from_bytes(
     hashlib.sha256(b"dify_mirror.audit_log").digest()[:8], "big", signed=True
@@ -180,8 +181,9 @@ _LOG = Table(
 Index("ix_audit_log_time", _LOG.c.time)
 Index("ix_audit_log_key_id_time", _LOG.c.key_id, _LOG.c.time)
 Index("ix_audit_log_route_time", _LOG.c.route, _LOG.c.time)
-Index("ix_audit_log_status", _LOG.c.status)
-Index("ix_audit_log_client_ip", _LOG.c.client_ip)
+# No index on status or client_ip: each one costs every insert a B-tree write, and those
+# filters are answered by scanning in `seq` order within the page bound (and usually a
+# time range), which stays cheap.
 _ANCHOR = Table(
     "audit_anchor",
     _METADATA,
@@ -414,9 +416,9 @@ class AuditLog:
             self._dropped += lost
             self._in_flight = 0
 
-    def _convert(self, batch: list[AuditEntry]) -> tuple[list[AuditEntry], list[dict[str, Any]]]:
+    def _convert(self, batch: list[AuditEntry]) -> tuple[list[AuditEntry], list[tuple[Any, ...]]]:
         kept: list[AuditEntry] = []
-        rows: list[dict[str, Any]] = []
+        rows: list[tuple[Any, ...]] = []
         for entry in batch:
             try:
                 rows.append(_storable(entry))
@@ -528,6 +530,9 @@ def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
     dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
+    # WAL + NORMAL: a commit survives the process crashing (it is in the WAL); only a
+    # power cut can take the last commits. No fsync per batch on the writer's path.
+    cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.close()
 
 
@@ -536,7 +541,50 @@ def _sqlite_begin(conn: Connection) -> None:
     conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
-def _storable(entry: AuditEntry) -> dict[str, Any]:
+def _storable(entry: AuditEntry) -> tuple[Any, ...]:
+    """The entry's column values in `FIELDS` order: typed, finite, NUL-free, capped."""
+    values = _plain(entry)
+    if values is not None:
+        return values
+    row = _checked(entry)
+    return tuple(row[name] for name in FIELDS)
+
+
+_TEXT_FIELDS = frozenset(_REQUIRED_TEXT + _OPTIONAL_TEXT)
+_INT_FIELDS = frozenset(_OPTIONAL_INT)
+
+
+def _plain(entry: AuditEntry) -> tuple[Any, ...] | None:
+    """The values as they are when they need no cleaning (the usual case), else None."""
+    values = tuple(getattr(entry, name) for name in FIELDS)
+    for name, value in zip(FIELDS, values, strict=True):
+        kind = type(value)
+        if value is None:
+            if name in _REQUIRED_TEXT or name in _FLOATS or name == "status":
+                return None
+        elif kind is str:
+            if name not in _TEXT_FIELDS and name != "detail":
+                return None
+            if (
+                not value.isascii()
+                or "\x00" in value
+                or (name != "detail" and len(value) > MAX_SHORT_TEXT)
+            ):
+                return None
+            if name in _REQUIRED_TEXT and not value:
+                return None
+        elif kind is float:
+            if name not in _FLOATS or not math.isfinite(value):
+                return None
+        elif kind is int:
+            if (name not in _INT_FIELDS and name != "status") or not -(2**63) <= value < 2**63:
+                return None
+        else:
+            return None
+    return values
+
+
+def _checked(entry: AuditEntry) -> dict[str, Any]:
     """The entry as column values: typed, finite, NUL-free, short fields capped."""
     row: dict[str, Any] = {name: _finite(getattr(entry, name)) for name in _FLOATS}
     for name in _REQUIRED_TEXT:
@@ -576,28 +624,61 @@ def _maybe_text(value: Any, cap: int | None) -> str | None:
 
 
 def _clean(value: Any, cap: int | None) -> str:
+    if type(value) is str and value.isascii() and "\x00" not in value:  # the usual case
+        return value if cap is None else value[:cap]
     valid = str(value).encode("utf-8", "replace").decode("utf-8").replace("\x00", "\ufffd")
     return valid if cap is None else valid[:cap]
 
 
 def _digest(row: Mapping[str, Any]) -> str:
-    """sha256 over a canonical JSON array: version, seq, every field in order, prev_hash."""
-    fields = [float(row[name]) if name in _FLOATS else row[name] for name in FIELDS]
-    payload = [_CHAIN_VERSION, row["seq"], *fields, row["prev_hash"]]
-    encoded = json.dumps(payload, ensure_ascii=True, separators=(",", ":"), allow_nan=False)
-    return hashlib.sha256(encoded.encode()).hexdigest()
+    """The hash of a stored row (a mapping with `seq`, the fields and `prev_hash`)."""
+    return _digest_values(row["seq"], tuple(row[name] for name in FIELDS), row["prev_hash"])
 
 
-def _append(conn: Connection, rows: list[dict[str, Any]]) -> None:
-    """Chain `rows` after the current head and insert them; the caller holds the chain lock."""
+def _digest_values(seq: int, values: tuple[Any, ...], prev_hash: str) -> str:
+    """sha256 over a canonical JSON array: version, seq, every field in order, prev_hash.
+
+    The array is written by hand (strings through `json.dumps`, numbers by `repr`, the
+    shortest round-trip form, which is what `json.dumps` writes too): the same bytes as
+    `json.dumps(payload, separators=(",", ":"))`, at a third of the cost on the writer.
+    """
+    parts = [_JSON_VERSION, str(int(seq))]
+    for name, value in zip(FIELDS, values, strict=True):
+        if value is None:
+            parts.append("null")
+        elif name in _FLOATS:
+            parts.append(repr(float(value)))
+        elif type(value) is str:
+            parts.append(_json_str(value))
+        else:
+            parts.append(str(int(value)))
+    parts.append(_json_str(prev_hash))
+    return hashlib.sha256(("[" + ",".join(parts) + "]").encode()).hexdigest()
+
+
+def _json_str(value: str) -> str:
+    if value.isascii() and value.isprintable() and '"' not in value and "\\" not in value:
+        return f'"{value}"'
+    return json.dumps(value, ensure_ascii=True)
+
+
+def _append(conn: Connection, rows: list[tuple[Any, ...]]) -> None:
+    """Chain `rows` (values in `FIELDS` order) after the head and insert them.
+
+    The caller holds the chain lock.
+    """
     seq, prev_hash = _chain_head(conn)
     chained = []
-    for row in rows:
+    for values in rows:
         seq += 1
-        linked = {"seq": seq, **row, "prev_hash": prev_hash}
-        linked["hash"] = prev_hash = _digest(linked)
-        chained.append(linked)
-    conn.execute(insert(_LOG), chained)
+        digest = _digest_values(seq, values, prev_hash)
+        chained.append((seq, *values, prev_hash, digest))
+        prev_hash = digest
+    marks = ", ".join(["?" if conn.dialect.paramstyle == "qmark" else "%s"] * len(COLUMNS))
+    names = ", ".join(f'"{c}"' for c in COLUMNS)
+    conn.exec_driver_sql(  # the driver's executemany: no per-row SQL compilation
+        f"INSERT INTO audit_log ({names}) VALUES ({marks})", chained
+    )
 
 
 def _chain_head(conn: Connection) -> tuple[int, str]:

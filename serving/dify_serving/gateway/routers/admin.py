@@ -24,7 +24,7 @@ from dify_serving.gateway.security import Guard
 router = APIRouter(prefix="/v1", tags=["operations"])
 
 
-def get_guard(request: Request) -> Guard:
+async def get_guard(request: Request) -> Guard:
     guard: Guard | None = getattr(request.app.state, "guard", None)
     if guard is None:
         raise ApiError(404, "security is switched off on this gateway (DIFY_MIRROR_AUTH=false)")

@@ -17,7 +17,7 @@ from dify_serving.specs import DifyModel, DifyModelSpec, ObjectMeta, name_from_m
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
 
-def get_state(request: Request) -> GatewayState:
+async def get_state(request: Request) -> GatewayState:
     state: GatewayState = request.app.state.gateway
     return state
 
