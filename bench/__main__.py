@@ -261,7 +261,7 @@ def generation_rows(base: str, llm_path: str) -> list[tuple[str, str, str, str]]
     seq = generate_sequential(llm_path, [prompt(i) for i in range(6)])
     anchor = ManagerAnchor(llm_path)
     for c in (1, 16, 64):
-        total = {1: 6, 16: 48, 64: 128}[c]
+        total = {1: 6, 16: 96, 64: 128}[c]
         ceiling = anchor.run([prompt(i) for i in range(total)], c)
         http(base, total, c)  # warm this concurrency level
         rate, p50 = http_generation(base, c, total)

@@ -42,6 +42,9 @@ class ModelServer:
     async def embed(self, texts: list[str], truncate: bool = False) -> dict[str, Any]:
         return await self.engine.embed(texts, truncate)
 
+    async def embed_each(self, requests: list[tuple[list[str], bool]]) -> list[dict[str, Any]]:
+        return await self.engine.embed_each(requests)
+
     async def embed_tokens(self, rows: list[list[int]]) -> Any:
         """Vectors for rows already tokenized (and limited) by the caller: an index."""
         return await self.engine.embed_tokens(rows)

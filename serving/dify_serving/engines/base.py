@@ -100,6 +100,9 @@ class Engine(ABC):
     async def embed(self, texts: list[str], truncate: bool = False) -> dict[str, Any]:
         raise EngineError(400, "unsupported_task", f"{self.name} is not an embedding model")
 
+    async def embed_each(self, requests: list[tuple[list[str], bool]]) -> list[dict[str, Any]]:
+        raise EngineError(400, "unsupported_task", f"{self.name} is not an embedding model")
+
     async def embed_tokens(self, rows: list[list[int]]) -> Any:
         raise EngineError(400, "unsupported_task", f"{self.name} is not an embedding model")
 

@@ -113,6 +113,26 @@ class EmbeddingEngine(Engine):
         vectors = await self.submit(ids) if ids else np.zeros((0, self.dimension), np.float32)
         return {"vectors": vectors, "prompt_tokens": sum(len(row) for row in ids)}
 
+    async def embed_each(self, requests: list[tuple[list[str], bool]]) -> list[dict[str, Any]]:
+        """Several requests' texts in one call (the gateway coalesces); errors stay per request."""
+        out: list[dict[str, Any]] = []
+        rows: list[list[int]] = []
+        for texts, truncate in requests:
+            try:
+                ids = self.tokenize(texts, truncate)
+            except InputTooLong as exc:
+                out.append({"error": (exc.status, exc.code, exc.message)})
+                continue
+            out.append({"span": (len(rows), len(rows) + len(ids)), "prompt_tokens": 0})
+            out[-1]["prompt_tokens"] = sum(len(row) for row in ids)
+            rows += ids
+        vectors = await self.submit(rows) if rows else np.zeros((0, self.dimension), np.float32)
+        for result in out:
+            if "span" in result:
+                start, end = result.pop("span")
+                result["vectors"] = vectors[start:end]
+        return out
+
     async def embed_tokens(self, rows: list[list[int]]) -> np.ndarray:
         """Vectors for token rows the caller cut (an index's chunker): no second tokenize."""
         for position, row in enumerate(rows):

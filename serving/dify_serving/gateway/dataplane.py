@@ -12,8 +12,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from dify_serving.engines.base import EngineError
+from dify_serving.gateway.coalesce import EmbedCoalescer
 from dify_serving.gateway.errors import ApiError, error_body
-from dify_serving.gateway.notes import note_usage
+from dify_serving.gateway.notes import note, note_usage
 from dify_serving.gateway.state import GatewayState
 from dify_serving.specs import DifyModel, Task
 
@@ -85,7 +86,16 @@ async def embed(
     expect_task(model, Task.FEATURE_EXTRACTION)
     if not texts or any(not isinstance(t, str) or not t for t in texts):
         raise ApiError(422, "input: give one or more non-empty strings", "invalid_request")
-    result: dict[str, Any] = await state.call(model.name, "embed", texts, truncate)
+    coalescer = state.coalescers.get(model.name)
+    if coalescer is None:
+
+        async def call(requests: list[tuple[list[str], bool]]) -> list[dict[str, Any]]:
+            results: list[dict[str, Any]] = await state.call(model.name, "embed_each", requests)
+            return results
+
+        coalescer = state.coalescers[model.name] = EmbedCoalescer(call)
+    note(model=model.name)
+    result = await coalescer.embed(texts, truncate)
     note_usage(result)
     return result
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,6 @@ from dify_serving.gateway.errors import error_body
 from dify_serving.gateway.notes import NOTES
 from dify_serving.gateway.policy import Rule, rule_for
 from dify_serving.render import SecurityOptions
-from dify_serving.security.audit import AuditEntry
 from dify_serving.security.audit_ship import AuditShipper
 from dify_serving.security.keys import AuthError, KeyRecord, KeyStore, allows, sqlite_url
 from dify_serving.security.network import Allowlist, client_ip, parse_cidrs
@@ -45,6 +45,10 @@ from dify_serving.security.totp import OtpGuard, OtpUnavailable
 log = logging.getLogger("dify_serving.security")
 
 _JSON = [(b"content-type", b"application/json")]
+#: Seconds a verified Authorization header is trusted without looking again; a key
+#: revoked on another replica stops working within the key store's 5 s cache anyway.
+RECENT_S = 1.0
+RECENT_KEYS = 10_000
 #: How often a replica purges audit rows past retention (the purge records itself).
 PURGE_EVERY_S = 24 * 3600
 _WANTED = frozenset((b"authorization", b"x-forwarded-for", b"x-dify-otp", b"content-length"))
@@ -79,6 +83,8 @@ class Guard:
         )
         self._in_process = isinstance(self.limiter, MemoryLimiter)
         self._purger: asyncio.Task[None] | None = None
+        # header → (key, until): skips parsing, hashing and the store's cache for a second
+        self._recent: dict[bytes, tuple[KeyRecord, float]] = {}
         self.otp = OtpGuard(redis_url=config.redis_url) if config.redis_url else OtpGuard()
         self.trusted = parse_cidrs(config.trusted_proxies)
         self.allowlist = Allowlist(config.ip_allowlist)
@@ -105,6 +111,28 @@ class Guard:
 
     # ---- checks -----------------------------------------------------------------------
     async def authenticate(self, headers: dict[bytes, bytes]) -> KeyRecord:
+        header = headers.get(b"authorization")
+        hit = self._recent.get(header) if header else None
+        if hit is not None and hit[1] > time.monotonic():
+            return hit[0]
+        key = await self._authenticate(headers)
+        if len(self._recent) >= RECENT_KEYS:
+            self._recent.clear()
+        self._recent[header] = (key, time.monotonic() + self._recent_ttl(key))  # type: ignore[index]
+        return key
+
+    def forget_keys(self) -> None:
+        """Drop the recent-keys shortcut (after a revocation here)."""
+        self._recent.clear()
+
+    @staticmethod
+    def _recent_ttl(key: KeyRecord) -> float:
+        ttl = RECENT_S
+        if key.expires_at is not None:
+            ttl = min(ttl, (key.expires_at - datetime.now(UTC)).total_seconds())
+        return ttl
+
+    async def _authenticate(self, headers: dict[bytes, bytes]) -> KeyRecord:
         raw = headers.get(b"authorization", b"").decode("latin-1")
         scheme, _, token = raw.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
@@ -251,23 +279,23 @@ class SecurityMiddleware:
         finally:
             if key is not None and rule.generates:
                 await self.guard.charge_tokens(key, int(note.get("completion_tokens") or 0))
-            self.guard.audit.record(
-                AuditEntry(
-                    time=time.time(),
-                    request_id=state.get("request_id", ""),
-                    key_id=key.id if key else note.get("key_id"),
-                    client_ip=ip,
-                    method=scope["method"],
-                    route=rule.template,
-                    status=counts["status"],
-                    latency_ms=(time.perf_counter() - started) * 1000,
-                    model=note.get("model"),
-                    index=note.get("index"),
-                    prompt_tokens=note.get("prompt_tokens"),
-                    completion_tokens=note.get("completion_tokens"),
-                    bytes_in=counts["in"],
-                    bytes_out=counts["out"],
-                    detail=_detail(note, self.guard.config.record_text),
+            self.guard.audit.record_values(  # AuditEntry's fields, in order
+                (
+                    time.time(),
+                    state.get("request_id", ""),
+                    key.id if key else note.get("key_id"),
+                    ip,
+                    scope["method"],
+                    rule.template,
+                    counts["status"],
+                    (time.perf_counter() - started) * 1000,
+                    note.get("model"),
+                    note.get("index"),
+                    note.get("prompt_tokens"),
+                    note.get("completion_tokens"),
+                    counts["in"],
+                    counts["out"],
+                    _detail(note, self.guard.config.record_text) if note else None,
                 )
             )
 

@@ -60,6 +60,7 @@ class GatewayState:
         self.dashboard = AsyncRayDashboard(options.dashboard_url) if options.dashboard_url else None
         self.statuses: dict[str, dict[str, Any]] = {}
         self.index_statuses: dict[str, dict[str, Any]] = {}
+        self.coalescers: dict[str, Any] = {}  # model → EmbedCoalescer (dataplane)
         self._handles: dict[str, Any] = {}
         self._streams: dict[str, set[Any]] = defaultdict(set)  # in-flight stream responses
         self._unloaded: set[Any] = set()  # streams cancelled because their model went

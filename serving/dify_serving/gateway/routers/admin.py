@@ -106,7 +106,9 @@ async def list_keys(guard: GuardDep) -> dict[str, Any]:
 
 @router.delete("/admin/keys/{key_id}", summary="Revoke an API key")
 async def revoke_key(key_id: str, guard: GuardDep) -> dict[str, Any]:
-    if not await asyncio.to_thread(guard.keys.revoke, key_id):
+    revoked = await asyncio.to_thread(guard.keys.revoke, key_id)
+    guard.forget_keys()  # at once on this replica (others: within the store's cache time)
+    if not revoked:
         raise ApiError(404, f"key {key_id!r} does not exist")
     note(detail=f"revoked key {key_id}")
     return {"id": key_id, "revoked": True}
