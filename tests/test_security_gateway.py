@@ -209,3 +209,95 @@ def test_cli_manages_keys_and_audits_itself(tmp_path: Path) -> None:
     routes = [row["route"] for row in audit.query(limit=100)[0]]
     audit.close()
     assert routes.count("cli keys create") == 1 and routes.count("cli keys revoke") == 2
+
+
+def _call(guard: Any, inner: Any, path: str, headers: list[tuple[bytes, bytes]]) -> int:
+    import asyncio
+
+    from dify_serving.gateway.security import SecurityMiddleware
+
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": path,
+        "headers": headers,
+        "client": ("127.0.0.1", 5000),
+        "state": {"request_id": uuid.uuid4().hex},
+    }
+    asyncio.run(SecurityMiddleware(inner, guard)(scope, receive, send))
+    return int(sent[0]["status"])
+
+
+async def _speaks(scope: Any, receive: Any, send: Any) -> None:
+    from dify_serving.gateway.notes import note_text
+
+    note_text("the secret plans of the prompt")
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"{}"})
+
+
+@pytest.mark.parametrize("record_text", [False, True])
+def test_request_text_is_audited_only_when_asked(home: Path, record_text: bool) -> None:
+    from dify_serving.gateway.security import Guard
+
+    guard = Guard(SecurityOptions(record_text=record_text), home)
+    try:
+        auth = [(b"authorization", f"Bearer {API_KEY}".encode())]
+        assert _call(guard, _speaks, "/v1/inference", auth) == 200
+        guard.audit.flush()
+        rows = guard.audit.query(route="/v1/inference")[0]
+        detail = rows[-1]["detail"] or ""
+        assert ("secret plans" in detail) is record_text
+    finally:
+        guard.close()
+
+
+@pytest.fixture()
+def postgres_url() -> Iterator[str]:
+    import psycopg
+
+    name = f"dm_gateway_{uuid.uuid4().hex[:10]}"
+    try:
+        admin = psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True)
+    except psycopg.OperationalError as exc:
+        pytest.skip(f"no PostgreSQL at 127.0.0.1:5432: {exc}")
+    admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    finally:
+        admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+        admin.close()
+
+
+def test_keys_and_audit_live_in_postgresql_when_configured(home: Path, postgres_url: str) -> None:
+    from dify_serving.gateway.security import Guard
+    from dify_serving.security.audit import AuditLog
+
+    guard = Guard(SecurityOptions(database_url=postgres_url), home)
+    try:
+        created = guard.keys.create("pg", ["inference"])
+        auth = [(b"authorization", f"Bearer {created.key}".encode())]
+        assert _call(guard, _speaks, "/v1/inference", auth) == 200
+        assert _call(guard, _speaks, "/v1/admin/keys", auth) == 403
+        guard.audit.flush()
+    finally:
+        guard.close()
+    assert not (home / "keys.db").exists() and not (home / "audit.db").exists()
+    audit = AuditLog(postgres_url)
+    try:
+        rows = audit.query(key_id=created.id)[0]
+        assert [(r["route"], r["status"]) for r in rows] == [
+            ("/v1/inference", 200),
+            ("/v1/admin/keys", 403),
+        ]
+        assert audit.verify().ok
+    finally:
+        audit.close()

@@ -14,7 +14,7 @@ from typing import Any
 from dify_serving.engines.base import EngineError
 from dify_serving.gateway.coalesce import EmbedCoalescer
 from dify_serving.gateway.errors import ApiError, error_body
-from dify_serving.gateway.notes import note, note_usage
+from dify_serving.gateway.notes import note, note_text, note_usage
 from dify_serving.gateway.state import GatewayState
 from dify_serving.specs import DifyModel, Task
 
@@ -45,6 +45,7 @@ def generation_request(
     field: str = "max_tokens",
 ) -> dict[str, Any]:
     """A generation request for the engine, with the model's defaults and limits applied."""
+    note_text(prompt if messages is None else json.dumps(messages[-1:], ensure_ascii=False))
     gen = model.spec.generation
     if max_tokens is not None and max_tokens > gen.max_new_tokens:
         raise ApiError(
@@ -86,6 +87,7 @@ async def embed(
     expect_task(model, Task.FEATURE_EXTRACTION)
     if not texts or any(not isinstance(t, str) or not t for t in texts):
         raise ApiError(422, "input: give one or more non-empty strings", "invalid_request")
+    note_text("\n".join(texts))
     coalescer = state.coalescers.get(model.name)
     if coalescer is None:
 

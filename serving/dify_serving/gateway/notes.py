@@ -20,6 +20,16 @@ def note(**fields: Any) -> None:
         notes.update(fields)
 
 
+#: Characters of request text an audit row keeps, when the setting asks for text at all.
+TEXT_CHARS = 4096
+
+
+def note_text(text: str | None) -> None:
+    """The request's text (prompt, query, documents), kept only if audit text is on."""
+    if text:
+        note(text=text[:TEXT_CHARS])
+
+
 def note_usage(result: dict[str, Any]) -> None:
     """Token counts from an engine result or a stream's final item."""
     note(

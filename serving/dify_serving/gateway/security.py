@@ -315,6 +315,7 @@ class SecurityMiddleware:
                 "missing or invalid API key (Authorization: Bearer dm_...)",
                 {"WWW-Authenticate": "Bearer"},
             ) from None
+        note["key_id"] = key.id  # a refusal from here on is still the key's row
         if key.ip_allowlist and not Allowlist(key.ip_allowlist).allows(ip):
             raise _Refusal(403, "address_not_allowed", f"key {key.id} may not be used from {ip}")
         missing = [s for s in rule.scopes if not allows(key, s)]

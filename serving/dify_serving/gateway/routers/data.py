@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from dify_serving.gateway import dataplane, retrieval
 from dify_serving.gateway.errors import ApiError, describe_validation, request_id
-from dify_serving.gateway.notes import note
+from dify_serving.gateway.notes import TEXT_CHARS, note, note_text
 from dify_serving.gateway.routers.models import StateDep
 from dify_serving.gateway.schemas import (
     CleanRequest,
@@ -92,6 +92,7 @@ async def upsert(body: UpsertRequest, state: StateDep) -> dict[str, Any]:
     state.index(body.index)
     _check_documents(body, state.options.max_document_bytes)
     docs = [doc.model_dump() for doc in body.documents]
+    note_text("\n\n".join(f"[{d.id}] {d.text[:TEXT_CHARS]}" for d in body.documents))
     result: dict[str, Any] = await state.call_index(body.index, "upsert", docs)
     return result
 
@@ -102,6 +103,7 @@ async def search(body: SearchRequest, state: StateDep) -> dict[str, Any]:
     if (body.query is None) == (body.vector is None):
         raise ApiError(422, "give exactly one of query (text) or vector")
     started = time.perf_counter()
+    note_text(body.query)
     result: dict[str, Any] = await state.call_index(
         body.index, "search", body.model_dump(exclude={"index"})
     )
