@@ -41,6 +41,7 @@ class AuditShipper:
         self._buffer: list[tuple[Any, ...]] = []
         self._lock = threading.Lock()
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_loop: asyncio.AbstractEventLoop | None = None
         self._lost = 0
         self._proc: subprocess.Popen[bytes] | None = None
         self._spawn()
@@ -63,13 +64,14 @@ class AuditShipper:
             full = len(self._buffer) >= SHIP_ROWS
         if full:
             self._ship()
-        elif self._timer is None:
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:  # no loop (a thread, the CLI): ship now
-                self._ship()
-                return
-            self._timer = loop.call_later(SHIP_EVERY_S, self._ship)
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (a thread, the CLI): ship now
+            self._ship()
+            return
+        if self._timer is None or self._timer_loop is not loop:  # none, or a finished loop's
+            self._timer, self._timer_loop = loop.call_later(SHIP_EVERY_S, self._ship), loop
 
     def _ship(self, kind: bytes = b"E") -> None:
         with self._lock:

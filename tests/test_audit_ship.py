@@ -1,0 +1,63 @@
+"""The gateway's audit writer process: rows arrive, across loops and threads, and on exit."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+
+from dify_serving.security.audit import AuditEntry, AuditLog
+from dify_serving.security.audit_ship import AuditShipper
+
+
+def entry(route: str) -> AuditEntry:
+    return AuditEntry(
+        time=time.time(),
+        request_id=route.strip("/").replace("/", "-"),
+        key_id=None,
+        client_ip="127.0.0.1",
+        method="GET",
+        route=route,
+        status=200,
+        latency_ms=0.5,
+    )
+
+
+def test_rows_from_loops_threads_and_plain_calls_all_arrive(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'audit.db'}"
+    shipper = AuditShipper(url)
+
+    async def in_loop(route: str) -> None:
+        shipper.record(entry(route))
+
+    asyncio.run(in_loop("/one"))  # its timer dies with its loop
+    asyncio.run(in_loop("/two"))
+    thread = threading.Thread(target=lambda: shipper.record(entry("/three")))
+    thread.start()
+    thread.join()
+    shipper.record(entry("/four"))
+    assert shipper.flush() >= 0
+    routes = [r["route"] for r in shipper.query(limit=10)[0]]
+    assert sorted(routes) == ["/four", "/one", "/three", "/two"]
+    shipper.record(entry("/last"))  # still buffered: close must deliver it
+    shipper.close()
+    audit = AuditLog(url)
+    try:
+        assert [r["route"] for r in audit.query(limit=10)[0]][-1] == "/last"
+        assert audit.verify().ok
+    finally:
+        audit.close()
+
+
+def test_a_dead_writer_is_restarted(tmp_path: Path) -> None:
+    shipper = AuditShipper(f"sqlite:///{tmp_path / 'audit.db'}")
+    try:
+        assert shipper._proc is not None
+        shipper._proc.kill()
+        shipper._proc.wait(5)
+        shipper.record(entry("/after"))
+        shipper.flush()
+        assert [r["route"] for r in shipper.query(limit=10)[0]] == ["/after"]
+    finally:
+        shipper.close()
