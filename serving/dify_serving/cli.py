@@ -38,11 +38,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"Ray dashboard {url}", flush=True)
         stack.apply(state)
         print(_table(stack.wait(timeout=args.timeout)), flush=True)
+        scheme = "https" if settings.tls_certfile else "http"
         print(
-            f"dify-mirror serving on http://{settings.host}:{settings.port} "
+            f"dify-mirror serving on {scheme}://{settings.host}:{settings.port} "
             f"(docs at /docs); Ctrl-C stops",
             flush=True,
         )
+        key_file = settings.state_dir / "bootstrap.key"
+        if settings.auth and key_file.exists():
+            print(f"the first admin API key is in {key_file} (Bearer)", flush=True)
         stopping.wait()
     finally:
         print("stopping…", flush=True)
