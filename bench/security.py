@@ -39,38 +39,6 @@ def serve(home: str, port: int, on: bool) -> None:
 
     options = GatewayOptions(home=home, security=SecurityOptions(enabled=on))
     app = create_app(GatewayState(options))
-    if os.environ.get("BENCH_VARIANT") == "no-audit" and on:
-        app.state.guard.audit.record = lambda entry: None
-    if os.environ.get("BENCH_VARIANT") == "freeze":
-        import gc
-
-        gc.collect()
-        gc.freeze()
-    if os.environ.get("BENCH_VARIANT") == "gcstats" and on:
-        import gc
-        import threading
-
-        def report() -> None:
-            while True:
-                time.sleep(5)
-                print("gc", gc.get_stats(), flush=True)
-
-        threading.Thread(target=report, daemon=True).start()
-    if os.environ.get("BENCH_VARIANT") == "fewidx" and on:
-        import sqlite3
-
-        db = sqlite3.connect(str(Path(home) / "audit.db"))
-        db.execute("DROP INDEX IF EXISTS ix_audit_log_status")
-        db.execute("DROP INDEX IF EXISTS ix_audit_log_client_ip")
-        db.execute("DROP INDEX IF EXISTS ix_audit_log_route_time")
-        db.execute("DROP INDEX IF EXISTS ix_audit_log_key_id_time")
-        db.commit()
-        db.close()
-    if os.environ.get("BENCH_VARIANT") == "switch" and on:
-        sys.setswitchinterval(0.0005)
-    if os.environ.get("BENCH_VARIANT") == "no-writer" and on:
-        app.state.guard.audit._max_batch = 10**9
-        app.state.guard.audit._interval = 10**6
     uvicorn.run(
         app, host="127.0.0.1", port=port, access_log=False, log_level="warning", proxy_headers=False
     )

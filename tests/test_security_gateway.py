@@ -194,7 +194,8 @@ def test_cli_manages_keys_and_audits_itself(tmp_path: Path) -> None:
     assert created.returncode == 0, created.stderr
     key = json.loads(created.stdout)
     assert key["key"].startswith(f"dm_{key['id']}_")
-    assert cli("keys", "create", "--name", "x", "--scopes", "inference", "--ip", "1.2.3/99")
+    bad = cli("keys", "create", "--name", "x", "--scopes", "inference", "--ip", "1.2.3/99")
+    assert bad.returncode == 2 and "1.2.3/99" in bad.stderr
     listed = cli("keys", "list").stdout
     assert key["id"] in listed and key["key"].split("_", 2)[2] not in listed
     assert cli("keys", "revoke", key["id"]).returncode == 0

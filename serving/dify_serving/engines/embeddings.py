@@ -123,8 +123,8 @@ class EmbeddingEngine(Engine):
             except InputTooLong as exc:
                 out.append({"error": (exc.status, exc.code, exc.message)})
                 continue
-            out.append({"span": (len(rows), len(rows) + len(ids)), "prompt_tokens": 0})
-            out[-1]["prompt_tokens"] = sum(len(row) for row in ids)
+            span = (len(rows), len(rows) + len(ids))
+            out.append({"span": span, "prompt_tokens": sum(len(row) for row in ids)})
             rows += ids
         vectors = await self.submit(rows) if rows else np.zeros((0, self.dimension), np.float32)
         for result in out:

@@ -95,7 +95,7 @@ class Guard:
         self.audit.close()
 
     def start_purging(self) -> None:
-        """Once per replica: purge audit rows past retention now and every day."""
+        """Purge audit rows past retention now and every day (idempotent: one task)."""
         if self._purger is None:
             self._purger = asyncio.get_running_loop().create_task(self._purge_daily())
 
@@ -160,8 +160,8 @@ class Guard:
         if not accepted:
             raise _Refusal(401, "second_factor_invalid", "the TOTP code is wrong or was used")
 
-    async def limit(self, rule: Rule, key: KeyRecord) -> Decision | None:
-        """Route cap, then the key's requests/minute and tokens/minute; None: no key limit."""
+    async def limit(self, rule: Rule, key: KeyRecord) -> None:
+        """Route cap, then the key's requests/minute and tokens/minute; 429 when over."""
         per_second = self.config.route_limits.get(rule.template)
         if per_second:
             d = await self._check(f"route:{rule.template}", max(1, int(per_second)), per_second)
@@ -170,7 +170,6 @@ class Guard:
                     429, "rate_limited", f"{rule.template} is at its limit", _limit_headers(d)
                 )
         limits = key.rate_limit or {}
-        decision = None
         rpm = limits.get("requests_per_minute")
         if rpm:
             decision = await self._check(f"key:{key.id}:req", rpm, rpm / 60)
@@ -191,7 +190,6 @@ class Guard:
                     f"key {key.id} is over its limit of {tpm} tokens per minute",
                     _limit_headers(tokens),
                 )
-        return decision
 
     async def charge_tokens(self, key: KeyRecord, tokens: int) -> None:
         tpm = (key.rate_limit or {}).get("tokens_per_minute")
@@ -236,13 +234,15 @@ class SecurityMiddleware:
     def __init__(self, app: ASGIApp, guard: Guard) -> None:
         self.app = app
         self.guard = guard
+        self._started = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        if self.guard._purger is None:
+        if not self._started:  # the first request brings the replica's event loop
+            self._started = True
             self.guard.start_purging()
         rule = rule_for(scope["method"], scope["path"])
         if rule.public:

@@ -207,6 +207,17 @@ class GatewayState:
                 headers={"Retry-After": "2"},
             ) from None
 
+    async def info(self, name: str, kind: str = "model") -> dict[str, Any]:
+        """The replica's `info()` when it is serving, else {} (never an error, ≤ 5 s)."""
+        statuses = self.statuses if kind == "model" else self.index_statuses
+        if statuses.get(name, {}).get("phase") not in _SERVING:
+            return {}
+        try:
+            info: dict[str, Any] = await asyncio.wait_for(self.call(name, "info", kind=kind), 5)
+            return info
+        except Exception:
+            return {}
+
     async def call_index(self, name: str, method: str, *args: Any) -> Any:
         return await self.call(name, method, *args, kind="index")
 

@@ -180,30 +180,15 @@ def _never_stored(state: GatewayState, name: str) -> bool:
     return not (Path(state.options.home) / "indexes" / collection).exists()
 
 
-async def _index_info(state: GatewayState, name: str) -> dict[str, Any]:
-    try:
-        info: dict[str, Any] = await asyncio.wait_for(state.call_index(name, "info"), 5)
-        return info
-    except Exception:
-        return {}
-
-
 @router.get("/indexes", summary="Indexes: model, dimension, points, status")
 async def list_indexes(state: StateDep) -> dict[str, Any]:
     await state.refresh_status()
     indexes = state.indexes()
-    statuses = {n: state.index_statuses.get(n, {}) for n in indexes}
-    infos = await asyncio.gather(
-        *(
-            _index_info(state, n)
-            if statuses[n].get("phase") in ("Ready", "Degraded")
-            else asyncio.sleep(0, {})
-            for n in indexes
-        )
-    )
+    names = sorted(indexes)
+    infos = await asyncio.gather(*(state.info(n, kind="index") for n in names))
     data = []
-    for (name, index), info in zip(sorted(indexes.items()), infos, strict=True):
-        status = statuses[name]
+    for name, info in zip(names, infos, strict=True):
+        index, status = indexes[name], state.index_statuses.get(name, {})
         phase, message = status.get("phase", "Pending"), status.get("message")
         if info.get("error"):
             phase, message = "Failed", info["error"]

@@ -41,24 +41,11 @@ async def list_models(state: StateDep) -> ModelList:
     return ModelList(data=cards)
 
 
-async def _info(state: GatewayState, name: str) -> dict[str, Any]:
-    try:
-        info: dict[str, Any] = await asyncio.wait_for(state.call(name, "info"), 5)
-        return info
-    except Exception:
-        return {}
-
-
 @router.get("/status", summary="Per model: phase, replicas, device, precision, memory, GPUs")
 async def models_status(state: StateDep) -> dict[str, Any]:
     statuses = await state.refresh_status()
     models = state.models()
-    infos = await asyncio.gather(
-        *(
-            _info(state, n) if s["phase"] in ("Ready", "Degraded") else asyncio.sleep(0, {})
-            for n, s in statuses.items()
-        )
-    )
+    infos = await asyncio.gather(*(state.info(n) for n in statuses))
     out = []
     for (name, status), info in zip(statuses.items(), infos, strict=True):
         spec = models[name].spec
