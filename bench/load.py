@@ -64,7 +64,7 @@ class Connection:
         if length is not None:
             return status, await self.reader.readexactly(length)
         if chunked:
-            parts = []
+            parts: list[bytes] = []
             while True:
                 size = int((await self.reader.readline()).strip(), 16)
                 if size == 0:
