@@ -37,7 +37,7 @@ def test_rows_from_loops_threads_and_plain_calls_all_arrive(tmp_path: Path) -> N
     thread.start()
     thread.join()
     shipper.record(entry("/four"))
-    assert shipper.flush() >= 0
+    shipper.flush()
     routes = [r["route"] for r in shipper.query(limit=10)[0]]
     assert sorted(routes) == ["/four", "/one", "/three", "/two"]
     shipper.record(entry("/last"))  # still buffered: close must deliver it

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import httpx
+import pytest
 from conftest import AUTH
 from fastapi.testclient import TestClient
 
@@ -60,3 +63,17 @@ def test_modules_setting_is_validated() -> None:
     assert Settings(modules="models, inference").modules == ["models", "inference"]
     with pytest.raises(ValidationError, match="unknown module"):
         Settings(modules="models,teleport")
+
+
+def test_a_model_being_updated_keeps_serving_from_its_running_replicas(tmp_path: Path) -> None:
+    from dify_serving.gateway.errors import ApiError
+
+    state = GatewayState(GatewayOptions(home=str(tmp_path)))
+    state.statuses["llm"] = {"phase": "Loading", "ready_replicas": 1, "message": "updating"}
+    state.require_serving("llm")  # Serve redeploys it, the old replica still answers
+    state.statuses["llm"] = {"phase": "Loading", "ready_replicas": 0, "message": "Loading"}
+    with pytest.raises(ApiError, match="is loading"):
+        state.require_serving("llm")
+    state.statuses["llm"] = {"phase": "Failed", "ready_replicas": 1, "message": "bad weights"}
+    with pytest.raises(ApiError, match="failed to load"):
+        state.require_serving("llm")

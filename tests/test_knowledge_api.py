@@ -240,6 +240,12 @@ def test_clean_and_chunk_preview(client: httpx.Client) -> None:
     r = client.post("/v1/data/clean", json={"text": long_text(20), "index": "kb", "chunk": True})
     chunks = r.json()["chunks"]
     assert len(chunks) > 2 and all(c["tokens"] <= 64 for c in chunks)
+    # the preview shows what an upsert would store: repeated chunks are dropped (with the
+    # 8-token overlap, paragraphs 2-4 give the same chunk)
+    repeated = "\n\n".join([long_text(3)] * 4)
+    r = client.post("/v1/data/clean", json={"text": repeated, "index": "kb", "chunk": True})
+    texts = [c["text"] for c in r.json()["chunks"]]
+    assert r.json()["text"] == repeated and len(texts) == len(set(texts)) == 2
 
 
 def test_knowledge_chat_cites_retrieved_chunks(
@@ -332,8 +338,10 @@ def test_changing_to_a_model_of_another_dimension_is_409(
     stack.apply(state)
     try:
 
-        def mismatch() -> bool:
-            return search(client, "notes", query="note").status_code == 409
+        def mismatch() -> bool:  # settled: the new replica answers and the status says so
+            listed = {i["name"]: i for i in client.get("/v1/indexes").json()["data"]}
+            failed = listed["notes"]["status"] == "Failed"
+            return failed and search(client, "notes", query="note").status_code == 409
 
         _wait(mismatch)
         r = search(client, "notes", query="note")

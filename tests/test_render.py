@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from conftest import index_doc
+
 from dify_serving.manifests import load_file, parse_documents
 from dify_serving.render import GatewayOptions, ServeOptions, render_serve_config
 from dify_serving.status import failure_reason, model_status
@@ -38,22 +40,13 @@ def test_quickstart_renders_gateway_plus_one_app_per_model() -> None:
     assert config["http_options"] == {"host": "127.0.0.1", "port": 8000}
 
 
-def _index(name: str, model: str, **spec: object) -> dict:
-    return {
-        "apiVersion": "difymirror.dev/v1alpha1",
-        "kind": "DifyIndex",
-        "metadata": {"name": name},
-        "spec": {"embeddingModel": model, **spec},
-    }
-
-
 def test_an_index_gets_an_app_only_once_its_embedding_model_exists() -> None:
     docs = [
         _model("emb", task="feature-extraction"),
         _model("llm"),
-        _index("kb", "emb", store={"collection": "shared"}),
-        _index("waiting", "missing"),
-        _index("wrong", "llm"),
+        index_doc("kb", "emb", store={"collection": "shared"}),
+        index_doc("waiting", "missing"),
+        index_doc("wrong", "llm"),
     ]
     opts = ServeOptions(qdrant_url="http://qdrant:6333")
     apps = {a["name"]: a for a in render_serve_config(parse_documents(docs), opts)["applications"]}

@@ -85,10 +85,11 @@ def test_bad_key_bodies_are_422(client: httpx.Client, body: dict, needle: str) -
 
 
 def test_expired_key_is_401(client: httpx.Client, base_url: str) -> None:
-    soon = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 2))
+    expiry = int(time.time()) + 5  # whole seconds: valid for 4-5 s, room for a slow call
+    soon = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expiry))
     key = create_key(client, scopes=["inference"], expires_at=soon)["key"]
     assert httpx.get(f"{base_url}/v1/models", headers=bearer(key)).status_code == 200
-    time.sleep(3)
+    time.sleep(max(0.0, expiry - time.time()) + 1.5)  # past it, and past the 1 s key cache
     assert httpx.get(f"{base_url}/v1/models", headers=bearer(key)).status_code == 401
 
 

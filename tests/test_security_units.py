@@ -459,6 +459,16 @@ def test_route_limits_share_one_bucket_per_route(limiter: Limiter, prefix: str) 
         RouteLimits(limiter, {"/x": 0})
 
 
+def test_route_limits_setting_is_checked_at_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dify_serving.settings import Settings
+
+    monkeypatch.setenv("DIFY_MIRROR_ROUTE_LIMITS", "/v1/models=2.5, /v1/embeddings=10")
+    assert Settings().route_limits == {"/v1/models": 2.5, "/v1/embeddings": 10.0}
+    monkeypatch.setenv("DIFY_MIRROR_ROUTE_LIMITS", "/v1/models=-1")
+    with pytest.raises(ValueError, match="must be > 0"):
+        Settings()
+
+
 # ---- API keys -----------------------------------------------------------------------------
 
 

@@ -39,9 +39,6 @@ class ModelServer:
         async for item in self.engine.generate_stream(request):
             yield item
 
-    async def embed(self, texts: list[str], truncate: bool = False) -> dict[str, Any]:
-        return await self.engine.embed(texts, truncate)
-
     async def embed_each(self, requests: list[tuple[list[str], bool]]) -> list[dict[str, Any]]:
         return await self.engine.embed_each(requests)
 

@@ -97,7 +97,9 @@ class Settings(BaseSettings):
             pairs = [p.strip().rsplit("=", 1) for p in value.split(",") if p.strip()]
             if any(len(p) != 2 for p in pairs):
                 raise ValueError("route_limits: write route=requests_per_second, comma-separated")
-            return {route.strip(): float(rate) for route, rate in pairs}
+            value = {route.strip(): float(rate) for route, rate in pairs}
+        if isinstance(value, dict) and any(float(rate) <= 0 for rate in value.values()):
+            raise ValueError("route_limits: requests per second must be > 0")
         return value
 
     def security_options(self) -> SecurityOptions:

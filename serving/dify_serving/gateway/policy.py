@@ -12,13 +12,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-INFERENCE = "inference"
-DATA_READ = "data:read"
-DATA_WRITE = "data:write"
-MODELS_ADMIN = "models:admin"
-AUDIT_READ = "audit:read"
-ADMIN = "admin"
-SCOPES = (INFERENCE, DATA_READ, DATA_WRITE, MODELS_ADMIN, AUDIT_READ, ADMIN)
+from dify_serving.security.keys import (
+    ADMIN,
+    AUDIT_READ,
+    DATA_READ,
+    DATA_WRITE,
+    INFERENCE,
+    MODELS_ADMIN,
+)
 
 
 @dataclass(frozen=True, slots=True)

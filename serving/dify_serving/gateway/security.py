@@ -18,6 +18,7 @@ cache, the in-process limiter is a dict, and the audit log batches its writes.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from datetime import UTC, datetime
@@ -38,6 +39,7 @@ from dify_serving.security.ratelimit import (
     LimiterUnavailable,
     MemoryLimiter,
     RedisLimiter,
+    RouteLimits,
 )
 from dify_serving.security.secrets import bootstrap_key, key_pepper
 from dify_serving.security.totp import OtpGuard, OtpUnavailable
@@ -81,11 +83,11 @@ class Guard:
             if config.redis_url
             else MemoryLimiter()
         )
-        self._in_process = isinstance(self.limiter, MemoryLimiter)
+        self.route_limits = RouteLimits(self.limiter, config.route_limits)
         self._purger: asyncio.Task[None] | None = None
         # header → (key, until): skips parsing, hashing and the store's cache for a second
         self._recent: dict[bytes, tuple[KeyRecord, float]] = {}
-        self.otp = OtpGuard(redis_url=config.redis_url) if config.redis_url else OtpGuard()
+        self.otp = OtpGuard(redis_url=config.redis_url)
         self.trusted = parse_cidrs(config.trusted_proxies)
         self.allowlist = Allowlist(config.ip_allowlist)
 
@@ -162,9 +164,9 @@ class Guard:
 
     async def limit(self, rule: Rule, key: KeyRecord) -> None:
         """Route cap, then the key's requests/minute and tokens/minute; 429 when over."""
-        per_second = self.config.route_limits.get(rule.template)
-        if per_second:
-            d = await self._check(f"route:{rule.template}", max(1, int(per_second)), per_second)
+        bucket = self.route_limits.bucket(rule.template)
+        if bucket is not None:
+            d = await self._check(*bucket)
             if not d.allowed:
                 raise _Refusal(
                     429, "rate_limited", f"{rule.template} is at its limit", _limit_headers(d)
@@ -195,13 +197,13 @@ class Guard:
         tpm = (key.rate_limit or {}).get("tokens_per_minute")
         if tpm and tokens > 0:
             try:
-                await self._call("charge", f"key:{key.id}:tok", tpm, tpm / 60, tokens)
+                await self.limiter.acharge(f"key:{key.id}:tok", tpm, tpm / 60, tokens)
             except LimiterUnavailable:
                 log.warning("could not charge %d tokens to key %s", tokens, key.id)
 
     async def _check(self, bucket: str, capacity: int, refill: float, cost: float = 1) -> Decision:
         try:
-            decision: Decision = await self._call("check", bucket, capacity, refill, cost)
+            decision: Decision = await self.limiter.acheck(bucket, capacity, refill, cost)
             return decision
         except LimiterUnavailable as exc:
             raise _Refusal(
@@ -211,10 +213,11 @@ class Guard:
                 {"Retry-After": "2"},
             ) from None
 
-    async def _call(self, method: str, *args: Any) -> Any:
-        if self._in_process:  # a dict and a lock: no reason to leave the loop
-            return getattr(self.limiter, method)(*args)
-        return await getattr(self.limiter, "a" + method)(*args)
+
+@functools.lru_cache(maxsize=1024)
+def _key_allowlist(cidrs: tuple[str, ...]) -> Allowlist:
+    """A key's networks, parsed once (its record is cached; so is this)."""
+    return Allowlist(cidrs)
 
 
 def _limit_headers(d: Decision) -> dict[str, str]:
@@ -234,16 +237,13 @@ class SecurityMiddleware:
     def __init__(self, app: ASGIApp, guard: Guard) -> None:
         self.app = app
         self.guard = guard
-        self._started = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        if not self._started:  # the first request brings the replica's event loop
-            self._started = True
-            self.guard.start_purging()
+        self.guard.start_purging()  # once; the first request brings the replica's loop
         rule = rule_for(scope["method"], scope["path"])
         if rule.public:
             await self.app(scope, receive, send)
@@ -316,7 +316,7 @@ class SecurityMiddleware:
                 {"WWW-Authenticate": "Bearer"},
             ) from None
         note["key_id"] = key.id  # a refusal from here on is still the key's row
-        if key.ip_allowlist and not Allowlist(key.ip_allowlist).allows(ip):
+        if key.ip_allowlist and not _key_allowlist(key.ip_allowlist).allows(ip):
             raise _Refusal(403, "address_not_allowed", f"key {key.id} may not be used from {ip}")
         missing = [s for s in rule.scopes if not allows(key, s)]
         if missing:

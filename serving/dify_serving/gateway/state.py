@@ -150,6 +150,8 @@ class GatewayState:
         if status is None or status["phase"] in _SERVING:
             return  # unknown yet: let the handle decide
         phase = status["phase"]
+        if phase != Phase.FAILED.value and status.get("ready_replicas", 0) > 0:
+            return  # an app being updated keeps answering from its running replicas
         if phase == Phase.FAILED.value:
             raise ApiError(
                 503, f"{kind} {name!r} failed to load: {status['message']}", f"{kind}_failed"

@@ -82,7 +82,6 @@ class IndexServer:
             max_tokens=min(self.spec.chunking.max_tokens, self.token_limit),
             overlap=self.spec.chunking.overlap,
         )
-        self.allowed_fields = {"document_id", "subject_id", *self.spec.filterable_fields}
         embedded = self.spec.store.type == "embedded" and not qdrant_url
         self._lock_file = _take_shard_lock(Path(home), self.collection) if embedded else None
         self.store = open_store(name, self.spec, Path(home), qdrant_url)
@@ -108,7 +107,7 @@ class IndexServer:
 
     def _filter(self, raw: dict[str, Any] | None) -> Any:
         try:
-            return build_filter(raw, self.allowed_fields)
+            return build_filter(raw, self.store.allowed_fields)
         except (UnknownFilterField, InvalidFilter) as exc:
             raise EngineError(422, "invalid_filter", f"filter: {exc}") from None
 
@@ -146,11 +145,13 @@ class IndexServer:
                 raise EngineError(
                     422, "empty_document", f"document {doc['id']!r} has no text after cleaning"
                 )
-        out = []
-        for doc, chunks in zip(documents, self.chunker.split_many(cleaned), strict=True):
-            if self.spec.cleaning.deduplicate:
-                chunks = [chunks[i] for i in dedupe(c.text for c in chunks)]
-            out.append((doc, chunks))
+        return list(zip(documents, self._split(cleaned), strict=True))
+
+    def _split(self, cleaned: list[str]) -> list[list[Any]]:
+        """Chunk cleaned texts, dropping repeated chunks when the spec asks to."""
+        out = self.chunker.split_many(cleaned)
+        if self.spec.cleaning.deduplicate:
+            out = [[chunks[i] for i in dedupe(c.text for c in chunks)] for chunks in out]
         return out
 
     async def upsert(self, documents: list[dict[str, Any]]) -> dict[str, Any]:
@@ -243,19 +244,23 @@ class IndexServer:
             self._last_write = time.monotonic()
         return removed
 
-    async def chunk(self, text: str) -> list[dict[str, Any]]:
+    async def chunk(self, text: str) -> dict[str, Any]:
         """What an upsert would store for `text` (cleaned, chunked), without storing it."""
         cleaned = clean_text(text, self.spec.cleaning)
-        return [
-            {
-                "chunk_index": c.index,
-                "text": c.text,
-                "start": c.start,
-                "end": c.end,
-                "tokens": len(c.ids),
-            }
-            for c in self.chunker.split(cleaned)
-        ]
+        chunks = self._split([cleaned])[0] if cleaned.strip() else []
+        return {
+            "text": cleaned,
+            "chunks": [
+                {
+                    "chunk_index": c.index,
+                    "text": c.text,
+                    "start": c.start,
+                    "end": c.end,
+                    "tokens": len(c.ids),
+                }
+                for c in chunks
+            ],
+        }
 
     async def info(self) -> dict[str, Any]:
         return {

@@ -95,6 +95,8 @@ class VectorStore(Protocol):
     """What the index deployment needs from a backend; `EdgeStore`, `QdrantServerStore`."""
 
     name: str
+    allowed_fields: frozenset[str]
+    """Fields a search filter may name: the point fields and the spec's filterable ones."""
 
     @property
     def dimension(self) -> int | None: ...

@@ -49,9 +49,14 @@ from dify_serving.security.totp import provisioning_uri
 
 log = logging.getLogger(__name__)
 
-SCOPES: frozenset[str] = frozenset(
-    {"inference", "data:read", "data:write", "models:admin", "audit:read", "admin"}
-)
+INFERENCE = "inference"
+DATA_READ = "data:read"
+DATA_WRITE = "data:write"
+MODELS_ADMIN = "models:admin"
+AUDIT_READ = "audit:read"
+ADMIN = "admin"
+#: Every scope a key may hold; `gateway/policy.py` says which routes need which.
+SCOPES = (INFERENCE, DATA_READ, DATA_WRITE, MODELS_ADMIN, AUDIT_READ, ADMIN)
 ID_LENGTH = 12
 SECRET_LENGTH = 43  # base62: ~256 bits
 BOOTSTRAP_NAME = "bootstrap"
@@ -137,7 +142,7 @@ def allows(record: KeyRecord, scope: str) -> bool:
     """Whether the key grants `scope`; `admin` grants every scope."""
     if scope not in SCOPES:
         raise ValueError(f"unknown scope {scope!r}")
-    return "admin" in record.scopes or scope in record.scopes
+    return ADMIN in record.scopes or scope in record.scopes
 
 
 def parse_key(presented: str | None) -> tuple[str, str] | None:
@@ -304,7 +309,7 @@ class KeyStore:
         if not name or len(name) > 200:
             raise ValueError("name must be 1 to 200 characters")
         scope_set = frozenset(scopes)
-        unknown = sorted(scope_set - SCOPES)
+        unknown = sorted(scope_set.difference(SCOPES))
         if unknown:
             raise ValueError(f"unknown scope {unknown[0]!r}; known: {', '.join(sorted(SCOPES))}")
         if not scope_set:

@@ -318,7 +318,8 @@ class RouteLimits:
         self.limits = dict(limits)
         self.burst_s = burst_s
 
-    def _bucket(self, route: str) -> tuple[str, int, float] | None:
+    def bucket(self, route: str) -> tuple[str, int, float] | None:
+        """(bucket key, capacity, refill per second) for `route`, or None: no cap."""
         rps = self.limits.get(route)
         if rps is None:
             return None
@@ -326,9 +327,9 @@ class RouteLimits:
 
     def check(self, route: str) -> Decision | None:
         """The decision for one request on `route`, or None when the route has no cap."""
-        bucket = self._bucket(route)
+        bucket = self.bucket(route)
         return None if bucket is None else self.limiter.check(*bucket)
 
     async def acheck(self, route: str) -> Decision | None:
-        bucket = self._bucket(route)
+        bucket = self.bucket(route)
         return None if bucket is None else await self.limiter.acheck(*bucket)

@@ -18,8 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from dify_serving.gateway.errors import ApiError
 from dify_serving.gateway.notes import note
-from dify_serving.gateway.policy import SCOPES
 from dify_serving.gateway.security import Guard
+from dify_serving.security.keys import SCOPES
 
 router = APIRouter(prefix="/v1", tags=["operations"])
 
@@ -59,17 +59,13 @@ def _public(record: Any) -> dict[str, Any]:
         "expires_at": _iso(record.expires_at),
         "ip_allowlist": list(record.ip_allowlist),
         "rate_limit": record.rate_limit,
-        "totp": record.totp_secret is not None,
+        "totp": record.totp_enabled,
         "revoked": record.revoked,
     }
 
 
-def _iso(value: Any) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, (int, float)):
-        value = datetime.fromtimestamp(value, UTC)
-    return str(value.isoformat())
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
 
 
 @router.post("/admin/keys", status_code=201, summary="Create an API key (secret shown once)")

@@ -48,10 +48,13 @@ async def clean(body: CleanRequest, state: StateDep) -> dict[str, Any]:
             rules = Cleaning.model_validate(body.rules or {})
         except ValidationError as exc:
             raise ApiError(422, "rules." + describe_validation(exc.errors())) from None
-    text = clean_text(body.text, rules)
+    chunked = None
+    if body.chunk and body.index is not None:  # the index cleans and chunks, as on upsert
+        chunked = await state.call_index(body.index, "chunk", body.text)
+    text = chunked["text"] if chunked else clean_text(body.text, rules)
     out: dict[str, Any] = {"text": text, "chars_in": len(body.text), "chars_out": len(text)}
-    if body.chunk and body.index is not None:
-        out["chunks"] = await state.call_index(body.index, "chunk", body.text)
+    if chunked:
+        out["chunks"] = chunked["chunks"]
     return out
 
 
