@@ -35,7 +35,7 @@ def serve(home: str, port: int, on: bool) -> None:
 
     from dify_serving.gateway.app import create_app
     from dify_serving.gateway.state import GatewayState
-    from dify_serving.render import GatewayOptions, SecurityOptions
+    from dify_serving.options import GatewayOptions, SecurityOptions
 
     options = GatewayOptions(home=home, security=SecurityOptions(enabled=on))
     app = create_app(GatewayState(options))
@@ -79,11 +79,12 @@ def _rate(port: int, headers: dict[str, str]) -> float:
 
 
 def security_rows(free_port: int, other_port: int) -> list[tuple[str, str, str, str]]:
-    from dify_serving.security.keys import KeyStore, sqlite_url
+    from dify_serving.security.db import database_url
+    from dify_serving.security.keys import KeyStore
     from dify_serving.security.secrets import key_pepper
 
     home = Path(tempfile.mkdtemp(prefix="dify-bench-sec-"))
-    keys = KeyStore(sqlite_url(home / "keys.db"), key_pepper(home))
+    keys = KeyStore(database_url(home, None, "keys"), key_pepper(home))
     key = keys.create("bench", ["inference"], rate_limit={"requests_per_minute": 1_000_000_000}).key
     keys.close()
     env = {**os.environ, "DIFY_MIRROR_KEY_PEPPER": key_pepper(home).decode()}

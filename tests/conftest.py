@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -27,6 +27,17 @@ API_KEY = os.environ.setdefault(
     "DIFY_MIRROR_BOOTSTRAP_KEY", "dm_testadmin001_T3stS3cretT3stS3cretT3stS3cretAB"
 )
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
+def require_service(name: str, probe: Callable[[], object]) -> None:
+    """Skip when a local service is down; under CI (`CI=true`) that is a failure instead."""
+    try:
+        probe()
+    except Exception as exc:
+        message = f"{name} is not reachable at its local address: {exc}"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(message)
+        pytest.skip(message)
 
 
 def free_port() -> int:
@@ -91,7 +102,13 @@ def session_state(tiny_dir: Path) -> DesiredState:
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path) -> Iterator[LocalStack]:
     home = tmp_path_factory.mktemp("home")
-    settings = Settings(home=home, port=free_port(), ray_num_cpus=2, ray_dashboard_port=free_port())
+    settings = Settings(
+        home=home,
+        port=free_port(),
+        ray_num_cpus=2,
+        ray_dashboard_port=free_port(),
+        model_roots=[str(tiny_dir), str(home / "models")],
+    )
     local = LocalStack(settings, object_store_memory=150 * 1024 * 1024)
     local.start()
     try:

@@ -1,7 +1,8 @@
 """The audit trail, run against both stores: SQLite (a file in tmp_path) and PostgreSQL.
 
 PostgreSQL tests use a throwaway database created for the session on 127.0.0.1:5432 and dropped
-at the end; they are skipped, with the reason, when no server answers there.
+at the end; they are skipped, with the reason, when no server answers there (under CI
+they fail instead).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import require_service
 from sqlalchemy import create_engine, text
 
 from dify_serving.security import audit
@@ -57,10 +59,7 @@ def maintenance(sql: str) -> None:
 @pytest.fixture(scope="session")
 def pg_url() -> Iterator[str]:
     name = f"dify_audit_test_{uuid.uuid4().hex[:12]}"
-    try:
-        maintenance(f'CREATE DATABASE "{name}"')
-    except Exception as err:
-        pytest.skip(f"no PostgreSQL at 127.0.0.1:5432: {err}")
+    require_service("PostgreSQL", lambda: maintenance(f'CREATE DATABASE "{name}"'))
     yield f"{PG_SERVER}/{name}"
     maintenance(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 

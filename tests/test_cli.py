@@ -64,6 +64,7 @@ def test_serve_runs_until_interrupted(tmp_path: Path, tiny_dir: Path) -> None:
         "DIFY_MIRROR_HOME": str(tmp_path / "home"),
         "DIFY_MIRROR_RAY_DASHBOARD_PORT": str(free_port()),
         "DIFY_MIRROR_RAY_NUM_CPUS": "1",
+        "DIFY_MIRROR_MODEL_ROOTS": str(tiny_dir),
     }
     proc = subprocess.Popen(
         [*CLI, "serve", "-f", str(path), "--port", str(port)],

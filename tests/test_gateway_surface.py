@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 
 from dify_serving.gateway.app import create_app
 from dify_serving.gateway.state import GatewayState
-from dify_serving.render import GatewayOptions
+from dify_serving.options import GatewayOptions
 
 
 def test_openapi_describes_every_route(client: httpx.Client) -> None:

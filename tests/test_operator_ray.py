@@ -49,8 +49,8 @@ async def cluster(tmp_path: Path) -> AsyncIterator[dict[str, Any]]:
             assert dashboard.startswith("http://"), "Ray did not start"
             config = OperatorSettings(
                 ray_dashboard=dashboard,
-                serve_host="127.0.0.1",
-                serve_port=free_port(),
+                host="127.0.0.1",
+                port=free_port(),
                 home=str(tmp_path / "home"),
                 status_period_s=0.5,
                 ready_period_s=2,
@@ -106,7 +106,7 @@ async def test_model_lifecycle_through_the_operator(cluster: dict[str, Any]) -> 
         reasons = {e.get("reason") for e in await kube.events_for("demo")}
         assert {"Applied", "Ready"} <= reasons
 
-        base = f"http://127.0.0.1:{config.serve_port}"
+        base = f"http://127.0.0.1:{config.port}"
         async with httpx.AsyncClient(base_url=base, timeout=60, headers=AUTH) as http:
             for _ in range(120):  # the gateway lists DifyModels every 2 s
                 r = await http.post(
@@ -140,7 +140,7 @@ async def test_model_lifecycle_through_the_operator(cluster: dict[str, Any]) -> 
             deployed = (await http.get(f"{cluster['dashboard']}/api/serve/applications/")).json()
             config_without = {
                 "proxy_location": "HeadOnly",
-                "http_options": {"host": "127.0.0.1", "port": config.serve_port},
+                "http_options": {"host": "127.0.0.1", "port": config.port},
                 "applications": [
                     a["deployed_app_config"]
                     for n, a in deployed["applications"].items()

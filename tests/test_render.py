@@ -8,7 +8,8 @@ from pathlib import Path
 from conftest import index_doc
 
 from dify_serving.manifests import load_file, parse_documents
-from dify_serving.render import GatewayOptions, ServeOptions, render_serve_config
+from dify_serving.options import GatewayOptions, ServeOptions
+from dify_serving.render import render_serve_config
 from dify_serving.status import failure_reason, model_status
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,12 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import API_KEY
+from conftest import API_KEY, require_service
 from fastapi.testclient import TestClient
 
 from dify_serving.gateway.app import create_app
 from dify_serving.gateway.state import GatewayState
-from dify_serving.render import GatewayOptions, SecurityOptions
+from dify_serving.options import GatewayOptions, SecurityOptions
+from dify_serving.security.secrets import Secrets
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
@@ -21,9 +22,13 @@ AUTH = {"Authorization": f"Bearer {API_KEY}"}
 _APPS: list[Any] = []
 
 
-def gateway(home: Path, peer: str = "127.0.0.1", **security: Any) -> TestClient:
-    options = GatewayOptions(home=str(home), security=SecurityOptions(**security))
-    app = create_app(GatewayState(options))
+def gateway(
+    home: Path, peer: str = "127.0.0.1", redis_url: str | None = None, **security: Any
+) -> TestClient:
+    options = GatewayOptions(
+        home=str(home), security=SecurityOptions(redis=redis_url is not None, **security)
+    )
+    app = create_app(GatewayState(options), Secrets(home, redis_url=redis_url))
     _APPS.append(app)
     return TestClient(app, client=(peer, 40000), raise_server_exceptions=False)
 
@@ -266,10 +271,9 @@ def postgres_url() -> Iterator[str]:
     import psycopg
 
     name = f"dm_gateway_{uuid.uuid4().hex[:10]}"
-    try:
-        admin = psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True)
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"no PostgreSQL at 127.0.0.1:5432: {exc}")
+    url = "postgresql://postgres@127.0.0.1:5432/postgres"
+    require_service("PostgreSQL", lambda: psycopg.connect(url, connect_timeout=3).close())
+    admin = psycopg.connect(url, autocommit=True)
     admin.execute(f'CREATE DATABASE "{name}"')
     try:
         yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
@@ -282,7 +286,7 @@ def test_keys_and_audit_live_in_postgresql_when_configured(home: Path, postgres_
     from dify_serving.gateway.security import Guard
     from dify_serving.security.audit import AuditLog
 
-    guard = Guard(SecurityOptions(database_url=postgres_url), home)
+    guard = Guard(SecurityOptions(database=True), home, Secrets(home, database_url=postgres_url))
     try:
         created = guard.keys.create("pg", ["inference"])
         auth = [(b"authorization", f"Bearer {created.key}".encode())]

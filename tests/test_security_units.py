@@ -28,8 +28,10 @@ import pyotp
 import pytest
 import redis
 import sqlalchemy as sa
+from conftest import require_service
 
 from dify_serving.security import keys as keys_module
+from dify_serving.security.db import database_url
 from dify_serving.security.keys import (
     AuthError,
     KeyRecord,
@@ -37,7 +39,6 @@ from dify_serving.security.keys import (
     allows,
     api_keys,
     parse_key,
-    sqlite_url,
 )
 from dify_serving.security.network import Allowlist, client_ip, parse_cidrs, parse_ip
 from dify_serving.security.ratelimit import (
@@ -88,6 +89,7 @@ class FakeWallClock:
 @pytest.fixture()
 def prefix() -> Iterator[str]:
     value = f"test-{uuid.uuid4().hex[:12]}:"
+    require_service("Redis", lambda: redis.Redis.from_url(REDIS_URL, socket_timeout=2).ping())
     yield value
     client = redis.Redis.from_url(REDIS_URL)
     stale = list(client.scan_iter(match=value + "*", count=1000))
@@ -99,6 +101,7 @@ def prefix() -> Iterator[str]:
 @pytest.fixture(scope="module")
 def pg_database() -> Iterator[str]:
     name = f"dm_test_{uuid.uuid4().hex[:12]}"
+    require_service("PostgreSQL", lambda: psycopg.connect(PG_ADMIN, connect_timeout=3).close())
     with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
@@ -109,7 +112,7 @@ def pg_database() -> Iterator[str]:
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
-        yield sqlite_url(tmp_path / "db" / "keys.db")
+        yield database_url(tmp_path / "db", None, "keys")
         return
     url: str = request.getfixturevalue("pg_database")
     yield url
@@ -679,10 +682,11 @@ def test_bootstrap_imports_the_env_key(store: KeyStore, tmp_path: Path) -> None:
     assert store.ensure_bootstrap(env_key, path) is None
 
 
-def test_bootstrap_with_a_malformed_env_key_generates_one(store: KeyStore, tmp_path: Path) -> None:
+def test_a_malformed_bootstrap_key_is_refused_not_replaced(store: KeyStore, tmp_path: Path) -> None:
     path = tmp_path / "bootstrap.key"
-    key = store.ensure_bootstrap("dm_short_x", path)
-    assert key is not None and key != "dm_short_x" and path.read_text().strip() == key
+    with pytest.raises(ValueError, match=r"dm_<12 lowercase letters or digits>_<32\+ characters>"):
+        store.ensure_bootstrap("dm_short_x", path)
+    assert not path.exists() and store.list() == []
 
 
 def test_bootstrap_skipped_when_an_admin_key_exists(store: KeyStore, tmp_path: Path) -> None:

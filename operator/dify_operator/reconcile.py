@@ -21,7 +21,8 @@ from pydantic import ValidationError
 from dify_operator.settings import OperatorSettings
 from dify_serving.control import RayDashboard
 from dify_serving.manifests import DesiredState
-from dify_serving.render import GatewayOptions, ServeOptions, model_app_name, render_serve_config
+from dify_serving.options import ServeOptions
+from dify_serving.render import model_app_name, render_serve_config
 from dify_serving.specs import (
     DifyIndex,
     DifyIndexSpec,
@@ -85,17 +86,8 @@ def desired_state(
 
 
 def serve_options(settings: OperatorSettings) -> ServeOptions:
-    return ServeOptions(
-        host=settings.serve_host,
-        port=settings.serve_port,
-        qdrant_url=settings.qdrant_url,
-        gateway=GatewayOptions(
-            modules=[m.strip() for m in settings.modules.split(",") if m.strip()],
-            home=settings.home,
-            control="kubernetes",
-            dashboard_url=settings.ray_dashboard,
-        ),
-    )
+    """The same options a local stack builds from the same environment, cluster-controlled."""
+    return settings.serve_options(control="kubernetes", dashboard_url=settings.ray_dashboard)
 
 
 def config_hash(config: Mapping[str, Any]) -> str:

@@ -1,15 +1,24 @@
-"""Operator settings: one object from `DIFY_MIRROR_*` variables, built at start-up."""
+"""Operator settings: the shared `Settings` plus how the operator watches Kubernetes.
+
+Every gateway, model and index setting is inherited, not declared again, so the gateway
+the operator renders gets the same options a local `dify-mirror serve` would give it
+from the same environment (`Settings.serve_options`). Only the defaults that differ in
+a cluster are overridden here.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from dify_serving.settings import Settings
 
 
-class OperatorSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="DIFY_MIRROR_", extra="ignore")
-
-    ray_dashboard: str = Field(
+class OperatorSettings(Settings):
+    host: str = Field("0.0.0.0", description="Serve HTTP host on the Ray head.")
+    home: Path = Field(Path("/tmp/dify-mirror"), description="State folder on the Ray nodes.")
+    ray_dashboard: str = Field(  # type: ignore[assignment]
         "http://dify-mirror-ray-head:8265", description="Ray dashboard URL of the cluster."
     )
     namespace: str | None = Field(
@@ -18,13 +27,6 @@ class OperatorSettings(BaseSettings):
     cluster_wide: bool = Field(False, description="Watch every namespace.")
     gateway_url: str = Field(
         "http://dify-mirror-gateway:8000", description="Where users reach the gateway."
-    )
-    serve_host: str = Field("0.0.0.0", description="Serve HTTP host on the Ray head.")
-    serve_port: int = Field(8000, description="Serve HTTP port on the Ray head.")
-    home: str = Field("/tmp/dify-mirror", description="State folder on the Ray nodes.")
-    modules: str = Field("models,inference,openai,data", description="Gateway modules.")
-    qdrant_url: str | None = Field(
-        None, description="Qdrant server for indexes with store type embedded (None: on disk)."
     )
     status_period_s: float = Field(3.0, gt=0, description="Status refresh while not Ready.")
     ready_period_s: float = Field(30.0, gt=0, description="Status refresh once Ready.")

@@ -9,6 +9,8 @@ import sys
 import threading
 from typing import Any
 
+from pydantic import ValidationError
+
 from dify_serving.manifests import ManifestError, load_file
 from dify_serving.security import cli as security_cli
 from dify_serving.settings import Settings
@@ -25,6 +27,7 @@ def _table(statuses: dict[str, dict[str, Any]]) -> str:
 def cmd_serve(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in {"host": args.host, "port": args.port}.items() if v}
     settings = Settings(**overrides)
+    settings.serve_options()  # refuse bad combinations before anything starts
     state = load_file(args.file)
     from dify_serving.local import LocalStack, ensure_home
 
@@ -127,6 +130,14 @@ def main(argv: list[str] | None = None) -> int:
         return code
     except ManifestError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ValidationError as exc:  # a setting: one line each, naming the variable
+        for error in exc.errors():
+            where = ".".join(str(p) for p in error["loc"])
+            message = error["msg"].removeprefix("Value error, ")
+            if where:
+                message = f"DIFY_MIRROR_{where.upper()}: {message}"
+            print(f"error: {message}", file=sys.stderr)
         return 2
 
 

@@ -15,6 +15,7 @@ from typing import Any
 from ray import serve
 
 from dify_serving.engines import load_engine
+from dify_serving.options import ModelSourceOptions
 from dify_serving.specs import DifyModelSpec
 
 log = logging.getLogger("dify_serving.model")
@@ -22,11 +23,14 @@ log = logging.getLogger("dify_serving.model")
 
 @serve.deployment(name="ModelServer")
 class ModelServer:
-    async def __init__(self, name: str, spec: dict[str, Any], home: str) -> None:  # type: ignore[misc]
+    async def __init__(  # type: ignore[misc]
+        self, name: str, spec: dict[str, Any], home: str, sources: dict[str, Any] | None = None
+    ) -> None:
         self.name = name
         self.spec = DifyModelSpec.model_validate(spec)
+        allowed = ModelSourceOptions.model_validate(sources or {})
         # Embeddings batch inside the engine (continuous batching across requests).
-        self.engine = load_engine(name, self.spec, Path(home))
+        self.engine = load_engine(name, self.spec, Path(home), allowed)
         await self.engine.start()
 
     async def info(self) -> dict[str, Any]:
@@ -56,4 +60,4 @@ class ModelServer:
 def build_model_app(args: dict[str, Any]) -> Any:
     """Serve application builder (the `import_path` of every model app)."""
     app: Any = ModelServer
-    return app.bind(args["name"], args["spec"], args["home"])
+    return app.bind(args["name"], args["spec"], args["home"], args.get("sources"))

@@ -15,13 +15,9 @@ from typing import Any
 
 from dify_serving.control import RayDashboard
 from dify_serving.manifests import DesiredState
-from dify_serving.render import (
-    GatewayOptions,
-    ServeOptions,
-    render_serve_config,
-    servable_indexes,
-)
-from dify_serving.settings import Settings
+from dify_serving.options import ServeOptions
+from dify_serving.render import render_serve_config, servable_indexes
+from dify_serving.settings import SECRET_NAMES, Settings
 from dify_serving.specs import Phase
 from dify_serving.status import index_status, model_status
 from dify_serving.store import LocalStateStore
@@ -55,24 +51,23 @@ class LocalStack:
         )
         url = f"http://{ctx.dashboard_url}"
         self.dashboard = RayDashboard(url, token=_token())
-        self.options = ServeOptions(
-            host=self.settings.host,
-            port=self.settings.port,
-            proxy_port=proxy_port,
-            qdrant_url=self.settings.qdrant_url,
-            gateway=GatewayOptions(
-                listen_host=self.settings.host if proxy_port else None,
-                listen_port=self.settings.port if proxy_port else None,
-                modules=self.settings.modules,
-                default_model=self.settings.default_model,
-                home=str(self.settings.state_dir),
-                dashboard_url=url,
-                replicas=self.settings.gateway_replicas,
-                max_document_bytes=self.settings.max_document_bytes,
-                security=self.settings.security_options(),
-            ),
-        )
+        self.options = self.settings.serve_options(proxy_port=proxy_port, dashboard_url=url)
+        self._leave_secrets()
         return url
+
+    def _leave_secrets(self) -> None:
+        """Secrets given to this process reach its replicas as files under home/secrets.
+
+        Replicas inherit this environment, so a secret from a `DIFY_MIRROR_*` variable
+        needs nothing more; one passed to `Settings` directly is written (mode 0600).
+        """
+        from dify_serving.security.secrets import read_secret, write_secret
+
+        home = self.settings.state_dir
+        for name in SECRET_NAMES:
+            value = self.settings.secret(name)
+            if value is not None and read_secret(name, home) != value:
+                write_secret(home, name, value)
 
     def _fast_path_environment(self) -> int | None:
         """Cut Serve's per-request CPU; returns the proxy's (internal) port, if moved.

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from dify_serving.options import ModelSourceOptions
 from dify_serving.specs import DifyModelSpec, Task
 
 
@@ -138,11 +139,13 @@ def _gpu_info() -> list[dict[str, Any]]:
     return out
 
 
-def load_engine(name: str, spec: DifyModelSpec, home: Path) -> Engine:
-    """Resolve the weights and build the engine for `spec.task`."""
+def load_engine(
+    name: str, spec: DifyModelSpec, home: Path, sources: ModelSourceOptions | None = None
+) -> Engine:
+    """Resolve the weights (under the allowed roots) and build the engine for `spec.task`."""
     from dify_serving.engines import weights
 
-    path = weights.resolve(spec.model_id, home)
+    path = weights.resolve(spec.model_id, home, sources)
     if spec.task == Task.TEXT_GENERATION:
         from dify_serving.engines.textgen import TextGenerationEngine
 

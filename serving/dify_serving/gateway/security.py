@@ -30,9 +30,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from dify_serving.gateway.errors import error_body
 from dify_serving.gateway.notes import NOTES
 from dify_serving.gateway.policy import Rule, rule_for
-from dify_serving.render import SecurityOptions
+from dify_serving.options import SecurityOptions
 from dify_serving.security.audit_ship import AuditShipper
-from dify_serving.security.keys import AuthError, KeyRecord, KeyStore, allows, sqlite_url
+from dify_serving.security.db import database_url
+from dify_serving.security.keys import AuthError, KeyRecord, KeyStore, allows
 from dify_serving.security.network import Allowlist, client_ip, parse_cidrs
 from dify_serving.security.ratelimit import (
     Decision,
@@ -41,7 +42,7 @@ from dify_serving.security.ratelimit import (
     RedisLimiter,
     RouteLimits,
 )
-from dify_serving.security.secrets import bootstrap_key, key_pepper
+from dify_serving.security.secrets import Secrets, bootstrap_key, key_pepper
 from dify_serving.security.totp import OtpGuard, OtpUnavailable
 
 log = logging.getLogger("dify_serving.security")
@@ -67,27 +68,30 @@ class _Refusal(Exception):
 class Guard:
     """The security components one gateway replica uses."""
 
-    def __init__(self, config: SecurityOptions, home: Path) -> None:
+    def __init__(self, config: SecurityOptions, home: Path, secrets: Secrets | None = None) -> None:
         self.config = config
+        secrets = secrets or Secrets.load(home)
+        secrets.require(database=config.database, redis=config.redis)
+        database = secrets.database_url if config.database else None
+        redis_url = secrets.redis_url if config.redis else None
         pepper = key_pepper(home)
-        keys_url = config.database_url or sqlite_url(home / "keys.db")
-        self.keys = KeyStore(keys_url, pepper)
-        self.keys.ensure_bootstrap(bootstrap_key(), home / "bootstrap.key")
+        self.keys = KeyStore(database_url(home, database, "keys"), pepper)
+        self.keys.ensure_bootstrap(bootstrap_key(home), home / "bootstrap.key")
         self.audit = AuditShipper(
-            config.database_url or f"sqlite:///{home.resolve() / 'audit.db'}",
+            database_url(home, database, "audit"),
             retention_days=config.retention_days,
             allow_short_retention=config.allow_short_retention,
         )
         self.limiter: Any = (
-            RedisLimiter(config.redis_url, prefix="dm:rl:", fail_open=config.fail_open)
-            if config.redis_url
+            RedisLimiter(redis_url, prefix="dm:rl:", fail_open=config.fail_open)
+            if redis_url
             else MemoryLimiter()
         )
         self.route_limits = RouteLimits(self.limiter, config.route_limits)
         self._purger: asyncio.Task[None] | None = None
         # header → (key, until): skips parsing, hashing and the store's cache for a second
         self._recent: dict[bytes, tuple[KeyRecord, float]] = {}
-        self.otp = OtpGuard(redis_url=config.redis_url)
+        self.otp = OtpGuard(redis_url=redis_url)
         self.trusted = parse_cidrs(config.trusted_proxies)
         self.allowlist = Allowlist(config.ip_allowlist)
 

@@ -23,8 +23,8 @@ from dify_serving.engines.base import EngineError
 from dify_serving.gateway.errors import ApiError
 from dify_serving.gateway.notes import note
 from dify_serving.manifests import DesiredState
+from dify_serving.options import GatewayOptions
 from dify_serving.render import (
-    GatewayOptions,
     index_app_name,
     model_app_name,
     render_serve_config,

@@ -40,6 +40,7 @@ from dify_serving.knowledge.stores import (
     open_store,
     point_id,
 )
+from dify_serving.options import ModelSourceOptions
 from dify_serving.render import model_app_name
 from dify_serving.specs import DifyIndexSpec, DifyModelSpec
 
@@ -61,6 +62,7 @@ class IndexServer:
         model: dict[str, Any],
         home: str,
         qdrant_url: str | None = None,
+        sources: dict[str, Any] | None = None,
     ) -> None:
         from transformers import AutoConfig, AutoTokenizer
 
@@ -70,7 +72,8 @@ class IndexServer:
         self.spec = DifyIndexSpec.model_validate(spec)
         self.model_name: str = model["name"]
         model_spec = DifyModelSpec.model_validate(model["spec"])
-        path = resolve(model_spec.model_id, Path(home))
+        allowed = ModelSourceOptions.model_validate(sources or {})
+        path = resolve(model_spec.model_id, Path(home), allowed)
         tokenizer = AutoTokenizer.from_pretrained(path, revision=model_spec.revision)
         config = AutoConfig.from_pretrained(path, revision=model_spec.revision)
         self.dimension = int(config.hidden_size)
@@ -326,5 +329,10 @@ IndexDeployment: Any = serve.deployment(name="IndexServer")(IndexServer)
 def build_index_app(args: dict[str, Any]) -> Any:
     """Serve application builder (the `import_path` of every index app)."""
     return IndexDeployment.bind(
-        args["name"], args["spec"], args["model"], args["home"], args.get("qdrant_url")
+        args["name"],
+        args["spec"],
+        args["model"],
+        args["home"],
+        args.get("qdrant_url"),
+        args.get("sources"),
     )

@@ -76,7 +76,6 @@ from sqlalchemy import (
     String,
     Table,
     Text,
-    create_engine,
     delete,
     event,
     exc,
@@ -85,7 +84,8 @@ from sqlalchemy import (
     select,
     text,
 )
-from sqlalchemy.engine import URL, make_url
+
+from dify_serving.security.db import create_engine, database_url
 
 log = logging.getLogger(__name__)
 
@@ -227,9 +227,9 @@ class AuditLog:
         self._writer.start()
 
     @classmethod
-    def from_settings_like(cls, database_url: str | None, home: Path, **kw: Any) -> AuditLog:
+    def from_settings_like(cls, configured: str | None, home: Path, **kw: Any) -> AuditLog:
         """Open the shared database when one is configured, else `home/audit.db`."""
-        return cls(database_url or f"sqlite:///{Path(home) / 'audit.db'}", **kw)
+        return cls(database_url(home, configured, "audit"), **kw)
 
     @property
     def dropped(self) -> int:
@@ -505,35 +505,15 @@ def _checked_retention(days: int, allow_short: bool) -> int:
 
 
 def _engine_for(url: str) -> Engine:
-    parsed = make_url(url)
-    if parsed.drivername == "postgresql":
-        parsed = parsed.set(drivername="postgresql+psycopg")
-    backend = parsed.get_backend_name()
-    if backend == "sqlite":
-        return _sqlite_engine(parsed)
-    if backend == "postgresql":
-        return create_engine(parsed, pool_pre_ping=True, connect_args={"connect_timeout": 5})
-    raise ValueError(f"audit log needs a sqlite:/// or postgresql:// URL, not {backend!r}")
-
-
-def _sqlite_engine(url: URL) -> Engine:
-    if not url.database or url.database == ":memory:" or url.database.startswith("file:"):
-        raise ValueError("the SQLite audit log needs a file path: sqlite:///path/to/audit.db")
-    Path(url.database).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, connect_args={"timeout": 30})
-    event.listen(engine, "connect", _sqlite_connect)
-    event.listen(engine, "begin", _sqlite_begin)
+    engine = create_engine(url, file_only=True)
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", _sqlite_connect)
+        event.listen(engine, "begin", _sqlite_begin)
     return engine
 
 
 def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
-    dbapi_connection.isolation_level = None
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    # WAL + NORMAL: a commit survives the process crashing (it is in the WAL); only a
-    # power cut can take the last commits. No fsync per batch on the writer's path.
-    cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.close()
+    dbapi_connection.isolation_level = None  # we say BEGIN (IMMEDIATE) ourselves
 
 
 def _sqlite_begin(conn: Connection) -> None:

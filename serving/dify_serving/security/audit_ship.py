@@ -37,7 +37,7 @@ class AuditShipper:
 
     def __init__(self, url: str, **options: Any) -> None:
         self.reader = AuditLog(url, **options)  # reads, and the schema; its writer stays idle
-        self._args = json.dumps({"url": url, "options": options})
+        self._args = json.dumps({"url": url, "options": options}).encode() + b"\n"
         self._buffer: list[tuple[Any, ...]] = []
         self._lock = threading.Lock()
         self._timer: asyncio.TimerHandle | None = None
@@ -47,11 +47,15 @@ class AuditShipper:
         self._spawn()
 
     def _spawn(self) -> None:
+        """Start the writer; its database URL (a secret) goes through stdin, never argv."""
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "dify_serving.security.audit_ship", self._args],
+            [sys.executable, "-m", "dify_serving.security.audit_ship"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
         )
+        assert self._proc.stdin is not None
+        self._proc.stdin.write(self._args)
+        self._proc.stdin.flush()
 
     # ---- writes -------------------------------------------------------------------------
     def record(self, entry: AuditEntry) -> None:
@@ -130,7 +134,8 @@ class AuditShipper:
         return getattr(self.reader, name)
 
 
-def _serve(args: dict[str, Any], stdin: IO[bytes], stdout: IO[bytes]) -> None:
+def _serve(stdin: IO[bytes], stdout: IO[bytes]) -> None:
+    args = json.loads(stdin.readline())
     audit = AuditLog(args["url"], **args["options"])
     try:
         while True:
@@ -148,4 +153,4 @@ def _serve(args: dict[str, Any], stdin: IO[bytes], stdout: IO[bytes]) -> None:
 
 
 if __name__ == "__main__":
-    _serve(json.loads(sys.argv[1]), sys.stdin.buffer, sys.stdout.buffer)
+    _serve(sys.stdin.buffer, sys.stdout.buffer)

@@ -23,14 +23,16 @@ from dify_serving.settings import Settings
 
 def _stores(settings: Settings) -> tuple[Any, Any]:
     from dify_serving.security.audit import AuditLog
-    from dify_serving.security.keys import KeyStore, sqlite_url
+    from dify_serving.security.db import database_url
+    from dify_serving.security.keys import KeyStore
     from dify_serving.security.secrets import key_pepper
 
     home = settings.state_dir
     home.mkdir(parents=True, exist_ok=True)
-    keys = KeyStore(settings.database_url or sqlite_url(home / "keys.db"), key_pepper(home))
+    configured = settings.secret("database_url")
+    keys = KeyStore(database_url(home, configured, "keys"), key_pepper(home))
     audit = AuditLog.from_settings_like(
-        settings.database_url,
+        configured,
         home,
         retention_days=settings.audit_retention_days,
         allow_short_retention=settings.audit_allow_short_retention,

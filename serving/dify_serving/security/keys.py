@@ -26,8 +26,6 @@ import hashlib
 import hmac
 import logging
 import math
-import os
-import re
 import secrets
 import string
 import threading
@@ -40,12 +38,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Dialect, Engine, make_url
-from sqlalchemy.pool import StaticPool
+from sqlalchemy.engine import Dialect
 
+from dify_serving.security.db import create_engine
 from dify_serving.security.network import parse_cidrs
+from dify_serving.security.secrets import write_private
 from dify_serving.security.totp import new_secret as new_totp_secret
 from dify_serving.security.totp import provisioning_uri
+from dify_serving.settings import KEY_SHAPE, KEY_SHAPE_TEXT
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,6 @@ BOOTSTRAP_NAME = "bootstrap"
 _ID_ALPHABET = string.ascii_lowercase + string.digits
 _SECRET_ALPHABET = string.ascii_letters + string.digits
 # Imported keys may carry any urlsafe secret; the id never contains "_", so the split is exact.
-_KEY_SHAPE = re.compile(rf"dm_([a-z0-9]{{{ID_LENGTH}}})_([A-Za-z0-9_-]{{32,256}})")
 _MAX_KEY_CHARS = 3 + ID_LENGTH + 1 + 256
 
 AuthReason = Literal["malformed", "unknown_id", "bad_secret", "expired", "revoked"]
@@ -149,13 +148,8 @@ def parse_key(presented: str | None) -> tuple[str, str] | None:
     """(id, secret) of a well-formed key, else None."""
     if not isinstance(presented, str) or len(presented) > _MAX_KEY_CHARS:
         return None
-    match = _KEY_SHAPE.fullmatch(presented)
+    match = KEY_SHAPE.fullmatch(presented)
     return (match[1], match[2]) if match else None
-
-
-def sqlite_url(path: str | Path) -> str:
-    """The URL of a SQLite key database file (the single-machine default)."""
-    return f"sqlite:///{Path(path).resolve()}"
 
 
 def _new_id() -> str:
@@ -211,35 +205,6 @@ api_keys = sa.Table(
 _PUBLIC_COLUMNS = [c for c in api_keys.c if c.name != "secret_hash"]
 
 
-def _engine(url: str) -> Engine:
-    parsed = make_url(url)
-    if parsed.get_backend_name() != "sqlite":
-        return sa.create_engine(parsed, pool_pre_ping=True)
-    database = parsed.database
-    if not database or database == ":memory:":
-        return sa.create_engine(
-            parsed, poolclass=StaticPool, connect_args={"check_same_thread": False}
-        )
-    if not database.startswith("file:"):
-        Path(database).parent.mkdir(parents=True, exist_ok=True)
-    # Writers wait for each other (bootstrap races) instead of failing with "locked".
-    return sa.create_engine(parsed, connect_args={"timeout": 30})
-
-
-def _write_private(path: Path, text: str) -> None:
-    """Write `text` to `path` readable by the owner only, replacing it atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.write(fd, text.encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-
-
 class KeyStore:
     """API keys in a SQL database, with an in-memory cache of verified keys."""
 
@@ -252,7 +217,7 @@ class KeyStore:
         cache_size: int = 10_000,
         clock: Callable[[], datetime] = _utcnow,
     ) -> None:
-        self.engine = _engine(url)
+        self.engine = create_engine(url)
         self._pepper = pepper
         self._clock = clock
         self._cache_ttl_s = cache_ttl_s
@@ -424,7 +389,7 @@ class KeyStore:
         """
         parts = parse_key(key) if key else None
         if key and parts is None:
-            log.warning("bootstrap key is malformed (want dm_<id>_<secret>); generating one")
+            raise ValueError(f"DIFY_MIRROR_BOOTSTRAP_KEY must look like {KEY_SHAPE_TEXT}")
         if self._has_admin():
             return None
         key_id, secret = parts if parts else (_new_id(), _new_secret())
@@ -434,7 +399,7 @@ class KeyStore:
             with self.engine.begin() as conn:
                 conn.execute(api_keys.insert().values(row))
                 if parts is None:
-                    _write_private(path, presented + "\n")
+                    write_private(path, presented + "\n")
         except sa.exc.IntegrityError:
             return None
         return presented

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from dify_serving.manifests import DesiredState, parse_documents
-from dify_serving.render import ServeOptions
+from dify_serving.options import ServeOptions
 
 
 class LocalStateStore:

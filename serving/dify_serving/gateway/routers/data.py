@@ -93,7 +93,7 @@ def _check_documents(body: UpsertRequest, limit: int) -> None:
 @router.post("/data/upsert", summary="Clean, chunk, embed and store documents (replace by id)")
 async def upsert(body: UpsertRequest, state: StateDep) -> dict[str, Any]:
     state.index(body.index)
-    _check_documents(body, state.options.max_document_bytes)
+    _check_documents(body, state.options.limits.max_document_bytes)
     docs = [doc.model_dump() for doc in body.documents]
     note_text("\n\n".join(f"[{d.id}] {d.text[:TEXT_CHARS]}" for d in body.documents))
     result: dict[str, Any] = await state.call_index(body.index, "upsert", docs)
