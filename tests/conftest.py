@@ -86,7 +86,7 @@ def session_state(tiny_dir: Path) -> DesiredState:
             model_doc("sentiment", str(tiny_dir / "clf"), "text-classification"),
             model_doc("vit", str(tiny_dir / "vit"), "image-classification"),
             model_doc("captioner", str(tiny_dir / "cap"), "image-to-text"),
-            model_doc("broken", "/nonexistent/weights", "text-generation"),
+            model_doc("broken", str(tiny_dir / "no-weights"), "text-generation"),
             index_doc(
                 "kb",
                 "minilm",
