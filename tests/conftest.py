@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -23,6 +24,9 @@ from dify_serving.settings import Settings
 
 #: The admin key every stack the tests start is bootstrapped with (Ray workers and
 #: subprocesses inherit the environment).
+#: The session stack keeps Ray Serve's own 4 MiB limit between deployments (the local
+#: stack raises it to 64 MiB), so the tests reach the gateway's 413 for what would not fit.
+os.environ.setdefault("RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH", str(4 * 1024 * 1024))
 API_KEY = os.environ.setdefault(
     "DIFY_MIRROR_BOOTSTRAP_KEY", "dm_testadmin001_T3stS3cretT3stS3cretT3stS3cretAB"
 )
@@ -38,6 +42,16 @@ def require_service(name: str, probe: Callable[[], object]) -> None:
         if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
             pytest.fail(message)
         pytest.skip(message)
+
+
+def wait_for(predicate: Callable[[], bool], timeout_s: float = 10.0) -> bool:
+    """Whether `predicate` came true within `timeout_s` (polled every 20 ms)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
 
 
 def free_port() -> int:
@@ -114,9 +128,26 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path) -> Iterator[
     try:
         local.apply(session_state(tiny_dir))
         local.wait(timeout=600)
+        _gateway_caught_up(f"http://127.0.0.1:{settings.port}")
         yield local
     finally:
         local.stop()
+
+
+def _gateway_caught_up(url: str, timeout: float = 120) -> None:
+    """Until the gateway answers and its own status cache agrees that models settled
+    (it refreshes in the background; `/v1/models/status` refreshes it at once)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            r = httpx.get(f"{url}/v1/models/status", headers=AUTH, timeout=10)
+            phases = [m["phase"] for m in r.json()["models"]] if r.status_code == 200 else []
+            if phases and all(p in ("Ready", "Failed") for p in phases):
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "the gateway never caught up with Serve"
+        time.sleep(0.5)
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,8 @@
 """The audit trail, run against both stores: SQLite (a file in tmp_path) and PostgreSQL.
 
+The chain is keyed (`KEY`); the tail tests keep the head in a checkpoint file as the
+gateway does, then take rows away and expect `verify` to fail.
+
 PostgreSQL tests use a throwaway database created for the session on 127.0.0.1:5432 and dropped
 at the end; they are skipped, with the reason, when no server answers there (under CI
 they fail instead).
@@ -9,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import io
 import json
 import threading
@@ -19,12 +23,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import require_service
+from conftest import require_service, wait_for
 from sqlalchemy import create_engine, text
 
 from dify_serving.security import audit
-from dify_serving.security.audit import GENESIS, AuditEntry, AuditLog
+from dify_serving.security.audit import GENESIS, AuditEntry, AuditLog, CheckpointPlaces
+from dify_serving.security.audit_chain import ChainKey
 
+KEY = b"test-audit-key-0123456789abcdef"
 PG_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432"
 UNREACHABLE_PG = "postgresql+psycopg://postgres@127.0.0.1:1/nowhere"
 DAY = 86_400.0
@@ -79,6 +85,7 @@ def open_log(url: str) -> Iterator[OpenLog]:
 
     def make(**kw: Any) -> AuditLog:
         kw.setdefault("flush_interval_s", 60.0)
+        kw.setdefault("key", KEY)
         log = AuditLog(url, **kw)
         opened.append(log)
         return log
@@ -111,13 +118,8 @@ def all_rows(log: AuditLog, **filters: Any) -> list[dict[str, Any]]:
     return rows
 
 
-def wait_for(predicate: Callable[[], bool], timeout_s: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
+def outcome(report: audit.VerifyReport) -> tuple[bool, int, int | None, str | None]:
+    return report.ok, report.rows_checked, report.first_bad_seq, report.reason
 
 
 def test_round_trip_keeps_every_field(open_log: OpenLog) -> None:
@@ -240,7 +242,7 @@ def test_verify_accepts_an_intact_chain(open_log: OpenLog) -> None:
     log = filled(open_log, [entry(n) for n in range(20)], max_batch=7)
     report = log.verify()
     assert report.ok and report.rows_checked == 20 and report.first_bad_seq is None
-    assert report.summary() == "audit chain ok: 20 rows"
+    assert report.summary().splitlines()[0] == "audit chain ok: 20 rows"
 
 
 def test_verify_detects_an_edited_row(open_log: OpenLog, url: str) -> None:
@@ -272,7 +274,7 @@ def test_purge_removes_old_rows_records_itself_and_still_verifies(open_log: Open
     detail = json.loads(purge_row["detail"])
     assert detail["removed"] == 3 and detail["cutoff"] == NOW - 180 * DAY
     assert detail["anchor_seq"] == 3
-    assert log.verify() == audit.VerifyReport(ok=True, rows_checked=3)
+    assert outcome(log.verify()) == (True, 3, None, None)
     log.record(entry(9))
     log.flush()
     assert log.purge(now=NOW + 200 * DAY) == 4
@@ -299,10 +301,158 @@ def test_verify_detects_tampering_after_purge(open_log: OpenLog, url: str) -> No
     assert (report.ok, report.reason) == (False, audit.ANCHOR_UNVOUCHED)
 
 
+def places(tmp_path: Path) -> CheckpointPlaces:
+    return CheckpointPlaces(file=str(tmp_path / "audit-checkpoint.json"))
+
+
+def checkpointed(open_log: OpenLog, tmp_path: Path, rows: int = 20) -> AuditLog:
+    """A log of `rows` rows whose head is checkpointed in a file, as the gateway keeps it."""
+    log = filled(open_log, [entry(n) for n in range(rows)], checkpoints=places(tmp_path))
+    log.checkpoint()
+    return log
+
+
+def rewrite(url: str, rows: list[dict[str, Any]]) -> None:
+    engine = create_engine(url)
+    try:
+        with engine.begin() as conn:
+            for row in rows:
+                conn.execute(
+                    text(
+                        "UPDATE audit_log SET status = :status, prev_hash = :prev_hash, "
+                        "hash = :hash WHERE seq = :seq"
+                    ),
+                    {name: row[name] for name in ("seq", "status", "prev_hash", "hash")},
+                )
+    finally:
+        engine.dispose()
+
+
+def unkeyed_sha256(row: dict[str, Any]) -> str:
+    """The published unkeyed chain (audit.v1): what anyone with write access could compute."""
+    payload = ["audit.v1", row["seq"], *(row[name] for name in audit.FIELDS), row["prev_hash"]]
+    return hashlib.sha256(json.dumps(payload, separators=(",", ":")).encode()).hexdigest()
+
+
+def test_verify_fails_when_the_newest_rows_are_deleted(
+    open_log: OpenLog, url: str, tmp_path: Path
+) -> None:
+    log = checkpointed(open_log, tmp_path)
+    run_sql(url, "DELETE FROM audit_log WHERE seq > 17")
+    report = log.verify()
+    assert outcome(report) == (False, 17, 18, audit.TAIL_MISSING)
+    assert report.head.seq == 17 and report.checkpoint is not None
+    assert report.checkpoint.seq == 20
+    lines = report.summary().splitlines()
+    assert lines[0] == f"audit chain BROKEN at seq 18: {audit.TAIL_MISSING}"
+    assert lines[1] == f"head:       seq 17 hash {report.head.hash}"
+    assert lines[2].startswith(f"checkpoint: seq 20 hash {report.checkpoint.hash} at ")
+
+
+@pytest.mark.parametrize(
+    "statements",
+    [["DELETE FROM audit_log"], ["DROP TABLE audit_log", "DROP TABLE audit_anchor"]],
+    ids=["emptied", "dropped"],
+)
+def test_verify_fails_when_every_row_is_gone(
+    open_log: OpenLog, url: str, tmp_path: Path, statements: list[str]
+) -> None:
+    checkpointed(open_log, tmp_path)
+    for sql in statements:
+        run_sql(url, sql)
+    report = open_log(checkpoints=places(tmp_path), checkpoint_s=None).verify()
+    assert outcome(report) == (False, 0, 1, audit.TAIL_MISSING)
+    assert report.head == audit.Head(0, GENESIS)
+
+
+@pytest.mark.parametrize("forger", ["plain sha256", "wrong key", "the audit key"])
+def test_a_rebuilt_chain_fails_without_the_key_and_against_the_checkpoint_with_it(
+    open_log: OpenLog, url: str, tmp_path: Path, forger: str
+) -> None:
+    log = checkpointed(open_log, tmp_path)
+    digest = {
+        "plain sha256": unkeyed_sha256,
+        "wrong key": ChainKey(b"not-the-audit-key-0123456789abcd").digest,
+        "the audit key": ChainKey(KEY).digest,
+    }[forger]
+    rows = all_rows(log)
+    rows[6]["status"] = 500  # the change to hide; every later row re-chained
+    prev_hash = rows[5]["hash"]
+    for row in rows[6:]:
+        row["prev_hash"] = prev_hash
+        row["hash"] = prev_hash = digest(row)
+    rewrite(url, rows[6:])
+    report = log.verify()
+    if forger == "the audit key":  # a key holder's rewrite still ends in another head
+        assert outcome(report) == (False, 20, 20, audit.CHECKPOINT_MISMATCH)
+    else:
+        assert outcome(report) == (False, 6, 7, audit.HASH_MISMATCH)
+
+
+def test_the_writer_never_moves_a_checkpoint_past_a_missing_tail(
+    open_log: OpenLog, url: str, tmp_path: Path
+) -> None:
+    log = checkpointed(open_log, tmp_path, rows=10)
+    run_sql(url, "DELETE FROM audit_log WHERE seq > 7")
+    for n in range(10, 15):
+        log.record(entry(n))
+    assert log.flush() == 5  # seq 8..12, chained with the key onto the shortened chain
+    log.checkpoint()
+    report = log.verify()
+    assert outcome(report) == (False, 12, 10, audit.CHECKPOINT_MISMATCH)
+    assert report.head.seq == 12 and report.checkpoint is not None
+    assert report.checkpoint.seq == 10
+
+
+def test_rows_newer_than_the_checkpoint_are_fine(open_log: OpenLog, tmp_path: Path) -> None:
+    log = checkpointed(open_log, tmp_path, rows=10)
+    for n in range(10, 15):
+        log.record(entry(n))
+    log.flush()
+    report = log.verify()
+    assert outcome(report) == (True, 15, None, None)
+    assert report.head.seq == 15 and report.checkpoint is not None
+    assert report.checkpoint.seq == 10
+
+
+@pytest.mark.parametrize("checkpoint_at", [2, 3])
+def test_a_checkpoint_at_or_before_the_purge_anchor_verifies(
+    open_log: OpenLog, tmp_path: Path, checkpoint_at: int
+) -> None:
+    old = [entry(n, time=NOW - 300 * DAY + n) for n in range(3)]
+    log = filled(open_log, old[:checkpoint_at], checkpoints=places(tmp_path))
+    log.checkpoint()
+    for item in [*old[checkpoint_at:], entry(3)]:
+        log.record(item)
+    log.flush()
+    assert log.purge(now=NOW) == 3
+    report = log.verify()
+    assert outcome(report) == (True, 2, None, None)
+    assert report.checkpoint is not None and report.checkpoint.seq == checkpoint_at
+
+
+def test_a_checkpoint_of_another_chain_fails_and_is_left_alone(
+    open_log: OpenLog, tmp_path: Path
+) -> None:
+    other_key = b"another-audit-key-0123456789abcd"
+    open_log(key=other_key, checkpoints=places(tmp_path)).checkpoint()
+    log = filled(open_log, [entry(0)], checkpoints=places(tmp_path))
+    log.checkpoint()
+    report = log.verify()
+    assert outcome(report)[::3] == (False, audit.OTHER_CHAIN)
+    assert report.checkpoint is not None
+    assert report.checkpoint.chain == ChainKey(other_key).chain_id
+
+
+def test_a_short_key_is_refused(url: str) -> None:
+    with pytest.raises(ValueError, match="at least 16 bytes"):
+        AuditLog(url, key=b"short")
+
+
 def test_short_retention_is_refused_unless_allowed(url: str) -> None:
     with pytest.raises(ValueError, match="180-day minimum"):
-        AuditLog(url, retention_days=30)
-    log = AuditLog(url, retention_days=30, allow_short_retention=True)
+        AuditLog(url, key=KEY, retention_days=30)
+    log = AuditLog(url, key=KEY, retention_days=30, allow_short_retention=True)
     log.close()
     assert log.retention_days == 30
 
@@ -344,7 +494,7 @@ def test_two_logs_writing_concurrently_keep_one_chain(open_log: OpenLog) -> None
     for log in logs:
         log.close()
     checker = open_log()
-    assert checker.verify() == audit.VerifyReport(ok=True, rows_checked=600)
+    assert outcome(checker.verify()) == (True, 600, None, None)
     seqs = [json.loads(line)["seq"] for line in checker.export("jsonl")]
     assert seqs == list(range(1, 601))
 
@@ -362,7 +512,7 @@ def test_unstorable_entries_are_dropped_and_counted(open_log: OpenLog) -> None:
 
 
 def test_unreachable_database_queues_and_closes_promptly() -> None:
-    log = AuditLog(UNREACHABLE_PG, flush_interval_s=0.05, max_queue=5)
+    log = AuditLog(UNREACHABLE_PG, key=KEY, flush_interval_s=0.05, max_queue=5)
     for n in range(8):
         log.record(entry(n))
     assert log.flush() == 0
@@ -376,7 +526,7 @@ def test_unreachable_database_queues_and_closes_promptly() -> None:
 
 def test_entries_survive_an_outage(pg_url: str) -> None:
     name = f"dify_audit_late_{uuid.uuid4().hex[:12]}"
-    log = AuditLog(f"{PG_SERVER}/{name}")
+    log = AuditLog(f"{PG_SERVER}/{name}", key=KEY)
     try:
         for n in range(3):
             log.record(entry(n))

@@ -1,14 +1,20 @@
-"""The gateway's audit writer process: rows arrive, across loops and threads, and on exit."""
+"""The gateway's audit writer process: rows arrive, across loops and threads, and on exit;
+the process also keeps the chain's head checkpointed outside the database."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from pathlib import Path
 
-from dify_serving.security.audit import AuditEntry, AuditLog
+from conftest import wait_for
+
+from dify_serving.security.audit import AuditEntry, AuditLog, CheckpointPlaces
 from dify_serving.security.audit_ship import AuditShipper
+
+KEY = b"ship-test-audit-key-0123456789ab"
 
 
 def entry(route: str) -> AuditEntry:
@@ -26,7 +32,7 @@ def entry(route: str) -> AuditEntry:
 
 def test_rows_from_loops_threads_and_plain_calls_all_arrive(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'audit.db'}"
-    shipper = AuditShipper(url)
+    shipper = AuditShipper(url, key=KEY)
 
     async def in_loop(route: str) -> None:
         shipper.record(entry(route))
@@ -42,7 +48,7 @@ def test_rows_from_loops_threads_and_plain_calls_all_arrive(tmp_path: Path) -> N
     assert sorted(routes) == ["/four", "/one", "/three", "/two"]
     shipper.record(entry("/last"))  # still buffered: close must deliver it
     shipper.close()
-    audit = AuditLog(url)
+    audit = AuditLog(url, key=KEY)
     try:
         assert [r["route"] for r in audit.query(limit=10)[0]][-1] == "/last"
         assert audit.verify().ok
@@ -51,7 +57,7 @@ def test_rows_from_loops_threads_and_plain_calls_all_arrive(tmp_path: Path) -> N
 
 
 def test_a_dead_writer_is_restarted(tmp_path: Path) -> None:
-    shipper = AuditShipper(f"sqlite:///{tmp_path / 'audit.db'}")
+    shipper = AuditShipper(f"sqlite:///{tmp_path / 'audit.db'}", key=KEY)
     try:
         assert shipper._proc is not None
         shipper._proc.kill()
@@ -61,3 +67,28 @@ def test_a_dead_writer_is_restarted(tmp_path: Path) -> None:
         assert [r["route"] for r in shipper.query(limit=10)[0]] == ["/after"]
     finally:
         shipper.close()
+
+
+def test_the_writer_process_checkpoints_the_head_and_verify_uses_it(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'audit.db'}"
+    place = tmp_path / "audit-checkpoint.json"
+    shipper = AuditShipper(
+        url, key=KEY, checkpoints=CheckpointPlaces(file=str(place)), checkpoint_s=0.2
+    )
+
+    def checkpoint_seq() -> int | None:
+        try:
+            return int(json.loads(place.read_text())["seq"])
+        except (OSError, ValueError):
+            return None
+
+    try:
+        for n in range(5):
+            shipper.record(entry(f"/r{n}"))
+        shipper.flush()
+        assert wait_for(lambda: checkpoint_seq() == 5), checkpoint_seq()
+        report = shipper.verify()  # the gateway's reader compares with the same file
+        assert report.ok and report.checkpoint is not None and report.checkpoint.seq == 5
+    finally:
+        shipper.close()
+    assert oct(place.stat().st_mode & 0o777) == "0o600"

@@ -88,3 +88,44 @@ def test_crd_shape() -> None:
     assert "$ref" not in text and "anyOf" not in text
     spec = version["schema"]["openAPIV3Schema"]["properties"]["spec"]
     assert all("description" in p for p in spec["properties"].values())
+
+
+def _index(name: str, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "difymirror.dev/v1alpha1",
+        "kind": "DifyIndex",
+        "metadata": {"name": name},
+        "spec": {"embeddingModel": "minilm", **spec},
+    }
+
+
+@pytest.mark.parametrize(
+    ("doc", "kind"),
+    [
+        (_index("kb", store={"collection": "../x"}), "DifyIndex"),
+        (_index("kb", store={"type": "qdrant", "url": "file:///etc"}), "DifyIndex"),
+        (_index("kb", store={"type": "qdrant", "url": "http://u:p@q:6333"}), "DifyIndex"),
+        (_index("Bad.Name"), "DifyIndex"),
+        (_index("x" * 64), "DifyIndex"),
+        (
+            {"kind": "DifyModel", "metadata": {"name": "m"}, "spec": {"modelId": "a/../../b"}},
+            "DifyModel",
+        ),
+        (
+            {"kind": "DifyModel", "metadata": {"name": "a.b"}, "spec": {"modelId": "m"}},
+            "DifyModel",
+        ),
+    ],
+)
+def test_the_api_server_refuses_names_and_urls_the_spec_refuses(
+    doc: dict[str, Any], kind: str
+) -> None:
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(doc, _schemas()[kind])
+
+
+def test_metadata_restricts_only_the_name() -> None:
+    """Kubernetes allows a CRD to restrict metadata.name and nothing else in metadata."""
+    for doc in crdgen.all_crds().values():
+        metadata = doc["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["metadata"]
+        assert set(metadata) == {"type", "properties"} and set(metadata["properties"]) == {"name"}

@@ -73,3 +73,61 @@ def test_empty_input_is_422(client: httpx.Client) -> None:
 def test_embeddings_from_a_generation_model_is_400(client: httpx.Client) -> None:
     r = client.post("/v1/embeddings", json={"model": "demo-llm", "input": "x"})
     assert r.status_code == 400 and r.json()["error"]["code"] == "wrong_task"
+
+
+def test_ten_thousand_inputs_are_refused_up_front_naming_the_limit(client: httpx.Client) -> None:
+    r = client.post("/v1/embeddings", json={"model": "minilm", "input": ["word"] * 10_000})
+    assert r.status_code == 413, r.text[:300]
+    assert "10000" in r.text and "2048" in r.json()["error"]["message"]
+    assert "AioRpcError" not in r.text
+
+
+def test_large_concurrent_requests_fit_the_calls_between_deployments(
+    base_url: str, reference: np.ndarray
+) -> None:
+    """Six requests of 2048 texts at once: coalesced calls stay under gRPC's 4 MiB."""
+    import concurrent.futures
+
+    batch = [TEXTS[i % len(TEXTS)] for i in range(2048)]
+
+    def one(_: int) -> httpx.Response:
+        return httpx.post(
+            f"{base_url}/v1/embeddings",
+            json={"model": "minilm", "input": batch},
+            headers=AUTH,
+            timeout=300,
+        )
+
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        responses = list(pool.map(one, range(6)))
+    for r in responses:
+        assert r.status_code == 200, r.text[:300]
+        got = np.array([d["embedding"] for d in r.json()["data"]])
+        expected = reference[[i % len(TEXTS) for i in range(2048)]]
+        assert got.shape == (2048, 384) and float((got * expected).sum(1).min()) >= 0.999
+
+
+def test_the_engine_queue_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows waiting for a compute thread are bounded: past it, 503 at once (in-process)."""
+    import asyncio
+
+    from tiny_models import minilm_path
+
+    from dify_serving.engines import embeddings
+    from dify_serving.engines.base import EngineError
+    from dify_serving.specs import DifyModelSpec
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    spec = DifyModelSpec(model_id=minilm_path(), task="feature-extraction")
+    engine = embeddings.EmbeddingEngine("minilm", spec, minilm_path())
+    monkeypatch.setattr(embeddings, "MAX_QUEUED_ROWS", 64)
+    rows = [[101, 2023, 102]] * 48
+
+    async def three() -> list[object]:
+        return await asyncio.gather(
+            *(engine.submit(rows) for _ in range(3)), return_exceptions=True
+        )
+
+    first, second, third = asyncio.run(three())
+    assert isinstance(first, np.ndarray) and isinstance(second, np.ndarray)
+    assert isinstance(third, EngineError) and third.status == 503 and third.code == "overloaded"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import httpx
 import pytest
@@ -155,3 +156,72 @@ def test_image_classification_and_captioning(client: httpx.Client) -> None:
     assert isinstance(r.json()["output"][0]["generated_text"], str)
     r = client.post("/v1/inference", json={"model": "vit", "input": "not-an-image"})
     assert r.status_code == 422 and "image" in r.json()["error"]["message"]
+
+
+def test_a_50_mb_prompt_is_refused_in_the_gateway(client: httpx.Client) -> None:
+    body = b'{"model": "demo-llm", "prompt": "' + b"x" * (50 * 1024 * 1024) + b'"}'
+    r = client.post("/v1/inference", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 413, r.text[:300]
+    message = r.json()["error"]["message"]
+    assert "DIFY_MIRROR_MAX_BODY_BYTES" in message and str(16 * 1024 * 1024) in message
+    r = client.post("/v1/inference", json={"model": "demo-llm", "prompt": "x" * 600_000})
+    assert r.status_code == 413 and "524288" in r.json()["error"]["message"]
+    assert "AioRpcError" not in r.text
+
+
+def test_a_silent_stream_ends_with_an_error_and_its_replica_call_is_cancelled(
+    stack: object, tmp_path: Path
+) -> None:
+    """A replica that stops sending: the stream ends after the idle timeout, as SSE."""
+    import asyncio
+
+    from ray import serve
+
+    from dify_serving.gateway.dataplane import sse_stream
+    from dify_serving.gateway.state import GatewayState
+    from dify_serving.options import GatewayOptions, LimitOptions
+    from dify_serving.render import model_app_name
+
+    @serve.deployment(name="ModelServer", ray_actor_options={"num_cpus": 0})
+    class Silent:
+        def __init__(self) -> None:
+            self.cancelled = False
+
+        async def generate_stream(self, request: dict) -> object:
+            yield {"delta": "first"}
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                self.cancelled = True
+                raise
+
+        def was_cancelled(self) -> bool:
+            return self.cancelled
+
+    app = model_app_name("silent")
+    serve.run(Silent.bind(), name=app, route_prefix=None)
+    try:
+        state = GatewayState(
+            GatewayOptions(home=str(tmp_path), limits=LimitOptions(stream_idle_timeout_s=1.0))
+        )
+
+        async def run() -> tuple[list[bytes], bool]:
+            frames = [
+                f async for f in sse_stream(state.stream("silent", "generate_stream", {}), "r1")
+            ]
+            handle = serve.get_app_handle(app)
+            for _ in range(50):  # the cancellation reaches the replica shortly after
+                if await handle.was_cancelled.remote():
+                    return frames, True
+                await asyncio.sleep(0.1)
+            return frames, False
+
+        frames, cancelled = asyncio.run(asyncio.wait_for(run(), 60))
+    finally:
+        serve.delete(app)
+    assert json.loads(frames[0].decode()[6:]) == {"delta": "first"}
+    assert frames[1].startswith(b"event: error\n")
+    error = json.loads(frames[1].decode().split("data: ", 1)[1])["error"]
+    assert error["code"] == "stream_idle_timeout" and "1s" in error["message"]
+    assert frames[2] == b"data: [DONE]\n\n" and len(frames) == 3
+    assert cancelled, "the replica's generator was never cancelled"

@@ -355,3 +355,71 @@ def test_changing_to_a_model_of_another_dimension_is_409(
         stack.apply(original)
     _wait(lambda: search(client, "notes", query="note").status_code == 200)
     stack.wait(300)
+
+
+def test_documents_per_upsert_have_a_maximum(client: httpx.Client) -> None:
+    docs = [{"id": f"d{i}", "text": "t"} for i in range(1001)]
+    r = upsert(client, "kb", docs)
+    assert r.status_code == 413, r.text[:300]
+    message = r.json()["error"]["message"]
+    assert "1000" in message and "bulk ingestion" in message
+
+
+def test_a_document_too_big_for_one_call_is_413_not_a_transport_error(
+    client: httpx.Client,
+) -> None:
+    """5 MB: under the document limit, over what one call between deployments carries."""
+    r = upsert(client, "kb", [{"id": "five", "text": "word " * (1024 * 1024)}])
+    assert r.status_code == 413, r.text[:300]
+    assert "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH" in r.json()["error"]["message"]
+    assert "AioRpcError" not in r.text and "Traceback" not in r.text
+
+
+def test_the_index_replica_keeps_searching_while_it_chunks_a_large_text(
+    client: httpx.Client, base_url: str, corpus: dict[str, Any]
+) -> None:
+    """Cleaning and chunking run off the replica's event loop: a search overtakes them."""
+    import threading
+
+    block = "<div><p>Harbour cranes lift <b>containers</b> onto ships at night.</p></div>\n"
+    html = block * (2 * 1024 * 1024 // len(block))  # 2 MB of HTML: seconds of work
+    finished: dict[str, float] = {}
+
+    def preview() -> None:
+        r = httpx.post(
+            f"{base_url}/v1/data/clean",
+            json={"text": html, "index": "kb", "chunk": True},
+            headers=AUTH,
+            timeout=300,
+        )
+        assert r.status_code == 200, r.text[:300]
+        finished["chunk"] = time.monotonic()
+
+    worker = threading.Thread(target=preview)
+    worker.start()
+    time.sleep(0.5)  # the replica is cleaning and chunking now
+    assert search(client, "kb", query="volcano", top_k=1).status_code == 200
+    finished["search"] = time.monotonic()
+    worker.join()
+    assert finished["search"] < finished["chunk"], "the search waited for the chunking"
+
+
+def test_an_answer_over_the_transport_limit_is_413_without_its_text(client: httpx.Client) -> None:
+    """1000 hits with 8 KB of metadata each: gRPC refuses the reply; the client gets a 413."""
+    blob = {"blob": "m" * 8000}
+    ids = [f"fat-{i}" for i in range(1200)]
+    try:
+        for start in range(0, len(ids), 300):
+            docs = [
+                {"id": i, "text": f"filler record {i}", "metadata": blob}
+                for i in ids[start : start + 300]
+            ]
+            assert upsert(client, "notes", docs).status_code == 200
+        r = search(client, "notes", query="filler record", top_k=1000)
+        assert r.status_code == 413, r.text[:300]
+        message = r.json()["error"]["message"]
+        assert "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH" in message and "top_k" in message
+        assert "AioRpcError" not in r.text and "ipv4" not in r.text
+    finally:
+        r = client.post("/v1/data/delete", json={"index": "notes", "document_ids": ids})
+        assert r.status_code == 200, r.text[:300]

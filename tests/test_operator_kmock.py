@@ -209,3 +209,26 @@ async def test_peering_lets_only_one_operator_act(
     finally:
         await low.stop()
         await high.stop()
+
+
+@pytest.mark.asyncio
+async def test_an_index_on_a_taken_collection_fails_with_the_reason(kube: Any) -> None:
+    client, url = kube
+    op = await start_operator(url, offline_config())
+    try:
+        await client.create(DIFYMODELS, model("minilm", task="feature-extraction"))
+        await client.create(DIFYINDEXES, index("docs", embeddingModel="minilm"))
+        await client.create(
+            DIFYINDEXES, index("notes", embeddingModel="minilm", store={"collection": "docs"})
+        )
+
+        async def failed() -> Any:
+            obj = await client.get(DIFYINDEXES, "notes", NS)
+            return obj if (obj or {}).get("status", {}).get("phase") == "Failed" else None
+
+        obj = await client.wait_for(failed, what="notes Failed")
+        assert "'docs'" in obj["status"]["message"] and "collection" in obj["status"]["message"]
+        first = await client.get(DIFYINDEXES, "docs", NS)
+        assert first["status"]["phase"] != "Failed"
+    finally:
+        await op.stop()

@@ -8,7 +8,7 @@ import pytest
 
 from dify_operator import reconcile
 from dify_operator.settings import OperatorSettings
-from dify_serving.specs import DifyIndexSpec
+from dify_serving.specs import VERSIONS_REFUSED, DifyIndexSpec
 
 
 def body(name: str, spec: dict[str, Any], deleting: bool = False) -> dict[str, Any]:
@@ -108,3 +108,60 @@ def test_index_follows_its_embedding_model(
     spec = DifyIndexSpec.model_validate({"embeddingModel": "minilm"})
     fields = reconcile.index_status_fields(spec, parsed, phases)
     assert fields["phase"] == phase and fields["_ready"]["reason"] == reason
+
+
+def test_an_index_on_another_index_collection_is_invalid() -> None:
+    shared = {"collection": "kb"}
+    remote = {"type": "qdrant", "url": "http://Qdrant:6333/", "collection": "docs"}
+    state, invalid = reconcile.desired_state(
+        [body("emb", {"modelId": "m", "task": "feature-extraction"})],
+        [
+            body("b-second", {"embeddingModel": "emb", "store": shared}),
+            body("a-first", {"embeddingModel": "emb", "store": shared}),
+            body("kb", {"embeddingModel": "emb"}),  # the default collection is its name
+            body("remote-1", {"embeddingModel": "emb", "store": remote}),
+            body(
+                "remote-2",
+                {"embeddingModel": "emb", "store": {**remote, "url": "http://qdrant:6333"}},
+            ),
+            body(
+                "other-server",
+                {"embeddingModel": "emb", "store": {**remote, "url": "http://q2:6333"}},
+            ),
+        ],
+    )
+    assert sorted(state.indexes) == ["a-first", "other-server", "remote-1"]
+    assert "'a-first'" in invalid["index/b-second"] and "'kb'" in invalid["index/b-second"]
+    assert "'a-first'" in invalid["index/kb"]
+    assert "'remote-1'" in invalid["index/remote-2"]
+    fields = reconcile.index_status_fields(
+        state.indexes["a-first"].spec, state.models, {}, None, invalid["index/kb"]
+    )
+    assert fields["phase"] == "Failed" and fields["message"] == invalid["index/kb"]
+    assert fields["_ready"]["reason"] == "InvalidSpec"
+
+
+def test_reclaim_keeps_a_collection_another_index_uses() -> None:
+    spec = DifyIndexSpec.model_validate({"embeddingModel": "e", "store": {"collection": "kb"}})
+    bodies = [
+        body("old", {"embeddingModel": "e", "store": {"collection": "kb"}}, deleting=True),
+        body("kb", {"embeddingModel": "e"}),
+        body("other", {"embeddingModel": "e"}),
+    ]
+    assert reconcile.collection_users("old", spec, bodies) == ["kb"]
+    assert reconcile.collection_users("old", spec, bodies[:1] + bodies[2:]) == []
+
+
+@pytest.mark.parametrize("name", ["a.b", "Upper", "x" * 64])
+def test_names_kubernetes_accepts_but_paths_cannot_carry_are_invalid(name: str) -> None:
+    _, invalid = reconcile.desired_state(
+        [body(name, {"modelId": "m"})], [body(name, {"embeddingModel": "m"})]
+    )
+    assert "metadata.name" in invalid[name] and "metadata.name" in invalid[f"index/{name}"]
+
+
+def test_versions_reach_the_status_as_a_clear_refusal() -> None:
+    _, invalid = reconcile.desired_state(
+        [body("m", {"modelId": "m", "versions": [{"name": "v2", "modelId": "x"}]})], []
+    )
+    assert invalid["m"] == f"spec.versions: {VERSIONS_REFUSED}"

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from conftest import index_doc
 
-from dify_serving.manifests import load_file, parse_documents
-from dify_serving.options import GatewayOptions, ServeOptions
+from dify_serving.manifests import ManifestError, load_file, parse_documents
+from dify_serving.options import GatewayOptions, ModelSourceOptions, ServeOptions
 from dify_serving.render import render_serve_config
 from dify_serving.status import failure_reason, model_status
 
@@ -133,3 +134,34 @@ def test_direct_serving_moves_serve_proxy_to_its_own_port() -> None:
     config = render_serve_config(parse_documents([]), opts)
     assert config["http_options"]["port"] == 8123
     assert config["applications"][0]["args"]["listen_port"] == 8000
+
+
+def test_two_indexes_may_not_share_a_collection() -> None:
+    docs = [
+        _model("emb", task="feature-extraction"),
+        index_doc("notes", "emb", store={"collection": "kb"}),
+        index_doc("kb", "emb"),  # its default collection is its name
+    ]
+    with pytest.raises(ManifestError) as info:
+        parse_documents(docs)
+    assert "'kb'" in str(info.value) and "'notes'" in str(info.value)
+    remote = {"type": "qdrant", "url": "http://qdrant:6333", "collection": "docs"}
+    with pytest.raises(ManifestError, match="'a'"):
+        parse_documents([index_doc("a", "emb", store=remote), index_doc("b", "emb", store=remote)])
+    elsewhere = {**remote, "url": "http://other:6333"}
+    state = parse_documents(
+        [index_doc("a", "emb", store=remote), index_doc("b", "emb", store=elsewhere)]
+    )
+    assert sorted(state.indexes) == ["a", "b"]
+
+
+def test_replicas_stay_off_the_hub_unless_downloads_are_allowed() -> None:
+    docs = [_model("emb", task="feature-extraction"), index_doc("kb", "emb")]
+    for hub, offline in ((False, "1"), (True, "0")):
+        sources = ModelSourceOptions(hub_downloads=hub)
+        opts = ServeOptions(gateway=GatewayOptions(sources=sources))
+        apps = render_serve_config(parse_documents(docs), opts)["applications"]
+        for app in apps[1:]:  # every model and index replica
+            env = app["deployments"][0]["ray_actor_options"]["runtime_env"]["env_vars"]
+            assert env.get("HF_HUB_OFFLINE") == offline, app["name"]
+            assert app["args"]["sources"]["hub_downloads"] is hub

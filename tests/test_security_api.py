@@ -215,3 +215,35 @@ def test_cli_verifies_the_chain(stack: Any) -> None:
         timeout=60,
     )
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_keys_reach_only_what_their_scopes_and_patterns_allow(
+    client: httpx.Client, base_url: str
+) -> None:
+    messages = [{"role": "user", "content": "what is in the knowledge base?"}]
+    body = {"model": "demo-llm", "index": "kb", "messages": messages, "max_tokens": 4}
+    inference_only = bearer(create_key(client, scopes=["inference"])["key"])
+    r = httpx.post(f"{base_url}/v1/chat/completions", json=body, headers=inference_only)
+    assert r.status_code == 403 and "data:read" in r.json()["error"]["message"]
+    listed = httpx.get(f"{base_url}/v1/models", headers=inference_only).json()["data"]
+    sentiment = next(m for m in listed if m["id"] == "sentiment")
+    assert sentiment["model_id"] is None  # a local path: admin keys only
+    admin_view = client.get("/v1/models").json()["data"]
+    assert next(m for m in admin_view if m["id"] == "sentiment")["model_id"].startswith("/")
+    notes_only = create_key(client, scopes=["data:write", "data:read"], indexes=["notes"])
+    r = httpx.post(
+        f"{base_url}/v1/data/delete",
+        json={"subject_id": "nobody-at-all"},
+        headers=bearer(notes_only["key"]),
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+    assert [x["index"] for x in r.json()["removed"]] == ["notes"]  # kb is Ready too
+    indexes = httpx.get(f"{base_url}/v1/indexes", headers=bearer(notes_only["key"]))
+    assert [i["name"] for i in indexes.json()["data"]] == ["notes"]
+    r = httpx.post(
+        f"{base_url}/v1/data/search",
+        json={"index": "kb", "query": "x"},
+        headers=bearer(notes_only["key"]),
+    )
+    assert r.status_code == 403 and "'kb'" in r.json()["error"]["message"]

@@ -296,7 +296,7 @@ def test_keys_and_audit_live_in_postgresql_when_configured(home: Path, postgres_
     finally:
         guard.close()
     assert not (home / "keys.db").exists() and not (home / "audit.db").exists()
-    audit = AuditLog(postgres_url)
+    audit = AuditLog.from_settings_like(postgres_url, home)
     try:
         rows = audit.query(key_id=created.id)[0]
         assert [(r["route"], r["status"]) for r in rows] == [

@@ -31,7 +31,7 @@ import sqlalchemy as sa
 from conftest import require_service
 
 from dify_serving.security import keys as keys_module
-from dify_serving.security.db import database_url
+from dify_serving.security.db import create_engine, database_url
 from dify_serving.security.keys import (
     AuthError,
     KeyRecord,
@@ -719,3 +719,177 @@ def test_in_memory_sqlite_works_across_threads() -> None:
     created = store.create("mem", ["inference"])
     assert asyncio.run(store.aauthenticate(created.key)).id == created.id
     store.close()
+
+
+# ---- resource patterns --------------------------------------------------------------------
+
+
+def test_name_patterns_are_validated_and_matched() -> None:
+    assert keys_module.name_patterns(None, "models") is None
+    assert keys_module.name_patterns(["b-*", "a?", "b-*"], "models") == ("a?", "b-*")
+    bad: list[tuple[Any, str]] = [
+        ([], "at least one pattern"),
+        ("support-*", "a list"),
+        (["Support"], "'Support'"),
+        (["../x"], "'../x'"),
+        (["[a-z]*"], "'[a-z]*'"),
+        (["x" * 64], "not a name pattern"),
+        ([f"m{i}" for i in range(33)], "at most 32"),
+    ]
+    for value, message in bad:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            keys_module.name_patterns(value, "models")
+    assert keys_module.matches(None, "anything")
+    assert keys_module.matches(("support-*", "demo-llm"), "support-kb")
+    assert keys_module.matches(("support-*", "demo-llm"), "demo-llm")
+    assert not keys_module.matches(("support-*",), "supportkb")
+    assert keys_module.matches(("kb-?",), "kb-1") and not keys_module.matches(("kb-?",), "kb-10")
+
+
+def test_keys_carry_resource_patterns(store: KeyStore) -> None:
+    created = store.create("tenant", ["inference"], models=["support-*"], indexes=["kb-?"])
+    record = store.authenticate(created.key)
+    assert record.models == ("support-*",) and record.indexes == ("kb-?",)
+    listed = {r.id: r for r in store.list()}[created.id]
+    assert listed.models == ("support-*",) and listed.indexes == ("kb-?",)
+    everything = store.authenticate(store.create("all", ["inference"]).key)
+    assert everything.models is None and everything.indexes is None
+    with pytest.raises(ValueError, match="admin key reaches every model"):
+        store.create("root", ["admin"], models=["support-*"])
+    with pytest.raises(ValueError, match="indexes: "):
+        store.create("bad", ["inference"], indexes=["KB"])
+
+
+_OLD_KEYS_TABLE = """CREATE TABLE api_keys (
+    id VARCHAR(12) PRIMARY KEY, name VARCHAR(200) NOT NULL, secret_hash VARCHAR(64) NOT NULL,
+    scopes JSON NOT NULL, created_at TIMESTAMP NOT NULL, expires_at TIMESTAMP,
+    ip_allowlist JSON NOT NULL, requests_per_minute INTEGER, tokens_per_minute INTEGER,
+    totp_secret_enc VARCHAR(256), revoked BOOLEAN NOT NULL, revoked_at TIMESTAMP,
+    bootstrap BOOLEAN, CONSTRAINT api_keys_one_bootstrap UNIQUE (bootstrap))"""
+
+
+def test_an_older_keys_table_gains_the_pattern_columns(db_url: str, opened: list[KeyStore]) -> None:
+    secret = "S" * 43  # a key written by the previous release, in its table
+    digest = hmac.new(PEPPER, f"oldkey000001:{secret}".encode(), hashlib.sha256).hexdigest()
+    engine = create_engine(db_url)
+    with engine.begin() as conn:
+        conn.execute(sa.text(_OLD_KEYS_TABLE))
+        conn.execute(
+            sa.text(
+                "INSERT INTO api_keys (id, name, secret_hash, scopes, created_at, ip_allowlist,"
+                " revoked) VALUES ('oldkey000001', 'old', :h, '[\"inference\"]',"
+                " '2030-01-01 00:00:00', '[]', false)"
+            ),
+            {"h": digest},
+        )
+    engine.dispose()
+    opened.append(KeyStore(db_url, PEPPER))
+    opened.append(KeyStore(db_url, PEPPER))  # a second start finds the columns there
+    record = opened[0].authenticate(f"dm_oldkey000001_{secret}")
+    assert record.models is None and record.indexes is None
+    created = opened[1].create("new", ["inference"], models=["a-*"])
+    assert opened[0].authenticate(created.key).models == ("a-*",)
+
+
+# ---- second-factor lockout ----------------------------------------------------------------
+
+
+def _wrong_code(secret: str, now: float) -> str:
+    otp = pyotp.TOTP(secret)
+    window = {otp.at(now + 30 * o) for o in (-1, 0, 1)}
+    return next(c for c in ("000000", "111111", "222222", "333333") if c not in window)
+
+
+def test_wrong_codes_lock_the_second_factor_then_the_lock_ends() -> None:
+    from dify_serving.security import totp
+
+    wall = FakeClock(1_700_000_000.0)
+    mono = FakeClock(5000.0)
+    guard = OtpGuard(MemoryReplayStore(clock=mono), clock=wall)
+    secret = new_secret()
+    wrong = _wrong_code(secret, wall.now)
+    for _ in range(totp.MAX_WRONG_CODES - 1):
+        assert not guard.check("k", secret, wrong)
+    mono.now += totp.WRONG_CODES_WINDOW_S + 1  # those four have aged out of the window
+    for _ in range(totp.MAX_WRONG_CODES - 1):
+        assert not guard.check("k", secret, wrong)
+    with pytest.raises(totp.OtpLocked) as locking:
+        guard.check("k", secret, wrong)
+    assert locking.value.new and locking.value.retry_after_s == totp.LOCK_S
+    right = pyotp.TOTP(secret).at(wall.now)
+    mono.now += totp.LOCK_S - 1
+    with pytest.raises(totp.OtpLocked) as still:
+        guard.check("k", secret, right)  # even the right code, while locked
+    assert not still.value.new and 0 < still.value.retry_after_s <= 1
+    assert guard.check("other", secret, right)  # other keys are not affected
+    mono.now += 2
+    wall.now += 30
+    assert guard.check("k", secret, pyotp.TOTP(secret).at(wall.now))
+
+
+def test_wrong_codes_are_counted_across_replicas_in_redis(prefix: str) -> None:
+    from dify_serving.security import totp
+
+    clock = FakeClock(1_700_000_000.0)
+    replica_a = OtpGuard(redis_url=REDIS_URL, prefix=prefix, clock=clock)
+    replica_b = OtpGuard(redis_url=REDIS_URL, prefix=prefix, clock=clock)
+    secret = new_secret()
+    wrong = _wrong_code(secret, clock.now)
+    for replica in (replica_a, replica_b, replica_a, replica_b):
+        assert not replica.check("kid", secret, wrong)
+    with pytest.raises(totp.OtpLocked) as locking:
+        replica_b.check("kid", secret, wrong)
+    assert locking.value.new
+    with pytest.raises(totp.OtpLocked) as seen:
+        replica_a.check("kid", secret, pyotp.TOTP(secret).at(clock.now))
+    assert totp.LOCK_S - 5 < seen.value.retry_after_s <= totp.LOCK_S
+    assert replica_a.check("kid2", secret, pyotp.TOTP(secret).at(clock.now))
+
+
+# ---- failures before a key is known -------------------------------------------------------
+
+
+def test_address_failures_block_an_address_for_its_retry_time() -> None:
+    from dify_serving.security.failures import AddressFailures, address_bucket
+
+    clock = FakeClock()
+    failures = AddressFailures(MemoryLimiter(clock=clock), burst=3, per_s=0.5, clock=clock)
+    waits = [asyncio.run(failures.failed("203.0.113.9")) for _ in range(4)]
+    assert waits[:3] == [0, 0, 0] and waits[3] == pytest.approx(2.0)
+    assert failures.blocked_for("203.0.113.9") == pytest.approx(2.0)
+    assert failures.blocked_for("203.0.113.10") == 0  # others are not blocked
+    clock.now += 2.5
+    assert failures.blocked_for("203.0.113.9") == 0
+    assert address_bucket("2001:db8:1:2:aaaa::1") == address_bucket("2001:db8:1:2:bbbb::9")
+    assert address_bucket("2001:db8:1:3::1") != address_bucket("2001:db8:1:2::1")
+    assert address_bucket(None) == "authfail:unknown"
+
+
+def test_refusals_from_one_address_become_two_rows_a_second() -> None:
+    from dify_serving.security.audit_entry import FIELDS
+    from dify_serving.security.failures import RefusalLog
+
+    clock = FakeClock(1_700_000_000.0)
+    rows: list[tuple[Any, ...]] = []
+    log = RefusalLog(rows.append, clock=clock)
+
+    def row(ip: str, detail: str) -> tuple[Any, ...]:
+        values = dict.fromkeys(FIELDS)
+        values |= {"time": clock.now, "client_ip": ip, "status": 401, "bytes_in": 10}
+        values |= {"detail": detail, "method": "GET", "route": "/v1/models"}
+        return tuple(values[f] for f in FIELDS)
+
+    for i in range(500):
+        clock.now += 0.001
+        log.add("198.51.100.1", row("198.51.100.1", f"auth: unknown_id {i}"))
+    log.add("198.51.100.2", row("198.51.100.2", "auth: missing"))
+    assert len(rows) == 2  # the first of each address, at once
+    clock.now += 1.0
+    log.add("198.51.100.1", row("198.51.100.1", "auth: later"))
+    log.flush()
+    details = [dict(zip(FIELDS, r, strict=True))["detail"] for r in rows]
+    assert details[:2] == ["auth: unknown_id 0", "auth: missing"]
+    assert details[2].startswith("auth failures: 499 more in 1s") and "unknown_id 499" in details[2]
+    assert details[3] == "auth: later" and len(rows) == 4
+    summary = dict(zip(FIELDS, rows[2], strict=True))
+    assert summary["key_id"] is None and summary["bytes_in"] == 4990

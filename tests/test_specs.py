@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from dify_serving.specs import DifyIndexSpec, DifyModelSpec, name_from_model_id
+from dify_serving.manifests import ManifestError, parse_documents
+from dify_serving.specs import (
+    VERSIONS_REFUSED,
+    DifyIndex,
+    DifyIndexSpec,
+    DifyModel,
+    DifyModelSpec,
+    name_from_model_id,
+)
 
 
 def test_camel_and_snake_case_both_accepted() -> None:
@@ -23,7 +31,10 @@ def test_camel_and_snake_case_both_accepted() -> None:
         ({"modelId": "m", "precision": "int3"}, "precision"),
         ({"modelId": "m", "replicas": -1}, "replicas"),
         ({"modelId": "m", "autoscaling": {"minReplicas": 3, "maxReplicas": 2}}, "maxReplicas"),
-        ({"modelId": "m", "versions": [{"name": "a", "modelId": "x", "weight": 30}]}, "100"),
+        ({"modelId": "a/../../etc"}, "hub id"),
+        ({"modelId": "org/name/extra"}, "hub id"),
+        ({"modelId": "builtin:../x"}, "builtin:NAME"),
+        ({"modelId": "m", "revision": "../../refs"}, "revision"),
         ({"modelId": "has space"}, "whitespace"),
         ({"modelId": "m", "colour": "red"}, "colour"),
         ({"task": "text-generation"}, "modelId"),
@@ -64,3 +75,73 @@ def test_name_from_model_id(model_id: str, name: str) -> None:
 def test_name_from_model_id_refuses_nonsense() -> None:
     with pytest.raises(ValueError, match="cannot derive"):
         name_from_model_id("___")
+
+
+@pytest.mark.parametrize(
+    "versions",
+    [
+        [{"name": "a", "modelId": "x", "weight": 100}],
+        [{"name": "a", "modelId": "x", "weight": 30}],
+    ],
+)
+def test_versions_are_refused_until_switching_exists(versions: list) -> None:
+    with pytest.raises(ValidationError) as info:
+        DifyModelSpec.model_validate({"modelId": "m", "versions": versions})
+    assert VERSIONS_REFUSED in str(info.value) and "remove the field" in VERSIONS_REFUSED
+    with pytest.raises(ManifestError) as refused:  # manifests say it with the field's path
+        parse_documents(
+            [
+                {
+                    "kind": "DifyModel",
+                    "metadata": {"name": "m"},
+                    "spec": {"modelId": "m", "versions": versions},
+                }
+            ]
+        )
+    assert str(refused.value).endswith(f"spec.versions: {VERSIONS_REFUSED}")
+    assert DifyModelSpec.model_validate({"modelId": "m", "versions": []}).versions == []
+
+
+@pytest.mark.parametrize("collection", ["../x", "a/b", "/abs", "UPPER", "x" * 64, ".", ""])
+def test_collection_is_a_name_not_a_path(collection: str) -> None:
+    with pytest.raises(ValidationError, match="collection"):
+        DifyIndexSpec.model_validate({"embeddingModel": "m", "store": {"collection": collection}})
+    ok = DifyIndexSpec.model_validate({"embeddingModel": "m", "store": {"collection": "kb-2"}})
+    assert ok.store.collection == "kb-2"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "file:///etc/passwd",
+        "ftp://qdrant:21",
+        "gopher://h",
+        "http://user:secret@qdrant:6333",
+        "http://qdrant:6333/?api-key=x",
+        "http://qdrant:99999",
+        "http://qdrant:port",
+        "http://",
+        "qdrant:6333",
+    ],
+)
+def test_store_url_must_be_plain_http(url: str) -> None:
+    with pytest.raises(ValidationError, match=r"http\(s\) URL"):
+        DifyIndexSpec.model_validate(
+            {"embeddingModel": "m", "store": {"type": "qdrant", "url": url}}
+        )
+
+
+@pytest.mark.parametrize("url", ["http://qdrant:6333", "https://q.example.com/base/"])
+def test_store_url_accepts_http_and_https(url: str) -> None:
+    spec = DifyIndexSpec.model_validate(
+        {"embeddingModel": "m", "store": {"type": "qdrant", "url": url}}
+    )
+    assert spec.store.url == url
+
+
+@pytest.mark.parametrize("name", ["Bad", "a.b", "../x", "x" * 64, "-a"])
+def test_object_names_are_rfc1123_labels(name: str) -> None:
+    with pytest.raises(ValidationError, match="name"):
+        DifyModel.model_validate({"metadata": {"name": name}, "spec": {"modelId": "m"}})
+    with pytest.raises(ValidationError, match="name"):
+        DifyIndex.model_validate({"metadata": {"name": name}, "spec": {"embeddingModel": "m"}})

@@ -298,11 +298,12 @@ def _index_status(
         index = reconcile.parse_index(name, spec)
     except ValueError:
         return
-    state, _ = reconcile.desired_state(_bodies(model_bodies), _bodies(index_bodies))
+    state, invalid = reconcile.desired_state(_bodies(model_bodies), _bodies(index_bodies))
+    problem = invalid.get(f"index/{name}")  # e.g. a collection another index uses
     phases: dict[str, str] = {}
     app: dict[str, Any] | None = None
     try:
-        apps = memo.applier.applications()
+        apps = {} if problem else memo.applier.applications()
         phases = {
             n: reconcile.model_status_fields(n, m.spec, apps, "")["phase"]
             for n, m in state.models.items()
@@ -310,8 +311,10 @@ def _index_status(
         app = index_app_status(name, index.spec, state.models, apps)
     except RayUnavailable:
         pass
-    fields = reconcile.index_status_fields(index.spec, state.models, phases, app)
-    changes = reconcile.status_patch(status, fields, meta.get("generation"))
+    fields = reconcile.index_status_fields(index.spec, state.models, phases, app, problem)
+    changes = reconcile.status_patch(
+        status, fields, meta.get("generation"), fields.get("_extra", ())
+    )
     for key, value in changes.items():
         patch.status[key] = value
     if "phase" in changes:
@@ -334,7 +337,10 @@ def index_deleted(
         index = reconcile.parse_index(name, spec)
     except ValueError:
         return  # nothing was ever created for an invalid index
-    if index.spec.reclaim_policy == "Delete":
+    users = reconcile.collection_users(name, index.spec, _bodies(index_bodies))
+    if index.spec.reclaim_policy == "Delete" and users:
+        kopf.info(body, reason="Retained", message=f"vectors kept: {', '.join(users)} use them")
+    elif index.spec.reclaim_policy == "Delete":
         removed = reclaim_index(name, index.spec, memo.config.home)
         kopf.info(body, reason="Reclaimed", message=removed)
     else:

@@ -30,6 +30,10 @@ from dify_serving.specs import (
     DifyModelSpec,
     ObjectMeta,
     Phase,
+    is_name,
+    shared_collection_message,
+    shared_collections,
+    store_key,
 )
 from dify_serving.status import model_status
 
@@ -43,8 +47,18 @@ def explain(exc: ValidationError) -> str:
     )
 
 
+def _check_name(name: str) -> None:
+    """Kubernetes accepts dotted names up to 253 characters; app names and paths do not."""
+    if not is_name(name):
+        raise ValueError(
+            f"metadata.name {name[:80]!r} must be a lower-case RFC 1123 label "
+            "(letters, digits, '-'; at most 63 characters)"
+        )
+
+
 def parse_model(name: str, spec: Mapping[str, Any]) -> DifyModel:
     """A DifyModel from a body's spec; raises ValueError with a readable message."""
+    _check_name(name)
     try:
         return DifyModel(metadata=ObjectMeta(name=name), spec=DifyModelSpec.model_validate(spec))
     except ValidationError as exc:
@@ -52,6 +66,7 @@ def parse_model(name: str, spec: Mapping[str, Any]) -> DifyModel:
 
 
 def parse_index(name: str, spec: Mapping[str, Any]) -> DifyIndex:
+    _check_name(name)
     try:
         return DifyIndex(metadata=ObjectMeta(name=name), spec=DifyIndexSpec.model_validate(spec))
     except ValidationError as exc:
@@ -67,7 +82,8 @@ def desired_state(
 ) -> tuple[DesiredState, dict[str, str]]:
     """Objects (bodies) → the desired state of the valid, living ones, and the invalid ones.
 
-    Objects being deleted are left out: their apps must go before their finalizers do.
+    Objects being deleted are left out: their apps must go before their finalizers do. An
+    index whose collection another one (earlier by name) already uses is invalid.
     """
     state, invalid = DesiredState(), {}
     for body in sorted(_alive(models), key=lambda b: b["metadata"]["name"]):
@@ -82,7 +98,31 @@ def desired_state(
             state.indexes[name] = parse_index(name, body.get("spec") or {})
         except ValueError as exc:
             invalid[f"index/{name}"] = str(exc)
+    specs = [(name, index.spec) for name, index in state.indexes.items()]
+    for name, owner in shared_collections(specs).items():
+        invalid[f"index/{name}"] = shared_collection_message(name, owner, state.indexes[name].spec)
+        del state.indexes[name]
     return state, invalid
+
+
+def collection_users(
+    name: str, spec: DifyIndexSpec, bodies: Iterable[Mapping[str, Any]]
+) -> list[str]:
+    """Other living, valid indexes on the same collection as `name` (whose vectors a
+    reclaim of `name` must then keep)."""
+    key = store_key(name, spec)
+    users = []
+    for body in _alive(bodies):
+        other = body["metadata"]["name"]
+        if other == name:
+            continue
+        try:
+            index = parse_index(other, body.get("spec") or {})
+        except ValueError:
+            continue
+        if store_key(other, index.spec) == key:
+            users.append(other)
+    return sorted(users)
 
 
 def serve_options(settings: OperatorSettings) -> ServeOptions:
@@ -148,8 +188,19 @@ def index_status_fields(
     models: Mapping[str, DifyModel],
     model_phases: Mapping[str, str],
     app: Mapping[str, Any] | None = None,
+    problem: str | None = None,
 ) -> dict[str, Any]:
-    """Pending while the embedding model is missing or loading; then its own app's phase."""
+    """Pending while the embedding model is missing or loading; then its own app's phase.
+
+    `problem` is why `desired_state` left a valid spec out (a shared collection): Failed.
+    """
+    if problem is not None:
+        return {
+            "phase": Phase.FAILED.value,
+            "message": problem,
+            "_ready": condition("Ready", False, "InvalidSpec", problem),
+            "_extra": [condition("Reconciled", False, "InvalidSpec", problem)],
+        }
     model = spec.embedding_model
     if model not in models:
         message = f"embedding model {model!r} does not exist"

@@ -87,6 +87,16 @@ def _status_schema(model: type[specs.BaseModel]) -> dict[str, Any]:
     return schema
 
 
+#: The API server accepts dotted names up to 253 characters; ours become app names,
+#: folder names and URL segments, so they are labels (the only metadata a CRD may restrict).
+_METADATA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 63, "pattern": specs.NAME_PATTERN},
+    },
+}
+
+
 def crd(
     kind: str,
     plural: str,
@@ -141,7 +151,7 @@ def crd(
                             "properties": {
                                 "apiVersion": {"type": "string"},
                                 "kind": {"type": "string"},
-                                "metadata": {"type": "object"},
+                                "metadata": _METADATA,
                                 "spec": openapi_schema(spec_model),
                                 "status": _status_schema(status_model),
                             },

@@ -22,6 +22,9 @@ from dify_serving.specs import Phase
 from dify_serving.status import index_status, model_status
 from dify_serving.store import LocalStateStore
 
+#: Largest message between deployments on the local stack (Ray Serve's own default: 4 MiB).
+TRANSPORT_BYTES = 64 * 1024 * 1024
+
 
 class LocalStack:
     def __init__(self, settings: Settings, object_store_memory: int | None = None) -> None:
@@ -84,6 +87,9 @@ class LocalStack:
                 "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
             }
         )
+        # gRPC's 4 MiB default would refuse a body the gateway accepts (16 MiB): room for
+        # the largest body with its pickling; the gateway's call budgets read this value.
+        os.environ.setdefault("RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH", str(TRANSPORT_BYTES))
         return _free_port() if self.settings.direct_ingress else None
 
     def apply(self, state: DesiredState) -> dict[str, Any]:

@@ -10,7 +10,12 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from dify_serving.specs import DifyIndex, DifyModel
+from dify_serving.specs import (
+    DifyIndex,
+    DifyModel,
+    shared_collection_message,
+    shared_collections,
+)
 
 
 class ManifestError(ValueError):
@@ -60,6 +65,10 @@ def parse_documents(documents: Iterable[Any], source: str = "manifest") -> Desir
                 raise ManifestError(f"{where}: kind must be DifyModel or DifyIndex")
         except ValidationError as exc:
             raise ManifestError(f"{where}: {_explain(exc)}") from None
+    specs = [(name, index.spec) for name, index in state.indexes.items()]
+    for name, owner in shared_collections(specs).items():
+        message = shared_collection_message(name, owner, state.indexes[name].spec)
+        raise ManifestError(f"{source}: DifyIndex {name}: {message}")
     return state
 
 

@@ -48,6 +48,13 @@ class SecurityOptions(_Options):
     audit_checkpoint_s: float = Field(
         60.0, gt=0, le=3600, description="seconds between checkpoints of the audit chain's head"
     )
+    audit_configmap: str | None = Field(
+        None,
+        min_length=1,
+        max_length=63,
+        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+        description="in a cluster, also checkpoint the audit head in this ConfigMap",
+    )
     tls_certfile: str | None = Field(None, description="serve HTTPS with this certificate")
     tls_keyfile: str | None = Field(None, description="path of its private key (never its text)")
     allow_per_replica_limits: bool = Field(

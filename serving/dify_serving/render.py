@@ -39,9 +39,9 @@ def _env(threads: int, sources: ModelSourceOptions) -> dict[str, str]:
         "MKL_NUM_THREADS": str(threads),
         "TOKENIZERS_PARALLELISM": "false",
     }
-    if not sources.hub_downloads:  # set by the app itself, not only by the Makefile
-        env |= {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    return env
+    # Set by the app itself either way: a replica must not inherit the Makefile's choice.
+    offline = "0" if sources.hub_downloads else "1"
+    return env | {"HF_HUB_OFFLINE": offline, "TRANSFORMERS_OFFLINE": offline}
 
 
 def model_app(model: DifyModel, home: str, sources: ModelSourceOptions) -> dict[str, Any]:

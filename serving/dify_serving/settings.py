@@ -106,6 +106,9 @@ class Settings(BaseSettings):
     audit_retention_days: int = Field(180, ge=1, description="Audit rows kept this long.")
     audit_allow_short_retention: bool = Field(False, description="Permit retention < 180.")
     audit_checkpoint_s: float = Field(60.0, gt=0, le=3600, description="Chain checkpoints.")
+    audit_configmap: str | None = Field(
+        None, description="ConfigMap that also keeps the audit head (cluster)."
+    )
     tls_certfile: str | None = Field(None, description="Serve HTTPS with this certificate.")
     tls_keyfile: str | None = Field(None, description="Path of tls_certfile's private key.")
     qdrant_url: str | None = Field(None, description="Qdrant server for embedded indexes.")
@@ -198,6 +201,7 @@ class Settings(BaseSettings):
             retention_days=self.audit_retention_days,
             allow_short_retention=self.audit_allow_short_retention,
             audit_checkpoint_s=self.audit_checkpoint_s,
+            audit_configmap=self.audit_configmap,
             tls_certfile=self.tls_certfile,
             tls_keyfile=self.tls_keyfile,
             allow_per_replica_limits=self.allow_per_replica_limits,

@@ -11,10 +11,13 @@ This module imports nothing heavy (no torch, transformers or ray): the operator 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from enum import StrEnum
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -22,6 +25,7 @@ from pydantic import (
     model_validator,
 )
 from pydantic.alias_generators import to_camel
+from pydantic_core import PydanticCustomError
 
 GROUP = "difymirror.dev"
 VERSION = "v1alpha1"
@@ -39,6 +43,72 @@ ResourceName = Annotated[
         pattern=NAME_PATTERN,
         description="Lower-case RFC 1123 name (letters, digits, '-'), at most 63 characters.",
     ),
+]
+
+#: Where a modelId that is not a hub id or builtin:NAME points: a folder on this machine.
+LOCAL_PREFIXES = ("/", ".", "~")
+_HUB_ID = r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?"
+#: The CRD's modelId pattern; the validator below says in words what is wrong.
+MODEL_ID_PATTERN = rf"^(builtin:[a-z0-9]([-a-z0-9]*[a-z0-9])?|[/.~][^\s]*|{_HUB_ID})$"
+_HUB_ID_RE = re.compile(_HUB_ID)
+#: Hub revisions are git refs or commits; they become paths in the local cache.
+REVISION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._/-]*$"
+_REVISION_RE = re.compile(REVISION_PATTERN)
+URL_PATTERN = r"^https?://([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?(/[^\s?#@]*)?$"
+VERSIONS_REFUSED = (
+    "version switching is not available yet (it comes with the model lifecycle issue); "
+    "remove the field"
+)
+
+
+def is_name(value: str) -> bool:
+    """Whether `value` is a lower-case RFC 1123 label (a safe path or URL segment)."""
+    return len(value) <= 63 and _NAME_RE.fullmatch(value) is not None
+
+
+def is_local_model_id(model_id: str) -> bool:
+    """Whether a modelId names a folder on this machine (else a hub id or builtin:)."""
+    return model_id.startswith(LOCAL_PREFIXES)
+
+
+def check_model_id(value: str) -> str:
+    """A modelId is builtin:NAME, a path (checked against the model roots where used) or a
+    hub id; a hub id never doubles as a relative path, which `from_pretrained` would read."""
+    if value != value.strip() or any(c.isspace() for c in value):
+        raise ValueError("modelId must not contain whitespace")
+    if "\x00" in value:
+        raise ValueError("modelId must not contain NUL")
+    if value.startswith("builtin:"):
+        if not is_name(value.removeprefix("builtin:")):
+            raise ValueError("modelId builtin:NAME needs a lower-case RFC 1123 NAME")
+    elif not is_local_model_id(value) and (
+        len(value) > 96 or ".." in value or not _HUB_ID_RE.fullmatch(value)
+    ):
+        raise ValueError(
+            "modelId must be a hub id (org/name: letters, digits, '.', '_', '-'; at most "
+            "96 characters, no '..'), an absolute path, or builtin:NAME"
+        )
+    return value
+
+
+def check_revision(value: str | None) -> str | None:
+    if value is not None and (".." in value or not _REVISION_RE.fullmatch(value)):
+        raise ValueError(
+            "revision must be a branch, tag or commit (letters, digits, '.', '_', '-', '/'; "
+            "no '..')"
+        )
+    return value
+
+
+ModelId = Annotated[
+    str,
+    Field(min_length=1, max_length=1024, json_schema_extra={"pattern": MODEL_ID_PATTERN}),
+    AfterValidator(check_model_id),
+]
+Revision = Annotated[
+    str | None,
+    Field(max_length=128, json_schema_extra={"pattern": REVISION_PATTERN}),
+    AfterValidator(check_revision),
 ]
 
 
@@ -122,6 +192,7 @@ class Generation(_Spec):
     max_context_tokens: int | None = Field(
         None,
         ge=1,
+        le=1_048_576,
         description="Longest prompt plus completion; defaults to the model's own limit.",
     )
 
@@ -140,24 +211,24 @@ class Batching(_Spec):
 
 class ModelVersion(_Spec):
     name: ResourceName
-    model_id: str = Field(..., min_length=1, description="Hub id or local path of this version.")
-    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    model_id: ModelId = Field(..., description="Hub id or local path of this version.")
+    revision: Revision = Field(None, description="Hub revision (branch, tag or commit).")
     weight: int = Field(0, ge=0, le=100, description="Share of traffic in percent.")
 
 
 class DifyModelSpec(_Spec):
     """A model to serve: what to load, on what device, how many replicas."""
 
-    model_id: str = Field(
+    model_id: ModelId = Field(
         ...,
-        min_length=1,
         description=(
-            "Hub id (e.g. sentence-transformers/all-MiniLM-L6-v2), local path, or "
-            "builtin:NAME for a model the platform builds itself (builtin:demo-llm)."
+            "Hub id (e.g. sentence-transformers/all-MiniLM-L6-v2), absolute path under the "
+            "model roots, or builtin:NAME for a model the platform builds itself "
+            "(builtin:demo-llm)."
         ),
     )
     task: Task = Field(Task.TEXT_GENERATION, description="What the model does; chooses the engine.")
-    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    revision: Revision = Field(None, description="Hub revision (branch, tag or commit).")
     device: str = Field(
         "cpu",
         pattern=r"^(cpu|cuda(:[0-9]+)?)$",
@@ -185,26 +256,17 @@ class DifyModelSpec(_Spec):
     versions: list[ModelVersion] = Field(
         default_factory=list,
         max_length=16,
-        description="Alternative versions with traffic weights, for switching.",
+        description="Reserved for version switching, which is not available yet: must be "
+        "empty (kept in the schema so the CRD stays stable).",
     )
 
-    @field_validator("model_id")
+    @field_validator("versions")
     @classmethod
-    def _model_id(cls, value: str) -> str:
-        if value != value.strip() or any(c.isspace() for c in value):
-            raise ValueError("modelId must not contain whitespace")
+    def _no_versions(cls, value: list[ModelVersion]) -> list[ModelVersion]:
+        """Refused rather than accepted and ignored, until switching is built."""
+        if value:  # a custom error: the message reads "versions: version switching ..."
+            raise PydanticCustomError("versions_unavailable", VERSIONS_REFUSED)
         return value
-
-    @model_validator(mode="after")
-    def _weights(self) -> DifyModelSpec:
-        if self.versions:
-            total = sum(v.weight for v in self.versions)
-            if total not in (0, 100):
-                raise ValueError(f"version weights must add up to 100, not {total}")
-            names = [v.name for v in self.versions]
-            if len(set(names)) != len(names):
-                raise ValueError("version names must be unique")
-        return self
 
     @model_validator(mode="after")
     def _precision(self) -> DifyModelSpec:
@@ -273,11 +335,38 @@ class VectorStore(_Spec):
     type: Literal["embedded", "qdrant"] = Field(
         "embedded", description="embedded (Qdrant Edge on disk) or qdrant (a Qdrant server)."
     )
-    url: str | None = Field(None, description="Qdrant server URL when type is qdrant.")
-    collection: str | None = Field(None, description="Collection name; defaults to the index.")
+    url: str | None = Field(
+        None,
+        max_length=2048,
+        json_schema_extra={"pattern": URL_PATTERN},
+        description="Qdrant server URL (http or https) when type is qdrant.",
+    )
+    collection: ResourceName | None = Field(
+        None,
+        description="Collection name (lower-case RFC 1123, at most 63 characters); "
+        "defaults to the index name. Two indexes may not share one.",
+    )
     distance: Literal["Cosine", "Dot", "Euclid"] = Field("Cosine", description="Metric.")
     hnsw: Hnsw = Field(default_factory=Hnsw, description="HNSW index parameters.")  # type: ignore[arg-type]
     quantization: Quantization | None = Field(None, description="Optional quantization.")
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        """Only http(s): the URL is fetched by the index replica and the operator."""
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        try:
+            port_ok = parts.port is None or parts.port > 0
+        except ValueError:  # not a number, or past 65535
+            port_ok = False
+        if not port_ok or not parts.hostname or re.fullmatch(URL_PATTERN, value) is None:
+            raise ValueError(
+                "store.url must be an http(s) URL without credentials, query or fragment, "
+                "e.g. http://qdrant:6333"
+            )
+        return value
 
     @model_validator(mode="after")
     def _url(self) -> VectorStore:
@@ -298,11 +387,47 @@ class DifyIndexSpec(_Spec):
         default_factory=VectorStore,  # type: ignore[arg-type]
         description="Where the vectors live.",
     )
-    filterable_fields: list[str] = Field(
-        default_factory=list, description="Metadata keys that get a payload index and filters."
+    filterable_fields: list[Annotated[str, Field(min_length=1, max_length=128)]] = Field(
+        default_factory=list,
+        max_length=64,
+        description="Metadata keys that get a payload index and filters.",
     )
     reclaim_policy: Literal["Retain", "Delete"] = Field(
         "Retain", description="On deletion: keep (Retain) or drop (Delete) the vectors."
+    )
+
+
+def store_key(index_name: str, spec: DifyIndexSpec) -> tuple[str, ...]:
+    """What identifies an index's vectors: its collection on this machine's embedded
+    store, or the collection on one Qdrant server (scheme, host, port and path)."""
+    collection = spec.store.collection or index_name
+    if spec.store.type != "qdrant" or not spec.store.url:
+        return ("embedded", collection)
+    parts = urlsplit(spec.store.url)
+    server = f"{parts.scheme}://{(parts.hostname or '').lower()}:{parts.port or ''}"
+    return ("qdrant", server + parts.path.rstrip("/"), collection)
+
+
+def shared_collections(indexes: Iterable[tuple[str, DifyIndexSpec]]) -> dict[str, str]:
+    """Index → the index (first by name) whose collection it would share.
+
+    Two indexes on one collection would write each other's chunks, and deleting one with
+    `reclaimPolicy: Delete` would drop the other's vectors; the later one by name loses.
+    """
+    owners: dict[tuple[str, ...], str] = {}
+    clashes: dict[str, str] = {}
+    for name, spec in sorted(indexes, key=lambda pair: pair[0]):
+        owner = owners.setdefault(store_key(name, spec), name)
+        if owner != name:
+            clashes[name] = owner
+    return clashes
+
+
+def shared_collection_message(name: str, owner: str, spec: DifyIndexSpec) -> str:
+    collection = spec.store.collection or name
+    return (
+        f"store.collection: index {name!r} would share collection {collection!r} with index "
+        f"{owner!r}; give it its own store.collection"
     )
 
 

@@ -145,7 +145,7 @@ def load_engine(
     """Resolve the weights (under the allowed roots) and build the engine for `spec.task`."""
     from dify_serving.engines import weights
 
-    path = weights.resolve(spec.model_id, home, sources)
+    path = weights.resolve(spec.model_id, home, sources, spec.revision)
     if spec.task == Task.TEXT_GENERATION:
         from dify_serving.engines.textgen import TextGenerationEngine
 

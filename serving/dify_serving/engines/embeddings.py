@@ -23,18 +23,27 @@ from typing import Any
 
 import numpy as np
 
-from dify_serving.engines.base import Engine, InputTooLong
+from dify_serving.engines.base import Engine, EngineError, InputTooLong
 from dify_serving.specs import DifyModelSpec, Task
 
 # Padded tokens (rows x longest row) one batch may hold, per row of max_batch_size:
 # keeps one long text from padding a whole batch of short ones out to its length.
 TOKENS_PER_ROW = 128
+#: Characters a call tokenizes on the event loop; more go to a thread (a megabyte of
+#: text takes the tokenizer a few hundred milliseconds, which would stall every request).
+INLINE_CHARS = 16 * 1024
+#: Rows and tokens waiting for a compute thread, at most. The gateway sends a model at
+#: most a few thousand rows at a time (coalescer), an index 64-row slices; 32768 rows
+#: of 64 tokens are about two minutes of work for MiniLM on two cores. Past either bound
+#: a caller gets 503 (busy) at once instead of an ever longer queue.
+MAX_QUEUED_ROWS = 32768
+MAX_QUEUED_TOKENS = 2 * 1024 * 1024
 
 
 class _Job:
     """One request's rows; its vectors fill `out` as the batches holding them finish."""
 
-    __slots__ = ("arrived", "future", "next", "out", "pending", "rows")
+    __slots__ = ("arrived", "future", "next", "out", "pending", "rows", "tokens")
 
     def __init__(
         self, rows: list[list[int]], dimension: int, future: asyncio.Future[Any], now: float
@@ -45,6 +54,7 @@ class _Job:
         self.pending = len(rows)
         self.future = future
         self.next = 0  # first row not yet handed to a batch
+        self.tokens = 0  # counted against the queue's bound until the job leaves it
 
 
 class EmbeddingEngine(Engine):
@@ -78,6 +88,7 @@ class EmbeddingEngine(Engine):
         )
         self._queue: deque[_Job] = deque()
         self._queued_rows = 0
+        self._queued_tokens = 0
         self._busy = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -89,7 +100,13 @@ class EmbeddingEngine(Engine):
     def info(self) -> dict[str, Any]:
         return {**super().info(), "dimension": self.dimension, "max_tokens": self.max_tokens}
 
-    def tokenize(self, texts: list[str], truncate: bool) -> list[list[int]]:
+    async def tokenize_async(self, texts: list[str], truncate: bool) -> list[list[int]]:
+        """`tokenize`, in a thread when the texts are long (the event loop keeps serving)."""
+        if sum(map(len, texts)) <= INLINE_CHARS:
+            return self.tokenize(texts, truncate)
+        return await asyncio.to_thread(self.tokenize, texts, truncate)
+
+    def tokenize(self, texts: list[str], truncate: bool, offset: int = 0) -> list[list[int]]:
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
         ids: list[list[int]]
         if backend is not None and backend.truncation is None and backend.padding is None:
@@ -101,7 +118,7 @@ class EmbeddingEngine(Engine):
             if len(row) > self.max_tokens:
                 if not truncate:
                     raise InputTooLong(
-                        f"input {position} has {len(row)} tokens; {self.name} accepts at "
+                        f"input {offset + position} has {len(row)} tokens; {self.name} accepts at "
                         f"most {self.max_tokens}. Send truncate: true, or upsert the text "
                         "into an index, which chunks it."
                     )
@@ -109,29 +126,42 @@ class EmbeddingEngine(Engine):
         return ids
 
     async def embed(self, texts: list[str], truncate: bool = False) -> dict[str, Any]:
-        ids = self.tokenize(texts, truncate)
+        ids = await self.tokenize_async(texts, truncate)
         vectors = await self.submit(ids) if ids else np.zeros((0, self.dimension), np.float32)
         return {"vectors": vectors, "prompt_tokens": sum(len(row) for row in ids)}
 
-    async def embed_each(self, requests: list[tuple[list[str], bool]]) -> list[dict[str, Any]]:
-        """Several requests' texts in one call (the gateway coalesces); errors stay per request."""
-        out: list[dict[str, Any]] = []
-        rows: list[list[int]] = []
-        for texts, truncate in requests:
-            try:
-                ids = self.tokenize(texts, truncate)
-            except InputTooLong as exc:
-                out.append({"error": (exc.status, exc.code, exc.message)})
-                continue
-            span = (len(rows), len(rows) + len(ids))
-            out.append({"span": span, "prompt_tokens": sum(len(row) for row in ids)})
-            rows += ids
+    async def embed_each(self, requests: list[tuple[Any, ...]]) -> list[dict[str, Any]]:
+        """Several requests' texts in one call (the gateway coalesces); errors stay per request.
+
+        Each request is (texts, truncate) or (texts, truncate, offset): a slice of a larger
+        request, whose positions in error messages start at `offset`.
+        """
+        if sum(len(t) for texts, *_ in requests for t in texts) <= INLINE_CHARS:
+            out, rows = self._tokenize_each(requests)
+        else:
+            out, rows = await asyncio.to_thread(self._tokenize_each, requests)
         vectors = await self.submit(rows) if rows else np.zeros((0, self.dimension), np.float32)
         for result in out:
             if "span" in result:
                 start, end = result.pop("span")
                 result["vectors"] = vectors[start:end]
         return out
+
+    def _tokenize_each(
+        self, requests: list[tuple[Any, ...]]
+    ) -> tuple[list[dict[str, Any]], list[list[int]]]:
+        out: list[dict[str, Any]] = []
+        rows: list[list[int]] = []
+        for texts, truncate, *rest in requests:
+            try:
+                ids = self.tokenize(texts, truncate, rest[0] if rest else 0)
+            except InputTooLong as exc:
+                out.append({"error": (exc.status, exc.code, exc.message)})
+                continue
+            span = (len(rows), len(rows) + len(ids))
+            out.append({"span": span, "prompt_tokens": sum(len(row) for row in ids)})
+            rows += ids
+        return out, rows
 
     async def embed_tokens(self, rows: list[list[int]]) -> np.ndarray:
         """Vectors for token rows the caller cut (an index's chunker): no second tokenize."""
@@ -151,10 +181,24 @@ class EmbeddingEngine(Engine):
         loop = asyncio.get_running_loop()
         if loop is not self._loop:  # first call, or a new loop (asyncio.run per test)
             self._loop, self._queue, self._queued_rows, self._busy = loop, deque(), 0, 0
+            self._queued_tokens = 0
             self._timer = None
+        tokens = sum(map(len, rows))
+        if (
+            self._queued_rows + len(rows) > MAX_QUEUED_ROWS
+            or self._queued_tokens + tokens > MAX_QUEUED_TOKENS
+        ) and self._queued_rows:  # one request alone always gets in
+            raise EngineError(
+                503,
+                "overloaded",
+                f"{self.name} has {self._queued_rows} texts ({self._queued_tokens} tokens) "
+                "waiting; retry shortly",
+            )
         job = _Job(rows, self.dimension, loop.create_future(), loop.time())
+        job.tokens = tokens
         self._queue.append(job)
         self._queued_rows += len(rows)
+        self._queued_tokens += tokens
         self._dispatch()
         vectors: np.ndarray = await job.future
         return vectors
@@ -194,6 +238,7 @@ class EmbeddingEngine(Engine):
             job = self._queue[0]
             if job.future.done():  # cancelled while queued: drop its rows
                 self._queued_rows -= len(job.rows) - job.next
+                self._queued_tokens -= job.tokens
                 self._queue.popleft()
                 continue
             start = end = job.next
@@ -208,6 +253,7 @@ class EmbeddingEngine(Engine):
                 job.next = end
                 self._queued_rows -= end - start
             if job.next == len(job.rows):
+                self._queued_tokens -= job.tokens
                 self._queue.popleft()
         return batch
 

@@ -17,6 +17,10 @@ from typing import Any
 from dify_serving.engines.base import Engine, EngineError
 from dify_serving.specs import DifyModelSpec, Task
 
+#: Calls one engine holds per request slot (`max_concurrent_requests`, what Serve admits
+#: per replica): the worker's queue stays bounded for callers that bypass Serve too.
+QUEUE_FACTOR = 4
+
 
 def decode_image(item: Any) -> Any:
     """A base64 string (optionally a data: URL) → PIL image."""
@@ -31,11 +35,17 @@ def decode_image(item: Any) -> Any:
         raise EngineError(422, "invalid_input", f"not a decodable image: {exc}") from None
 
 
+def _images(items: list[Any]) -> list[Any]:
+    return [decode_image(item) for item in items]
+
+
 class PipelineEngine(Engine):
     def __init__(self, name: str, spec: DifyModelSpec, path: str) -> None:
         super().__init__(name, spec, path)
         self.task = Task(spec.task)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"pipe-{name}")
+        self._waiting = 0  # calls queued on or running in the worker
+        self.max_waiting = QUEUE_FACTOR * spec.batching.max_concurrent_requests
         if self.task == Task.IMAGE_TO_TEXT:
             from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
@@ -58,19 +68,28 @@ class PipelineEngine(Engine):
             self.model = self.pipe.model
 
     async def predict(self, inputs: list[Any], options: dict[str, Any]) -> list[Any]:
+        """Runs on the engine's worker thread, image decoding included (not on the loop)."""
         if not inputs:
             raise EngineError(422, "invalid_input", "input must not be empty")
+        if self._waiting >= self.max_waiting:
+            raise EngineError(
+                503,
+                "overloaded",
+                f"{self.name} has {self._waiting} requests waiting; retry shortly",
+            )
         if self.task == Task.TEXT_CLASSIFICATION:
             if not all(isinstance(i, str) and i for i in inputs):
                 raise EngineError(422, "invalid_input", "text-classification takes strings")
             work = lambda: self._classify_text(inputs, options)  # noqa: E731
+        elif self.task == Task.IMAGE_CLASSIFICATION:
+            work = lambda: self._classify_images(_images(inputs), options)  # noqa: E731
         else:
-            images = [decode_image(i) for i in inputs]
-            if self.task == Task.IMAGE_CLASSIFICATION:
-                work = lambda: self._classify_images(images, options)  # noqa: E731
-            else:
-                work = lambda: self._caption(images, options)  # noqa: E731
-        return await asyncio.get_running_loop().run_in_executor(self._pool, work)
+            work = lambda: self._caption(_images(inputs), options)  # noqa: E731
+        self._waiting += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, work)
+        finally:
+            self._waiting -= 1
 
     def _classify_text(self, texts: list[str], options: dict[str, Any]) -> list[Any]:
         top_k = options.get("top_k") or 1

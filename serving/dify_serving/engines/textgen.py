@@ -25,6 +25,13 @@ from dify_serving.specs import DifyModelSpec, Task
 log = logging.getLogger("dify_serving.textgen")
 
 PAGE_SIZE = 64
+#: Characters of prompt tokenized on the event loop; longer prompts (and chat templates)
+#: go to a thread, so one long prompt cannot stall every other request's tokens.
+INLINE_CHARS = 16 * 1024
+#: Requests one engine holds (running or waiting in the manager's queue) per request
+#: slot: Serve admits `max_concurrent_requests` calls per replica, so this only binds
+#: for callers that bypass it, and keeps the queue of prompts bounded for them too.
+QUEUE_FACTOR = 4
 
 
 @dataclass
@@ -78,6 +85,7 @@ class TextGenerationEngine(Engine):
         )
         sampling.install(self.manager, sampling.PerRequestSampler())
         self._requests: dict[str, _Request] = {}
+        self.max_requests = QUEUE_FACTOR * concurrent
         self._torch = torch
 
     def _eos_ids(self) -> set[int]:
@@ -170,7 +178,17 @@ class TextGenerationEngine(Engine):
         self, request: dict[str, Any], streaming: bool
     ) -> AsyncIterator[tuple[_Request, list[int], str | None]]:
         """Submit one request; yield (state, new tokens, finish reason or None)."""
-        prompt_ids = self.encode(request)
+        if len(self._requests) >= self.max_requests:
+            raise EngineError(
+                503,
+                "overloaded",
+                f"{self.name} holds {len(self._requests)} requests (at most "
+                f"{self.max_requests}); retry shortly",
+            )
+        if _chars(request) <= INLINE_CHARS:
+            prompt_ids = self.encode(request)
+        else:
+            prompt_ids = await asyncio.to_thread(self.encode, request)
         max_new = self._budget(
             prompt_ids, int(request.get("max_tokens") or self.spec.generation.max_new_tokens)
         )
@@ -239,3 +257,10 @@ class TextGenerationEngine(Engine):
         router = self.manager.output_router
         with router._lock:  # a cancelled request never gets a final output
             router.result_handlers.pop(request_id, None)
+
+
+def _chars(request: dict[str, Any]) -> int:
+    messages = request.get("messages")
+    if messages:
+        return sum(len(str(m.get("content") or "")) for m in messages)
+    return len(request.get("prompt") or "")

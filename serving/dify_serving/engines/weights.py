@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 from dify_serving.options import ModelSourceOptions
+from dify_serving.specs import is_local_model_id
 
 #: Hub ids whose weights a Python package carries, so they load with no network.
 PACKAGED = {
@@ -43,7 +44,7 @@ def packaged_path(model_id: str) -> Path | None:
 
 def is_local(model_id: str) -> bool:
     """Whether a modelId names a folder on this machine (else a hub id or builtin:)."""
-    return model_id.startswith(("/", ".", "~"))
+    return is_local_model_id(model_id)
 
 
 def model_roots(home: Path, sources: ModelSourceOptions | None) -> list[Path]:
@@ -52,16 +53,23 @@ def model_roots(home: Path, sources: ModelSourceOptions | None) -> list[Path]:
     return [Path(root).expanduser() for root in roots]
 
 
-def check_local(model_id: str, roots: list[Path]) -> Path:
+def check_local(model_id: str, roots: list[Path], follow_links: bool = True) -> Path:
     """The folder a local modelId names, if it lies under one of `roots`.
 
     The refusal is the same whether or not the folder exists, and nothing is read
     before the path is known to be inside a root (lexically, then again once symlinks
-    are followed), so a caller cannot use it to probe the file system.
+    are followed), so a caller cannot use it to probe the file system. The gateway
+    checks lexically only (`follow_links=False`): the weights live on the replicas'
+    file system, not its own.
     """
     lexical = Path(os.path.normpath(os.path.abspath(Path(model_id).expanduser())))
-    real = Path(os.path.realpath(lexical)) if _inside(lexical, roots) else None
-    if real is None or not _inside(real, [Path(os.path.realpath(r)) for r in roots]):
+    if not follow_links:
+        real: Path | None = lexical if _inside(lexical, roots) else None
+        roots_seen = roots
+    else:
+        real = Path(os.path.realpath(lexical)) if _inside(lexical, roots) else None
+        roots_seen = [Path(os.path.realpath(r)) for r in roots]
+    if real is None or not _inside(real, roots_seen):
         allowed = ", ".join(str(r) for r in roots)
         raise WeightsNotFound(
             f"modelId {model_id!r}: local weights must lie under the model roots ({allowed}); "
@@ -74,8 +82,17 @@ def _inside(path: Path, roots: list[Path]) -> bool:
     return any(path == root or root in path.parents for root in roots)
 
 
-def resolve(model_id: str, home: Path, sources: ModelSourceOptions | None = None) -> str:
-    """Turn a modelId into something `from_pretrained` can load without surprises."""
+def resolve(
+    model_id: str,
+    home: Path,
+    sources: ModelSourceOptions | None = None,
+    revision: str | None = None,
+) -> str:
+    """Turn a modelId into something `from_pretrained` can load without surprises.
+
+    A hub id becomes its folder in the local Hugging Face cache unless hub downloads are
+    on, so loading never reaches the network whatever the process environment says.
+    """
     if model_id.startswith("builtin:"):
         builder = BUILTIN.get(model_id.removeprefix("builtin:"))
         if builder is None:
@@ -92,8 +109,23 @@ def resolve(model_id: str, home: Path, sources: ModelSourceOptions | None = None
         if not (local / "config.json").is_file():
             raise WeightsNotFound(f"no model at {model_id} (config.json not found)")
         return str(local)
-    # A hub id: the local cache only, unless hub downloads are on (HF_HUB_OFFLINE, render).
-    return model_id
+    if sources is not None and sources.hub_downloads:
+        return model_id
+    return cached_snapshot(model_id, revision)
+
+
+def cached_snapshot(model_id: str, revision: str | None = None) -> str:
+    """The folder of a hub id in the local Hugging Face cache; nothing is fetched."""
+    from huggingface_hub import try_to_load_from_cache
+
+    config = try_to_load_from_cache(model_id, "config.json", revision=revision)
+    if not isinstance(config, str):
+        raise WeightsNotFound(
+            f"modelId {model_id!r} is not in the local Hugging Face cache and hub downloads "
+            "are off: put its weights under the model roots, or set "
+            "DIFY_MIRROR_HUB_DOWNLOADS=true to fetch it"
+        )
+    return str(Path(config).parent)
 
 
 def build_demo_llm(root: Path) -> Path:

@@ -15,7 +15,8 @@ from typing import Any
 from fastapi import FastAPI
 from ray import serve
 
-from dify_serving.gateway import errors, routers
+from dify_serving.gateway import errors, openapi, routers
+from dify_serving.gateway.limits import BodyLimit
 from dify_serving.gateway.security import Guard, SecurityMiddleware
 from dify_serving.gateway.state import GatewayState
 from dify_serving.options import GatewayOptions
@@ -29,8 +30,13 @@ def create_app(state: GatewayState, secrets: Secrets | None = None) -> FastAPI:
         version="0.1.0",
         description="Serve models and the knowledge they answer from. "
         'Errors are JSON: {"error": {"code", "message", "request_id"}}.',
+        docs_url=None,  # served from the gateway's own assets (openapi.serve_docs)
+        redoc_url=None,
     )
     app.state.gateway = state
+    # innermost first: the body limit inside the guard (a refusal is audited, and a
+    # client without a key is refused before its body is read), request ids outermost
+    app.add_middleware(BodyLimit, limit=state.options.limits.max_body_bytes)
     security = state.options.security
     if security.enabled:
         guard = Guard(security, Path(state.options.home), secrets)
@@ -38,6 +44,9 @@ def create_app(state: GatewayState, secrets: Secrets | None = None) -> FastAPI:
         app.add_middleware(SecurityMiddleware, guard=guard)  # inside the request-id one
     errors.install(app)
     routers.register(app, state.options.modules)
+    openapi.serve_docs(app)
+    if security.enabled:
+        openapi.declare_security(app)
     return app
 
 
@@ -74,6 +83,7 @@ class Gateway:
     async def __del__(self) -> None:
         if self.server is not None:
             self.server.should_exit = True
+        self.state.cleaner.close()
         guard = getattr(self.fastapi.state, "guard", None)
         if guard is not None:
             guard.close()

@@ -7,53 +7,155 @@ go together in the next one (natural batching: no timer, so an idle gateway adds
 latency). At most `IN_FLIGHT` calls per model run at once, enough to keep the engine's
 own continuous batching busy. Errors stay per request: the engine tokenizes each one
 apart and answers an over-long input with its own error.
+
+Every call stays small enough for the transport between deployments (Ray Serve's gRPC
+refuses messages over 4 MiB by default): a call carries at most `CALL_CHARS` characters
+of text and as many rows as `REPLY_BYTES` of vectors hold (the vector size is learned
+from the first reply), so a large request is cut into several calls and put back
+together. What waits is bounded too: over `MAX_PENDING_ROWS` texts queued for one model
+the gateway answers 503 with Retry-After instead of holding ever more requests.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from typing import Any
 
+import numpy as np
+
 from dify_serving.engines.base import EngineError
+from dify_serving.gateway.errors import ApiError
 
 IN_FLIGHT = 4
 MAX_REQUESTS = 16
+#: Bytes of vectors one reply carries at most: half the transport's 4 MiB default.
+REPLY_BYTES = 2 * 1024 * 1024
+#: Characters of text one call carries at most: at most 2 MiB in UTF-8.
+CALL_CHARS = 512 * 1024
+#: Rows per call at most, whatever the vector size (the engine batches 32 at a time).
+MAX_CALL_ROWS = 1024
+#: Texts waiting per model: four of the largest requests (2048 texts) behind the calls
+#: in flight, a few seconds of work for a small model on a few cores. Past that a
+#: client is better told to retry (or sent to another replica) than made to wait.
+MAX_PENDING_ROWS = 8192
+
+
+class _Part:
+    """Texts of one request (or one slice of it) and the future its result goes to."""
+
+    __slots__ = ("chars", "future", "offset", "texts", "truncate")
+
+    def __init__(
+        self, texts: list[str], truncate: bool, offset: int, chars: int, future: Any
+    ) -> None:
+        self.texts, self.truncate, self.offset, self.chars = texts, truncate, offset, chars
+        self.future: asyncio.Future[dict[str, Any]] = future
 
 
 class EmbedCoalescer:
-    def __init__(self, call: Any) -> None:
+    def __init__(self, call: Any, name: str = "") -> None:
         self._call = call  # async (requests) -> list of results
-        self._pending: list[tuple[list[str], bool, asyncio.Future[dict[str, Any]]]] = []
+        self._name = name
+        self._pending: deque[_Part] = deque()
+        self._pending_rows = 0
         self._running = 0
+        self._drainers: set[asyncio.Task[None]] = set()
+        self.row_bytes = 4 * 4096  # float32 rows of the largest common size, until known
+
+    @property
+    def max_rows(self) -> int:
+        return max(1, min(MAX_CALL_ROWS, REPLY_BYTES // self.row_bytes))
 
     async def embed(self, texts: list[str], truncate: bool) -> dict[str, Any]:
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._pending.append((texts, truncate, future))
-        if self._running < IN_FLIGHT:
+        if self._pending_rows + len(texts) > MAX_PENDING_ROWS:
+            raise ApiError(
+                503,
+                f"model {self._name!r} has {self._pending_rows} texts waiting to be embedded "
+                f"(at most {MAX_PENDING_ROWS}); retry shortly",
+                "overloaded",
+                headers={"Retry-After": "1"},
+            )
+        loop = asyncio.get_running_loop()
+        parts = [_Part(t, truncate, o, c, loop.create_future()) for t, o, c in self._slices(texts)]
+        self._pending.extend(parts)
+        self._pending_rows += len(texts)
+        for _ in parts:
+            if self._running >= IN_FLIGHT:
+                break
             self._running += 1
-            asyncio.get_running_loop().create_task(self._drain())
-        return await future
+            task = loop.create_task(self._drain())
+            self._drainers.add(task)  # held: the loop keeps only weak references
+            task.add_done_callback(self._drainers.discard)
+        if len(parts) == 1:
+            return await parts[0].future
+        results = await asyncio.gather(*(p.future for p in parts), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        done: list[dict[str, Any]] = results  # type: ignore[assignment]
+        return {
+            "vectors": np.concatenate([r["vectors"] for r in done]),
+            "prompt_tokens": sum(r["prompt_tokens"] for r in done),
+        }
+
+    def _slices(self, texts: list[str]) -> list[tuple[list[str], int, int]]:
+        """(texts, offset, characters) per call: within the row and character budgets."""
+        rows = self.max_rows
+        chars = sum(map(len, texts))
+        if len(texts) <= rows and chars <= CALL_CHARS:
+            return [(texts, 0, chars)]
+        out, start, size = [], 0, 0
+        for end, text in enumerate(texts):
+            if end > start and (end - start >= rows or size + len(text) > CALL_CHARS):
+                out.append((texts[start:end], start, size))
+                start, size = end, 0
+            size += len(text)
+        out.append((texts[start:], start, size))
+        return out
+
+    def _take(self) -> list[_Part]:
+        batch: list[_Part] = []
+        rows = chars = 0
+        while self._pending and len(batch) < MAX_REQUESTS:
+            part = self._pending[0]
+            if batch and (
+                rows + len(part.texts) > self.max_rows or chars + part.chars > CALL_CHARS
+            ):
+                break
+            self._pending.popleft()
+            self._pending_rows -= len(part.texts)
+            if part.future.done():  # its client went away
+                continue
+            batch.append(part)
+            rows += len(part.texts)
+            chars += part.chars
+        return batch
 
     async def _drain(self) -> None:
         try:
             while self._pending:
-                batch = self._pending[:MAX_REQUESTS]
-                del self._pending[:MAX_REQUESTS]
+                batch = self._take()
+                if not batch:
+                    continue
                 try:
-                    results = await self._call([(t, tr) for t, tr, _ in batch])
+                    results = await self._call([(p.texts, p.truncate, p.offset) for p in batch])
                 except BaseException as exc:
-                    for *_, future in batch:
-                        if not future.done():
-                            future.set_exception(exc)
+                    for part in batch:
+                        if not part.future.done():
+                            part.future.set_exception(exc)
                     if not isinstance(exc, Exception):
                         raise
                     continue
-                for (*_, future), result in zip(batch, results, strict=True):
-                    if future.done():
+                for part, result in zip(batch, results, strict=True):
+                    if part.future.done():
                         continue
                     if "error" in result:
-                        future.set_exception(EngineError(*result["error"]))
+                        part.future.set_exception(EngineError(*result["error"]))
                     else:
-                        future.set_result(result)
+                        part.future.set_result(result)
+                        vectors = result["vectors"]
+                        if len(vectors):
+                            self.row_bytes = vectors.shape[1] * vectors.itemsize
         finally:
             self._running -= 1

@@ -7,6 +7,7 @@ and calls the model replicas. Routers only translate wire formats.
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -15,8 +16,11 @@ from dify_serving.engines.base import EngineError
 from dify_serving.gateway.coalesce import EmbedCoalescer
 from dify_serving.gateway.errors import ApiError, error_body
 from dify_serving.gateway.notes import note, note_text, note_usage
+from dify_serving.gateway.schemas import MAX_TEXT_CHARS
 from dify_serving.gateway.state import GatewayState
 from dify_serving.specs import DifyModel, Task
+
+log = logging.getLogger("dify_serving.gateway")
 
 
 def new_id(prefix: str) -> str:
@@ -87,15 +91,21 @@ async def embed(
     expect_task(model, Task.FEATURE_EXTRACTION)
     if not texts or any(not isinstance(t, str) or not t for t in texts):
         raise ApiError(422, "input: give one or more non-empty strings", "invalid_request")
+    for position, text in enumerate(texts):  # /v1/inference lets longer inputs (images) in
+        if len(text) > MAX_TEXT_CHARS:
+            raise ApiError(
+                413,
+                f"input.{position}: {len(text)} characters; the limit is {MAX_TEXT_CHARS}",
+            )
     note_text("\n".join(texts))
     coalescer = state.coalescers.get(model.name)
     if coalescer is None:
 
-        async def call(requests: list[tuple[list[str], bool]]) -> list[dict[str, Any]]:
+        async def call(requests: list[tuple[list[str], bool, int]]) -> list[dict[str, Any]]:
             results: list[dict[str, Any]] = await state.call(model.name, "embed_each", requests)
             return results
 
-        coalescer = state.coalescers[model.name] = EmbedCoalescer(call)
+        coalescer = state.coalescers[model.name] = EmbedCoalescer(call, model.name)
     note(model=model.name)
     result = await coalescer.embed(texts, truncate)
     note_usage(result)
@@ -115,6 +125,8 @@ async def sse_stream(chunks: AsyncIterator[Any], request_id: str) -> AsyncIterat
             yield sse(chunk)
     except (ApiError, EngineError) as exc:
         yield sse(error_body(exc.code, exc.message, request_id), event="error")
-    except Exception as exc:  # never leave a client hanging on a broken stream
-        yield sse(error_body("internal_error", f"stream failed: {exc}", request_id), event="error")
+    except Exception:  # never leave a client hanging on a broken stream
+        log.exception("stream %s failed", request_id)
+        message = "the stream failed; see the server logs"
+        yield sse(error_body("internal_error", message, request_id), event="error")
     yield sse("[DONE]")

@@ -18,6 +18,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dify_serving.engines.base import EngineError
+from dify_serving.specs import NAME_PATTERN
 
 log = logging.getLogger("dify_serving.gateway")
 
@@ -72,12 +73,27 @@ def error_response(
 
 
 def _field(loc: tuple[Any, ...] | list[Any]) -> str:
-    parts = [str(p) for p in loc if p not in ("body", "query", "path")]
+    """The field's path, without FastAPI's leading location (a field may be `query`)."""
+    parts = [str(p) for p in loc]
+    if parts and parts[0] in ("body", "query", "path", "header", "cookie"):
+        parts = parts[1:]
     return ".".join(parts) or "body"
 
 
+def _message(error: Any) -> str:
+    if (
+        error.get("type") == "string_pattern_mismatch"
+        and (error.get("ctx") or {}).get("pattern") == NAME_PATTERN
+    ):
+        return (
+            "must be a Kubernetes name: lowercase letters, digits and '-', starting and "
+            "ending with a letter or digit, at most 63 characters"
+        )
+    return str(error.get("msg", "invalid"))
+
+
 def describe_validation(errors: list[Any]) -> str:
-    return "; ".join(f"{_field(e.get('loc', ()))}: {e.get('msg', 'invalid')}" for e in errors)
+    return "; ".join(f"{_field(e.get('loc', ()))}: {_message(e)}" for e in errors)
 
 
 class RequestIdMiddleware:
@@ -118,13 +134,16 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(EngineError)
     async def _engine(request: Request, exc: EngineError) -> JSONResponse:
-        return error_response(request, exc.status, exc.code, exc.message)
+        retry = {"Retry-After": "1"} if exc.status == 503 else None  # busy or restarting
+        return error_response(request, exc.status, exc.code, exc.message, retry)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = list(exc.errors())
         if any(e.get("type") == "json_invalid" for e in errors):
             return error_response(request, 400, "malformed_json", "request body is not valid JSON")
+        if any(e.get("type") == "too_large" for e in errors):  # see gateway/schemas.py
+            return error_response(request, 413, "payload_too_large", describe_validation(errors))
         return error_response(request, 422, "invalid_request", describe_validation(errors))
 
     @app.exception_handler(StarletteHTTPException)

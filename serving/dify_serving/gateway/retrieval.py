@@ -11,8 +11,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from dify_serving.gateway import access
 from dify_serving.gateway.errors import ApiError
 from dify_serving.gateway.state import GatewayState
+from dify_serving.security.keys import DATA_READ
 
 #: Characters of retrieved text put into one prompt (about 1,500 tokens).
 CONTEXT_CHARS = 6000
@@ -38,6 +40,8 @@ async def retrieve(
     filter: dict[str, Any] | None = None,
     score_threshold: float | None = None,
 ) -> list[dict[str, Any]]:
+    """The index's nearest chunks; chunk text is data, so every route needs `data:read`."""
+    access.require_scope(DATA_READ)
     state.index(index)
     request = {
         "query": query,

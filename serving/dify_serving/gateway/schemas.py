@@ -1,10 +1,122 @@
-"""Wire schemas of the gateway (requests and responses), apart from the routes."""
+"""Wire schemas of the gateway (requests and responses), apart from the routes.
+
+Every field a client sends is bounded here, so a request over a bound is refused before
+any replica is called. Two kinds of refusal:
+
+- too much (characters of a text, texts to embed, total characters of a conversation,
+  bytes of metadata or a filter): 413 `payload_too_large`, raised as the `too_large`
+  validation error below; sending less, or splitting the request, helps.
+- malformed (a name that is not a Kubernetes name, an id over 512 characters, a vector
+  over 4096 dimensions, too many messages, ids or keys): 422 `invalid_request`.
+
+Model and index names follow the Kubernetes name rule (`specs.ResourceName`), so a name
+like `../x` is refused before any lookup or any Kubernetes API path is built from it.
+The limits that operators tune (body size, documents per upsert, document size) are
+options (`LimitOptions`) checked by the routes; the ones here are fixed by what the
+engines and the calls between deployments can carry.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import json
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
+
+from dify_serving.specs import ResourceName
+
+#: Characters of one prompt, one text to embed, or one conversation: about a 128k-token
+#: context, and at most 2 MiB in UTF-8 (one call between deployments carries 4 MiB).
+MAX_TEXT_CHARS = 512 * 1024
+#: Characters of a search query: a model embeds at most a few hundred tokens of it.
+MAX_QUERY_CHARS = 16 * 1024
+#: Texts (or images) in one embedding or classification request: OpenAI's limit for
+#: embeddings. Larger requests answer with tens of megabytes of JSON; split them.
+MAX_INPUTS = 2048
+#: Characters of one `/v1/inference` input: a base64 image of about 6 MB (texts are held
+#: to MAX_TEXT_CHARS when they are embedded).
+MAX_INPUT_CHARS = 8 * 1024 * 1024
+MAX_MESSAGES = 1024
+MAX_CONTENT_PARTS = 64
+MAX_DOCUMENT_IDS = 4096
+ID_CHARS = 512
+#: Largest query vector: the biggest common embedding models have 4096 dimensions.
+MAX_VECTOR_DIMENSION = 4096
+#: Metadata is stored with every chunk of a document, so it stays small.
+MAX_METADATA_KEYS = 64
+MAX_METADATA_BYTES = 8 * 1024
+MAX_FILTER_KEYS = 32
+MAX_FILTER_BYTES = 16 * 1024
+
+
+def too_large(what: str, size: int, limit: int, unit: str = "characters") -> PydanticCustomError:
+    """The validation error the gateway answers with 413 (see `errors.install`)."""
+    return PydanticCustomError(
+        "too_large",
+        "{what}{size} {unit}; the limit is {limit}",
+        {"what": what, "size": size, "unit": unit, "limit": limit},
+    )
+
+
+def _chars(limit: int) -> AfterValidator:
+    def check(value: str) -> str:
+        if len(value) > limit:
+            raise too_large("", len(value), limit)
+        return value
+
+    return AfterValidator(check)
+
+
+def _texts(value: str | list[str], max_items: int, max_chars: int) -> str | list[str]:
+    if isinstance(value, str):
+        if len(value) > max_chars:
+            raise too_large("", len(value), max_chars)
+        return value
+    if len(value) > max_items:
+        raise too_large("", len(value), max_items, "items")
+    for position, text in enumerate(value):
+        if len(text) > max_chars:
+            raise too_large(f"item {position} has ", len(text), max_chars)
+    return value
+
+
+def _json_bytes(value: dict[str, Any] | None, limit: int) -> dict[str, Any] | None:
+    if value:
+        size = len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode())
+        if size > limit:
+            raise too_large("", size, limit, "bytes of JSON")
+    return value
+
+
+def message_chars(messages: list[ChatMessage]) -> int:
+    """Characters of text in a conversation (what the model will read)."""
+    total = 0
+    for message in messages:
+        content = message.content
+        if isinstance(content, str):
+            total += len(content)
+        elif content:
+            total += sum(len(p.get("text") or "") for p in content if isinstance(p, dict))
+    return total
+
+
+def _conversation(messages: list[ChatMessage]) -> list[ChatMessage]:
+    total = message_chars(messages)
+    if total > MAX_TEXT_CHARS:
+        raise too_large("", total, MAX_TEXT_CHARS, "characters in all")
+    return messages
+
+
+Name = ResourceName
+Text = Annotated[str, Field(min_length=1), _chars(MAX_TEXT_CHARS)]
+DocumentId = Annotated[str, Field(min_length=1, max_length=ID_CHARS)]
+Filter = Annotated[
+    dict[Annotated[str, Field(max_length=128)], Any],
+    Field(max_length=MAX_FILTER_KEYS),
+    AfterValidator(lambda v: _json_bytes(v, MAX_FILTER_BYTES)),
+]
+Options = Annotated[dict[Annotated[str, Field(max_length=64)], Any], Field(max_length=16)]
 
 
 class _Body(BaseModel):
@@ -19,16 +131,20 @@ class SamplingParams(_Body):
 
 
 class InferenceRequest(SamplingParams):
-    model: str | None = Field(None, description="Model name; the default model if left out.")
-    prompt: str | None = Field(
-        None, min_length=1, description="Text to continue (text-generation)."
-    )
-    input: str | list[Any] | None = Field(
-        None, description="Inputs for other tasks: texts, or base64 images."
+    model: Name | None = Field(None, description="Model name; the default model if left out.")
+    prompt: Text | None = Field(None, description="Text to continue (text-generation).")
+    input: str | list[str] | None = Field(
+        None,
+        description=f"Inputs for other tasks: texts, or base64 images (at most {MAX_INPUTS}).",
     )
     top_k: int | None = Field(None, ge=1, le=1000, description="Labels to return (classifiers).")
-    truncate: bool = Field(False, description="Cut over-long embedding inputs instead of 422.")
+    truncate: bool = Field(False, description="Cut over-long embedding inputs instead of 413.")
     stream: bool = Field(False, description="Answer as a stream of server-sent events.")
+
+    @field_validator("input")
+    @classmethod
+    def _inputs(cls, value: str | list[str] | None) -> str | list[str] | None:
+        return None if value is None else _texts(value, MAX_INPUTS, MAX_INPUT_CHARS)
 
 
 class Usage(BaseModel):
@@ -49,11 +165,11 @@ class LoadRequest(BaseModel):
     """`POST /v1/models/load`: a DifyModel spec with a name (camelCase or snake_case)."""
 
     model_config = ConfigDict(extra="allow")
-    name: str | None = Field(None, description="Resource name; derived from modelId if absent.")
+    name: Name | None = Field(None, description="Resource name; derived from modelId if absent.")
 
 
 class UnloadRequest(_Body):
-    name: str = Field(..., min_length=1, description="Name of the model to unload.")
+    name: Name = Field(..., description="Name of the model to unload.")
 
 
 class ModelCard(BaseModel):
@@ -62,7 +178,7 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "dify-mirror"
     task: str
-    model_id: str
+    model_id: str | None  # None: a local path, shown to admin keys only
     phase: str
 
 
@@ -73,86 +189,131 @@ class ModelList(BaseModel):
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
-    role: str
-    content: str | list[dict[str, Any]] | None = None
+    role: str = Field(..., min_length=1, max_length=32)
+    content: str | Annotated[list[dict[str, Any]], Field(max_length=MAX_CONTENT_PARTS)] | None = (
+        None
+    )
+
+
+Messages = Annotated[
+    list[ChatMessage],
+    Field(min_length=1, max_length=MAX_MESSAGES),
+    AfterValidator(_conversation),
+]
 
 
 class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
-    model: str | None = None
-    index: str | None = Field(None, description="Answer from this knowledge index (extension).")
+    model: Name | None = None
+    index: Name | None = Field(None, description="Answer from this knowledge index (extension).")
     top_k: int = Field(4, ge=1, le=50, description="Chunks retrieved when `index` is given.")
-    messages: list[ChatMessage] = Field(..., min_length=1)
+    messages: Messages
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
     n: int = Field(1, ge=1, le=1)
     stream: bool = False
-    stream_options: dict[str, Any] | None = None
+    stream_options: Options | None = None
 
 
 class CompletionRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
-    model: str | None = None
+    model: Name | None = None
     prompt: str | list[str] = Field(...)
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
     n: int = Field(1, ge=1, le=1)
     stream: bool = False
-    stream_options: dict[str, Any] | None = None
+    stream_options: Options | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list) and len(value) != 1:
+            return value  # the route says: one prompt per request
+        return _texts(value, 1, MAX_TEXT_CHARS)
 
 
 class EmbeddingRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
-    model: str | None = None
-    input: str | list[str] = Field(...)
+    model: Name | None = None
+    input: str | list[str] = Field(..., description=f"Text or texts (at most {MAX_INPUTS}).")
     encoding_format: Literal["float", "base64"] = "float"
     truncate: bool = False
 
+    @field_validator("input")
+    @classmethod
+    def _inputs(cls, value: str | list[str]) -> str | list[str]:
+        return _texts(value, MAX_INPUTS, MAX_TEXT_CHARS)
+
 
 # ---- data ----------------------------------------------------------------------------
-_ID = Field(..., min_length=1, max_length=512, description="Document id (unique per index).")
-
-
 class CleanRequest(_Body):
-    text: str = Field(..., min_length=1, description="Raw text or HTML.")
-    index: str | None = Field(None, description="Use this index's cleaning rules and chunker.")
-    rules: dict[str, Any] | None = Field(
+    text: str = Field(..., min_length=1, description="Raw text or HTML (an upsert's limits).")
+    index: Name | None = Field(None, description="Use this index's cleaning rules and chunker.")
+    rules: Options | None = Field(
         None, description="Cleaning rules (DifyIndex spec `cleaning`), when no index is named."
     )
     chunk: bool = Field(False, description="Also return the chunks (needs `index`).")
 
 
 class EmbedRequest(_Body):
-    model: str | None = Field(None, description="Embedding model; the first one if left out.")
-    input: str | list[str] = Field(..., description="Text or texts to embed.")
+    model: Name | None = Field(None, description="Embedding model; the first one if left out.")
+    input: str | list[str] = Field(
+        ..., description=f"Text or texts to embed (at most {MAX_INPUTS})."
+    )
     truncate: bool = Field(False, description="Cut inputs over the model's token limit.")
+
+    @field_validator("input")
+    @classmethod
+    def _inputs(cls, value: str | list[str]) -> str | list[str]:
+        return _texts(value, MAX_INPUTS, MAX_TEXT_CHARS)
+
+
+Metadata = Annotated[
+    dict[Annotated[str, Field(min_length=1, max_length=128)], Any],
+    Field(max_length=MAX_METADATA_KEYS),
+    AfterValidator(lambda v: _json_bytes(v, MAX_METADATA_BYTES)),
+]
 
 
 class Document(_Body):
-    id: str = _ID
+    id: DocumentId = Field(..., description="Document id (unique per index).")
     text: str = Field(..., description="Raw text or HTML; cleaned and chunked on upsert.")
-    metadata: dict[str, Any] = Field(default_factory=dict, description="Stored with each chunk.")
+    metadata: Metadata = Field(
+        default_factory=dict,
+        description=f"Stored with each chunk (at most {MAX_METADATA_KEYS} keys, "
+        f"{MAX_METADATA_BYTES} bytes of JSON).",
+    )
     subject_id: str | None = Field(
-        None, max_length=512, description="The person the text is about (for erasure)."
+        None, min_length=1, max_length=ID_CHARS, description="The person the text is about."
     )
 
 
 class UpsertRequest(_Body):
-    index: str = Field(..., min_length=1, description="Index name.")
-    documents: list[Document] = Field(..., description="Documents to add or replace.")
+    index: Name = Field(..., description="Index name.")
+    documents: list[Document] = Field(
+        ..., description="Documents to add or replace (DIFY_MIRROR_MAX_DOCUMENTS per request)."
+    )
 
 
 class SearchRequest(_Body):
-    index: str = Field(..., min_length=1, description="Index name.")
-    query: str | None = Field(None, min_length=1, description="Text to search for.")
-    vector: list[float] | None = Field(None, description="Or a query vector of the index's size.")
+    index: Name = Field(..., description="Index name.")
+    query: Annotated[str, Field(min_length=1), _chars(MAX_QUERY_CHARS)] | None = Field(
+        None, description="Text to search for."
+    )
+    vector: list[float] | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_VECTOR_DIMENSION,
+        description="Or a query vector of the index's size.",
+    )
     top_k: int = Field(10, ge=1, le=1000, description="Hits to return, 1..1000.")
-    filter: dict[str, Any] | None = Field(
+    filter: Filter | None = Field(
         None,
         description='Metadata filter: {"lang": "en"}, {"lang": ["en", "de"]}, '
         '{"year": {"gte": 2020}}; keys: document_id, subject_id, filterableFields.',
@@ -161,18 +322,23 @@ class SearchRequest(_Body):
 
 
 class DeleteRequest(_Body):
-    index: str | None = Field(None, description="Index to delete documents from.")
-    document_ids: list[str] | None = Field(None, description="Documents to delete.")
+    index: Name | None = Field(None, description="Index to delete documents from.")
+    document_ids: list[DocumentId] | None = Field(
+        None, max_length=MAX_DOCUMENT_IDS, description="Documents to delete."
+    )
     subject_id: str | None = Field(
-        None, min_length=1, description="Erase everything about this subject, in every index."
+        None,
+        min_length=1,
+        max_length=ID_CHARS,
+        description="Erase everything about this subject, in every index.",
     )
 
 
 class KnowledgeChatRequest(SamplingParams):
-    model: str | None = Field(None, description="Generation model; the default if left out.")
-    index: str = Field(..., min_length=1, description="Index to retrieve from.")
-    messages: list[ChatMessage] = Field(..., min_length=1, description="The conversation.")
+    model: Name | None = Field(None, description="Generation model; the default if left out.")
+    index: Name = Field(..., description="Index to retrieve from.")
+    messages: Messages = Field(..., description="The conversation.")
     top_k: int = Field(4, ge=1, le=50, description="Chunks to retrieve.")
-    filter: dict[str, Any] | None = Field(None, description="Retrieval filter (as in search).")
+    filter: Filter | None = Field(None, description="Retrieval filter (as in search).")
     score_threshold: float | None = Field(None, description="Ignore chunks scoring below this.")
     stream: bool = Field(False, description="Answer as server-sent events.")

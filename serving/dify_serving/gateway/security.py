@@ -1,15 +1,20 @@
 """The gateway's guard: client address, API key, scope, second factor, rate limits, audit.
 
 One pure ASGI middleware, ahead of routing, so a refused request costs no FastAPI work
-and every request, allowed or refused, leaves one audit row. The order is the order of
+and every request, allowed or refused, leaves an audit row. The order is the order of
 cheapness and of what a client may learn: address (403) → key (401, one message for
-every reason, the reason only in the audit row) → the key's own allowlist (403) → scope
-(403 naming it) → second factor for sensitive routes (401/403) → route and key rate
+every reason, the reason only in the audit row; 429 once the address has failed too
+often) → the key's own allowlist (403) → scope (403 naming it) → second factor for
+sensitive routes (401/403; 429 while locked after wrong codes) → route and key rate
 limits (429 with Retry-After and X-RateLimit-*; a request under its limits carries no
-extra headers, which keeps the common path lean). The data plane notes the model, index
-and token counts (`gateway/notes.py`); the row is written when the response ends, so a
-stream's tokens are counted. Generated tokens are charged to the key's tokens/minute
-bucket afterwards (a request may overdraw it; the next ones wait).
+extra headers, which keeps the common path lean). The admitted key goes into
+`access.KEY` for the checks that depend on the body (models, indexes, retrieval). The
+data plane notes the model, index and token counts (`gateway/notes.py`); the row is
+written when the response ends, so a stream's tokens are counted. Generated tokens are
+charged to the key's tokens/minute bucket afterwards (a request may overdraw it; the
+next ones wait). Refusals before a key is known are counted per address and their rows
+aggregated per second (`security/failures.py`). WebSocket connections are closed
+(1008): the API has none, and a route added later must not bypass the guard.
 
 Nothing here blocks on a database: keys are checked against a short-lived in-process
 cache, the in-process limiter is a dict, and the audit log batches its writes.
@@ -21,18 +26,21 @@ import asyncio
 import functools
 import logging
 import time
+import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from dify_serving.gateway.access import KEY
 from dify_serving.gateway.errors import error_body
 from dify_serving.gateway.notes import NOTES
 from dify_serving.gateway.policy import Rule, rule_for
 from dify_serving.options import SecurityOptions
 from dify_serving.security.audit_ship import AuditShipper
 from dify_serving.security.db import database_url
+from dify_serving.security.failures import AddressFailures, RefusalLog, audit_row, retry_after
 from dify_serving.security.keys import AuthError, KeyRecord, KeyStore, allows
 from dify_serving.security.network import Allowlist, client_ip, parse_cidrs
 from dify_serving.security.ratelimit import (
@@ -43,7 +51,7 @@ from dify_serving.security.ratelimit import (
     RouteLimits,
 )
 from dify_serving.security.secrets import Secrets, bootstrap_key, key_pepper
-from dify_serving.security.totp import OtpGuard, OtpUnavailable
+from dify_serving.security.totp import MAX_WRONG_CODES, OtpGuard, OtpLocked, OtpUnavailable
 
 log = logging.getLogger("dify_serving.security")
 
@@ -77,8 +85,13 @@ class Guard:
         pepper = key_pepper(home)
         self.keys = KeyStore(database_url(home, database, "keys"), pepper)
         self.keys.ensure_bootstrap(bootstrap_key(home), home / "bootstrap.key")
-        self.audit = AuditShipper(
+        self.audit = AuditShipper.for_home(
             database_url(home, database, "audit"),
+            home,
+            pepper=pepper,
+            redis_url=redis_url,
+            configmap=config.audit_configmap,
+            checkpoint_s=config.audit_checkpoint_s,
             retention_days=config.retention_days,
             allow_short_retention=config.allow_short_retention,
         )
@@ -88,6 +101,8 @@ class Guard:
             else MemoryLimiter()
         )
         self.route_limits = RouteLimits(self.limiter, config.route_limits)
+        self.failures = AddressFailures(self.limiter)
+        self.refusals = RefusalLog(lambda row: self.audit.record_values(row))
         self._purger: asyncio.Task[None] | None = None
         # header → (key, until): skips parsing, hashing and the store's cache for a second
         self._recent: dict[bytes, tuple[KeyRecord, float]] = {}
@@ -98,6 +113,7 @@ class Guard:
     def close(self) -> None:
         if self._purger is not None:
             self._purger.cancel()
+        self.refusals.flush()
         self.audit.close()
 
     def start_purging(self) -> None:
@@ -116,12 +132,12 @@ class Guard:
             await asyncio.sleep(PURGE_EVERY_S)
 
     # ---- checks -----------------------------------------------------------------------
-    async def authenticate(self, headers: dict[bytes, bytes]) -> KeyRecord:
+    async def authenticate(self, headers: dict[bytes, bytes], ip: str | None = None) -> KeyRecord:
         header = headers.get(b"authorization")
         hit = self._recent.get(header) if header else None
         if hit is not None and hit[1] > time.monotonic():
             return hit[0]
-        key = await self._authenticate(headers)
+        key = await self._authenticate(headers, ip)
         if len(self._recent) >= RECENT_KEYS:
             self._recent.clear()
         self._recent[header] = (key, time.monotonic() + self._recent_ttl(key))  # type: ignore[index]
@@ -138,12 +154,19 @@ class Guard:
             ttl = min(ttl, (key.expires_at - datetime.now(UTC)).total_seconds())
         return ttl
 
-    async def _authenticate(self, headers: dict[bytes, bytes]) -> KeyRecord:
+    async def _authenticate(self, headers: dict[bytes, bytes], ip: str | None) -> KeyRecord:
         raw = headers.get(b"authorization", b"").decode("latin-1")
         scheme, _, token = raw.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise AuthError("missing" if not raw else "malformed header")
-        return await self.keys.aauthenticate(token.strip())
+        token = token.strip()
+        blocked = self.failures.blocked_for(ip)
+        if blocked:  # only keys verified here recently; the database is not asked
+            known = self.keys.cached(token)
+            if known is not None:
+                return known
+            raise _too_many_failures(ip, blocked)
+        return await self.keys.aauthenticate(token)
 
     async def second_factor(self, key: KeyRecord, headers: dict[bytes, bytes]) -> None:
         if key.totp_secret is None:
@@ -162,6 +185,22 @@ class Guard:
         except OtpUnavailable as exc:
             raise _Refusal(
                 503, "second_factor_unavailable", f"cannot check the TOTP code now: {exc}"
+            ) from None
+        except OtpLocked as locked:
+            seconds = retry_after(locked.retry_after_s)
+            note = NOTES.get()
+            if note is not None:
+                note["detail"] = (
+                    f"second factor locked for {seconds} s after {MAX_WRONG_CODES} wrong codes"
+                    if locked.new
+                    else f"second factor locked ({seconds} s left)"
+                )
+            raise _Refusal(
+                429,
+                "second_factor_locked",
+                f"too many wrong TOTP codes for key {key.id}; its sensitive routes are "
+                f"locked for {seconds} s",
+                {"Retry-After": seconds},
             ) from None
         if not accepted:
             raise _Refusal(401, "second_factor_invalid", "the TOTP code is wrong or was used")
@@ -218,6 +257,15 @@ class Guard:
             ) from None
 
 
+def _too_many_failures(ip: str | None, wait_s: float) -> _Refusal:
+    return _Refusal(
+        429,
+        "too_many_failures",
+        f"too many failed authentications from {ip}; retry later",
+        {"Retry-After": retry_after(wait_s)},
+    )
+
+
 @functools.lru_cache(maxsize=1024)
 def _key_allowlist(cidrs: tuple[str, ...]) -> Allowlist:
     """A key's networks, parsed once (its record is cached; so is this)."""
@@ -244,7 +292,10 @@ class SecurityMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
-            await self.app(scope, receive, send)
+            if scope["type"] == "websocket":
+                await self._close_websocket(scope, send)
+                return
+            await self.app(scope, receive, send)  # lifespan
             return
         started = time.perf_counter()
         self.guard.start_purging()  # once; the first request brings the replica's loop
@@ -256,12 +307,7 @@ class SecurityMiddleware:
         note: dict[str, Any] = {}
         NOTES.set(note)
         headers = {k: v for k, v in scope["headers"] if k in _WANTED}
-        peer = scope["client"][0] if scope.get("client") else None
-        forwarded = headers.get(b"x-forwarded-for")
-        if forwarded and self.guard.trusted:
-            ip = client_ip(peer, forwarded.decode("latin-1"), self.guard.trusted)
-        else:  # nobody to believe but the peer
-            ip = peer
+        ip = self._client_ip(scope, headers)
         length = headers.get(b"content-length", b"0")
         counts = {"in": int(length) if length.isdigit() else 0, "out": 0, "status": 500}
         key: KeyRecord | None = None
@@ -277,42 +323,78 @@ class SecurityMiddleware:
             key = await self._admit(rule, headers, ip, note)
             await self.guard.limit(rule, key)
             state["key"] = key
+            KEY.set(key)
             await self.app(scope, receive, counting_send)
         except _Refusal as refusal:
             await _refuse(send, counting_send, state, refusal)
         finally:
             if key is not None and rule.generates:
                 await self.guard.charge_tokens(key, int(note.get("completion_tokens") or 0))
-            self.guard.audit.record_values(  # AuditEntry's fields, in order
-                (
-                    time.time(),
-                    state.get("request_id", ""),
-                    key.id if key else note.get("key_id"),
-                    ip,
-                    scope["method"],
-                    rule.template,
-                    counts["status"],
-                    (time.perf_counter() - started) * 1000,
-                    note.get("model"),
-                    note.get("index"),
-                    note.get("prompt_tokens"),
-                    note.get("completion_tokens"),
-                    counts["in"],
-                    counts["out"],
-                    _detail(note, self.guard.config.record_text) if note else None,
-                )
+            row = (  # AuditEntry's fields, in order
+                time.time(),
+                state.get("request_id", ""),
+                key.id if key else note.get("key_id"),
+                ip,
+                scope["method"],
+                rule.template,
+                counts["status"],
+                (time.perf_counter() - started) * 1000,
+                note.get("model"),
+                note.get("index"),
+                note.get("prompt_tokens"),
+                note.get("completion_tokens"),
+                counts["in"],
+                counts["out"],
+                _detail(note, self.guard.config.record_text) if note else None,
             )
+            if note.get("anonymous"):  # refused before a key was known: bounded rows
+                self.guard.refusals.add(ip, row)
+            else:
+                self.guard.audit.record_values(row)
+
+    def _client_ip(self, scope: Scope, headers: dict[bytes, bytes]) -> str | None:
+        peer = scope["client"][0] if scope.get("client") else None
+        forwarded = headers.get(b"x-forwarded-for")
+        if forwarded and self.guard.trusted:
+            return client_ip(peer, forwarded.decode("latin-1"), self.guard.trusted)
+        return peer  # nobody to believe but the peer
+
+    async def _close_websocket(self, scope: Scope, send: Send) -> None:
+        """Refuse the handshake (HTTP 403 on the wire) and leave an aggregated audit row."""
+        await send({"type": "websocket.close", "code": 1008})
+        headers = {k: v for k, v in scope["headers"] if k in _WANTED}
+        ip = self._client_ip(scope, headers)
+        row = audit_row(
+            time=time.time(),
+            request_id=uuid.uuid4().hex,
+            client_ip=ip,
+            method="WEBSOCKET",
+            route=scope.get("path", "")[:200],
+            status=403,
+            latency_ms=0.0,
+            detail="websocket refused: the API has no WebSocket routes",
+        )
+        self.guard.refusals.add(ip, row)
 
     async def _admit(
         self, rule: Rule, headers: dict[bytes, bytes], ip: str | None, note: dict[str, Any]
     ) -> KeyRecord:
         if not self.guard.allowlist.allows(ip):
+            note["anonymous"] = True
             raise _Refusal(403, "address_not_allowed", f"client address {ip} is not allowed")
         try:
-            key = await self.guard.authenticate(headers)
+            key = await self.guard.authenticate(headers, ip)
+        except _Refusal:  # the address failed too often: refused before the key store
+            note["anonymous"] = True
+            note["detail"] = "auth: address blocked after repeated failures"
+            raise
         except AuthError as exc:
+            note["anonymous"] = True
             note["detail"] = f"auth: {exc}"
             note["key_id"] = getattr(exc, "key_id", None)
+            wait = await self.guard.failures.failed(ip)
+            if wait:
+                raise _too_many_failures(ip, wait) from None
             raise _Refusal(
                 401,
                 "unauthorized",

@@ -20,8 +20,11 @@ from ray.exceptions import RayTaskError
 
 from dify_serving.control import AsyncRayDashboard, RayUnavailable
 from dify_serving.engines.base import EngineError
+from dify_serving.gateway import access
+from dify_serving.gateway.cleaner import Cleaner
 from dify_serving.gateway.errors import ApiError
 from dify_serving.gateway.notes import note
+from dify_serving.gateway.transport import IdleWatch, replica_failure, transport_failure
 from dify_serving.manifests import DesiredState
 from dify_serving.options import GatewayOptions
 from dify_serving.render import (
@@ -41,17 +44,6 @@ log = logging.getLogger("dify_serving.gateway")
 _SERVING = {Phase.READY.value, Phase.DEGRADED.value}
 
 
-def unwrap(exc: BaseException) -> BaseException:
-    """The replica's own exception out of Ray's wrapper."""
-    if isinstance(exc, RayTaskError) and isinstance(exc.cause, EngineError):
-        return exc.cause
-    return exc
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-
-
 class GatewayState:
     def __init__(self, options: GatewayOptions) -> None:
         self.options = options
@@ -61,6 +53,7 @@ class GatewayState:
         self.statuses: dict[str, dict[str, Any]] = {}
         self.index_statuses: dict[str, dict[str, Any]] = {}
         self.coalescers: dict[str, Any] = {}  # model → EmbedCoalescer (dataplane)
+        self.cleaner = Cleaner()  # /v1/data/clean, off the event loop
         self._handles: dict[str, Any] = {}
         self._streams: dict[str, set[Any]] = defaultdict(set)  # in-flight stream responses
         self._unloaded: set[Any] = set()  # streams cancelled because their model went
@@ -76,19 +69,32 @@ class GatewayState:
         return self.store.load()[0].models
 
     def model(self, name: str | None, task: Task | None = None) -> DifyModel:
-        """The model a request names, or the default; 404 when it does not exist."""
+        """The model a request names, or the first fitting one the key may use.
+
+        403 when the key may not use it (checked before existence, so a confined key
+        learns nothing of other names); 404 when it does not exist.
+        """
         models = self.models()
         wanted = task or Task.TEXT_GENERATION
         if name is None:
             name = self.options.default_model
-            if name is None or (name in models and models[name].spec.task != wanted):
-                fits = [n for n in sorted(models) if models[n].spec.task == wanted]
+            if (
+                name is None
+                or not access.may_use_model(name)
+                or (name in models and models[name].spec.task != wanted)
+            ):
+                fits = [
+                    n
+                    for n in sorted(models)
+                    if models[n].spec.task == wanted and access.may_use_model(n)
+                ]
                 serving = [n for n in fits if self.statuses.get(n, {}).get("phase") in _SERVING]
                 name = next(iter(serving or fits), None)
             if name is None:
                 raise ApiError(
                     404, "no model named and no default model is loaded", "model_not_found"
                 )
+        access.check_model(name)
         model = models.get(name)
         if model is None:
             raise ApiError(404, f"model {name!r} is not loaded", "model_not_found")
@@ -100,6 +106,8 @@ class GatewayState:
         return self.store.load()[0].indexes
 
     def index(self, name: str) -> DifyIndex:
+        """The index a request names; 403 when the key may not use it, else 404 if absent."""
+        access.check_index(name)
         index = self.indexes().get(name)
         if index is None:
             raise ApiError(404, f"index {name!r} does not exist", "index_not_found")
@@ -190,7 +198,7 @@ class GatewayState:
                 self.options.request_timeout_s,
             )
         except (RayTaskError, EngineError) as exc:
-            raise unwrap(exc) from None
+            raise replica_failure(exc, kind, name) from None
         except TimeoutError:
             self._forget(name, kind)
             raise ApiError(
@@ -200,14 +208,11 @@ class GatewayState:
             ) from None
         except ApiError:
             raise
-        except Exception as exc:  # replica gone (unloaded, crashed) or Serve unavailable
-            self._forget(name, kind)
-            raise ApiError(
-                503,
-                f"{kind} {name!r} is unavailable: {_first_line(exc)}",
-                f"{kind}_unavailable",
-                headers={"Retry-After": "2"},
-            ) from None
+        except Exception as exc:  # replica gone (unloaded, crashed), Serve down, too large
+            error = transport_failure(exc, kind, name)
+            if error.status == 503:
+                self._forget(name, kind)
+            raise error from None
 
     async def info(self, name: str, kind: str = "model") -> dict[str, Any]:
         """The replica's `info()` when it is serving, else {} (never an error, ≤ 5 s)."""
@@ -227,29 +232,44 @@ class GatewayState:
         self._handles.pop(model_app_name(name) if kind == "model" else index_app_name(name), None)
 
     async def stream(self, name: str, method: str, *args: Any) -> AsyncIterator[dict[str, Any]]:
-        """Stream from a replica; ends with an EngineError if the model is unloaded."""
+        """Stream from a replica; ends with an EngineError if the model is unloaded, or
+        sends nothing for `limits.stream_idle_timeout_s` (the replica call is cancelled)."""
         self.require_serving(name)
         note(model=name)
         response = getattr(self.handle(name).options(stream=True), method).remote(*args)
         self._streams[name].add(response)
+        loop = asyncio.get_running_loop()
+        watch = IdleWatch(loop, self.options.limits.stream_idle_timeout_s, response)
         try:
             async for item in response:
+                watch.last = loop.time()
                 yield item
+            if watch.fired:  # cancelled between two items: the generator just ends
+                raise EngineError(504, "stream_idle_timeout", self._idle_message(name))
         except (RayTaskError, EngineError) as exc:
-            raise unwrap(exc) from None
+            raise replica_failure(exc, "model", name) from None
         except (Exception, asyncio.CancelledError) as exc:
             if response in self._unloaded:  # we cancelled it: the model was unloaded
                 raise EngineError(503, "model_unloaded", f"model {name!r} was unloaded") from None
+            if watch.fired:
+                raise EngineError(504, "stream_idle_timeout", self._idle_message(name)) from None
             if isinstance(exc, asyncio.CancelledError):  # the client went away
                 raise
             self._forget(name, "model")  # the replica died (crashed, deleted)
-            raise EngineError(
-                503, "model_unavailable", f"model {name!r} stopped answering: {_first_line(exc)}"
-            ) from None
+            error = transport_failure(exc, "model", name)
+            raise EngineError(error.status, error.code, error.message) from None
         finally:
+            watch.stop()
             self._streams[name].discard(response)
             self._unloaded.discard(response)
             response.cancel()
+
+    def _idle_message(self, name: str) -> str:
+        idle = self.options.limits.stream_idle_timeout_s
+        return (
+            f"model {name!r} sent nothing for {idle:g}s (DIFY_MIRROR_STREAM_IDLE_TIMEOUT_S); "
+            "the stream was ended"
+        )
 
     # load / unload -----------------------------------------------------------------
     async def apply(self, state: DesiredState) -> None:

@@ -52,6 +52,12 @@ OPTIMIZE_AFTER_S = 2.0
 LOCK_WAIT_S = 120.0
 #: Rows per embedding call: several calls in flight keep the model's batches full.
 EMBED_SLICE = 64
+#: Embedding calls one request keeps in flight: enough to keep the model's compute
+#: threads busy, few enough that a 10 MB document (thousands of chunks) does not fill
+#: the model's bounded queue and crowd out everyone else.
+EMBED_IN_FLIGHT = 8
+#: Characters of a query tokenized on the event loop; longer ones go to a thread.
+INLINE_CHARS = 4096
 
 
 class IndexServer:
@@ -73,7 +79,7 @@ class IndexServer:
         self.model_name: str = model["name"]
         model_spec = DifyModelSpec.model_validate(model["spec"])
         allowed = ModelSourceOptions.model_validate(sources or {})
-        path = resolve(model_spec.model_id, Path(home), allowed)
+        path = resolve(model_spec.model_id, Path(home), allowed, model_spec.revision)
         tokenizer = AutoTokenizer.from_pretrained(path, revision=model_spec.revision)
         config = AutoConfig.from_pretrained(path, revision=model_spec.revision)
         self.dimension = int(config.hidden_size)
@@ -121,21 +127,28 @@ class IndexServer:
             self._embedder = serve.get_deployment_handle(
                 "ModelServer", app_name=model_app_name(self.model_name)
             )
-        calls = [
-            self._embedder.embed_tokens.remote(rows[i : i + EMBED_SLICE])
-            for i in range(0, len(rows), EMBED_SLICE)
-        ]
+        embedder = self._embedder
         try:
-            parts = await asyncio.gather(*calls)
+            if len(rows) <= EMBED_SLICE:  # a query, a small document: one call
+                parts = [await embedder.embed_tokens.remote(rows)] if rows else []
+            else:
+                parts = await _sliced(embedder, rows)
         except Exception as exc:
             self._embedder = None
             cause = getattr(exc, "cause", None)
             if isinstance(cause, EngineError):
                 raise cause from None
+            log.warning(  # the details stay here: transport text means nothing to a client
+                "index %s: embedding model %s failed: %s: %s",
+                self.name,
+                self.model_name,
+                type(exc).__name__,
+                str(exc)[:500],
+            )
             raise EngineError(
                 503,
                 "model_unavailable",
-                f"embedding model {self.model_name!r} did not answer: {str(exc)[:200]}",
+                f"embedding model {self.model_name!r} did not answer; retry shortly",
             ) from None
         return np.concatenate(parts) if parts else np.zeros((0, self.dimension), np.float32)
 
@@ -207,8 +220,11 @@ class IndexServer:
         vector = request.get("vector")
         tokens = 0
         if vector is None:
-            ids = self.tokenizer(request["query"], truncation=True, max_length=self.token_limit)
-            row = list(ids["input_ids"])
+            query = request["query"]
+            if len(query) <= INLINE_CHARS:
+                row = self._query_ids(query)
+            else:
+                row = await asyncio.to_thread(self._query_ids, query)
             tokens = len(row)
             vector = (await self._embed([row]))[0]
         elif len(vector) != self.dimension:
@@ -217,8 +233,8 @@ class IndexServer:
                 "invalid_request",
                 f"vector: has {len(vector)} dimensions; index {self.name!r} holds {self.dimension}",
             )
-        hits = self.store.search(
-            vector, request.get("top_k", 10), flt, request.get("score_threshold")
+        hits = await asyncio.to_thread(  # a server round trip, or an exact scan: not on the loop
+            self.store.search, vector, request.get("top_k", 10), flt, request.get("score_threshold")
         )
         return {
             "hits": [
@@ -247,8 +263,15 @@ class IndexServer:
             self._last_write = time.monotonic()
         return removed
 
+    def _query_ids(self, query: str) -> list[int]:
+        ids = self.tokenizer(query, truncation=True, max_length=self.token_limit)
+        return list(ids["input_ids"])
+
     async def chunk(self, text: str) -> dict[str, Any]:
         """What an upsert would store for `text` (cleaned, chunked), without storing it."""
+        return await asyncio.to_thread(self._chunk, text)
+
+    def _chunk(self, text: str) -> dict[str, Any]:
         cleaned = clean_text(text, self.spec.cleaning)
         chunks = self._split([cleaned])[0] if cleaned.strip() else []
         return {
@@ -272,7 +295,7 @@ class IndexServer:
             "collection": self.collection,
             "store": self.spec.store.type,
             "dimension": self.dimension,
-            "points": self.store.count(),
+            "points": await asyncio.to_thread(self.store.count),
             "max_tokens": self.chunker.max_tokens,
             "error": str(self.mismatch) if self.mismatch else None,
         }
@@ -302,6 +325,17 @@ class IndexServer:
         lock = getattr(self, "_lock_file", None)
         if lock is not None:
             lock.close()
+
+
+async def _sliced(embedder: Any, rows: list[list[int]]) -> list[Any]:
+    """Vectors for `rows` in slices, at most EMBED_IN_FLIGHT calls at a time, in order."""
+    gate = asyncio.Semaphore(EMBED_IN_FLIGHT)
+
+    async def one(start: int) -> Any:
+        async with gate:
+            return await embedder.embed_tokens.remote(rows[start : start + EMBED_SLICE])
+
+    return list(await asyncio.gather(*(one(i) for i in range(0, len(rows), EMBED_SLICE))))
 
 
 def _take_shard_lock(home: Path, collection: str) -> IO[str]:

@@ -46,7 +46,7 @@ from dify_serving.knowledge.filters import (
     payload_key,
     point_id,
 )
-from dify_serving.specs import DifyIndexSpec, Quantization
+from dify_serving.specs import DifyIndexSpec, Quantization, is_name
 
 if TYPE_CHECKING:
     from dify_serving.knowledge.edge import EdgeStore
@@ -361,6 +361,8 @@ def open_store(
     from dify_serving.knowledge.qdrant_server import QdrantServerStore
 
     collection = spec.store.collection or index_name
+    if not is_name(collection):  # it becomes a folder name: never `..` or a path
+        raise ValueError(f"collection {collection[:80]!r} is not a lower-case RFC 1123 name")
     url = spec.store.url if spec.store.type == "qdrant" else qdrant_url
     if client is None and url:
         from qdrant_client import QdrantClient

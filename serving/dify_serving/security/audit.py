@@ -11,15 +11,17 @@ Why it is built this way:
   `max_queue` entries). A full queue drops its oldest entries and counts them in `dropped`; a
   failed write puts its batch back at the head of the queue and is retried with backoff.
   Nothing raises into the caller.
-* **One hash chain, even with many writers.** Each row has a `seq` and `hash = sha256(canonical
-  row fields + seq + prev_hash)`; the first row links to `GENESIS`. Reading the chain head and
-  inserting the batch happen in one transaction under a database-wide lock
-  (`pg_advisory_xact_lock` on PostgreSQL, `BEGIN IMMEDIATE` on SQLite in WAL mode), so gateway
-  processes sharing a database extend a single chain. `seq` is assigned here, not by an
-  autoincrement, so a deleted row leaves a gap that `verify()` reports as "chain broken", and an
-  edited row no longer matches its hash ("hash mismatch"). The chain cannot reveal a truncated
-  tail or a wholesale rewrite by someone with write access; keep the newest `hash` elsewhere
-  (an export, a log line) to cover that.
+* **One keyed hash chain, even with many writers** (`audit_chain.py`). Each row has a `seq`
+  and an HMAC over its fields, `seq` and `prev_hash`, keyed with the audit key, which is not
+  in the database; the first row links to `GENESIS`. Reading the chain head and inserting the
+  batch happen in one transaction under a database-wide lock (`pg_advisory_xact_lock` on
+  PostgreSQL, `BEGIN IMMEDIATE` on SQLite in WAL mode), so gateway processes sharing a
+  database extend a single chain. `seq` is assigned here, not by an autoincrement, so a
+  deleted row leaves a gap that `verify()` reports as "chain broken", and an edited row no
+  longer matches its hash ("hash mismatch").
+* **Checkpoints cover the tail.** The writer thread copies the head (seq, hash, time) to the
+  places outside the database (`audit_checkpoint.py`) at least every `checkpoint_s`, and once
+  more on close; `verify()` fails when a checkpoint names rows the chain no longer has.
 * **Retention without breaking the chain.** `purge()` deletes a *prefix* of the chain: the rows
   before the first one still inside retention. A row's `time` is the request's, not its flush
   time, so rows are only roughly time-ordered; deleting by time alone could punch a hole in
@@ -31,10 +33,7 @@ Why it is built this way:
   A checkpoint was chosen over re-hashing the survivors: a purge stays one DELETE and hashes
   already exported stay valid.
 * **No secrets, no content.** Entries carry request metadata only; `detail` is stored only
-  when the caller fills it (a setting decides). Text is NUL-free valid UTF-8 and short fields
-  are capped, so one odd value cannot wedge the queue (PostgreSQL refuses NULs and oversized
-  index keys); entries that cannot be stored at all (non-finite time, missing route) are
-  dropped and counted.
+  when the caller fills it (a setting decides); `audit_entry.py` cleans the values.
 * **Bounded reads.** Queries are keyset-paged by `seq` with an opaque cursor and a limit
   clamped to 1..1000, and exports page internally, so any time range costs bounded memory.
   Every filter value is a bound parameter. CSV cells a spreadsheet would evaluate as formulas
@@ -46,22 +45,20 @@ from __future__ import annotations
 import base64
 import binascii
 import csv
-import dataclasses
+import functools
 import hashlib
 import io
 import json
 import logging
-import math
 import re
 import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict, Unpack
 
 from sqlalchemy import (
     BigInteger,
@@ -85,22 +82,57 @@ from sqlalchemy import (
     text,
 )
 
+from dify_serving.security.audit_chain import (
+    ANCHOR_UNVOUCHED,
+    CHAIN_BROKEN,
+    CHECKPOINT_MISMATCH,
+    CHECKPOINT_UNREADABLE,
+    GENESIS,
+    HASH_MISMATCH,
+    OTHER_CHAIN,
+    PURGE_ROUTE,
+    TAIL_MISSING,
+    ChainKey,
+    Checkpoint,
+    Head,
+    VerifyReport,
+    checkpoint_problem,
+    judge,
+    walk,
+)
+from dify_serving.security.audit_checkpoint import CheckpointPlaces, read_all
+from dify_serving.security.audit_entry import COLUMNS, FIELDS, MAX_SHORT_TEXT, AuditEntry, storable
 from dify_serving.security.db import create_engine, database_url
+from dify_serving.security.secrets import audit_key, key_pepper
+
+__all__ = [
+    "ANCHOR_UNVOUCHED",
+    "CHAIN_BROKEN",
+    "CHECKPOINT_MISMATCH",
+    "CHECKPOINT_UNREADABLE",
+    "COLUMNS",
+    "FIELDS",
+    "GENESIS",
+    "HASH_MISMATCH",
+    "MAX_SHORT_TEXT",
+    "OTHER_CHAIN",
+    "PURGE_ROUTE",
+    "TAIL_MISSING",
+    "AuditEntry",
+    "AuditFilter",
+    "AuditLog",
+    "Checkpoint",
+    "CheckpointPlaces",
+    "Head",
+    "VerifyReport",
+]
 
 log = logging.getLogger(__name__)
 
-GENESIS = "0" * 64
-HASH_MISMATCH = "hash mismatch"
-CHAIN_BROKEN = "chain broken"
-ANCHOR_UNVOUCHED = "anchor not vouched for by a purge row"
-PURGE_ROUTE = "audit.purge"
 MIN_RETENTION_DAYS = 180
 MAX_QUERY_LIMIT = 1000
 EXPORT_PAGE_ROWS = 1000
-MAX_SHORT_TEXT = 512
 MAX_BACKOFF_S = 30.0
-_CHAIN_VERSION = "audit.v1"
-_JSON_VERSION = f'"{_CHAIN_VERSION}"'
 _WRITE_OPTION = "audit_write"
 _LOCK_KEY = int.from_bytes(
     hashlib.sha256(b"dify_mirror.audit_log").digest()[:8], "big", signed=True
@@ -110,50 +142,18 @@ _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 _ROW_ERRORS = (exc.DataError, exc.IntegrityError)
 
 
-@dataclass(slots=True)
-class AuditEntry:
-    """One gateway request, allowed or refused. Metadata only; `detail` only when enabled."""
+class AuditFilter(TypedDict, total=False):
+    """What `query` and `export` select by (`since` inclusive, `until` exclusive)."""
 
-    time: float
-    request_id: str
+    since: float | None
+    until: float | None
     key_id: str | None
+    route: str | None
+    status: int | None
     client_ip: str | None
-    method: str
-    route: str
-    status: int
-    latency_ms: float
-    model: str | None = None
-    index: str | None = None
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    bytes_in: int | None = None
-    bytes_out: int | None = None
-    detail: str | None = None
 
 
-FIELDS = tuple(f.name for f in dataclasses.fields(AuditEntry))
-COLUMNS = ("seq", *FIELDS, "prev_hash", "hash")
-_REQUIRED_TEXT = ("request_id", "method", "route")
-_OPTIONAL_TEXT = ("key_id", "client_ip", "model", "index")
-_OPTIONAL_INT = ("prompt_tokens", "completion_tokens", "bytes_in", "bytes_out")
-_FLOATS = ("time", "latency_ms")
-
-
-@dataclass(slots=True, frozen=True)
-class VerifyReport:
-    """The outcome of walking the chain; `first_bad_seq` is the first row that fails."""
-
-    ok: bool
-    rows_checked: int
-    first_bad_seq: int | None = None
-    reason: str | None = None
-
-    def summary(self) -> str:
-        """One line for a CLI or a log."""
-        if self.ok:
-            return f"audit chain ok: {self.rows_checked} rows"
-        return f"audit chain BROKEN at seq {self.first_bad_seq}: {self.reason}"
-
+_FILTER_NAMES = frozenset(AuditFilter.__annotations__)
 
 _METADATA = MetaData()
 _LOG = Table(
@@ -194,12 +194,20 @@ _ANCHOR = Table(
 
 
 class AuditLog:
-    """The audit trail on SQLite (a file) or PostgreSQL (shared by many gateway processes)."""
+    """The audit trail on SQLite (a file) or PostgreSQL (shared by many gateway processes).
+
+    `key` is the chain's HMAC key. With `checkpoints`, `verify` compares the chain with
+    them, and the writer thread checkpoints the head every `checkpoint_s` (None: this
+    log only reads them, as the gateway's reader beside its writer process does).
+    """
 
     def __init__(
         self,
         url: str,
         *,
+        key: bytes,
+        checkpoints: CheckpointPlaces | None = None,
+        checkpoint_s: float | None = 60.0,
         flush_interval_s: float = 1.0,
         max_batch: int = 500,
         retention_days: int = 180,
@@ -207,9 +215,16 @@ class AuditLog:
         max_queue: int = 100_000,
     ) -> None:
         _check_settings(flush_interval_s, max_batch, max_queue)
+        if checkpoint_s is not None and not checkpoint_s > 0:
+            raise ValueError("checkpoint_s must be positive")
         self.retention_days = _checked_retention(retention_days, allow_short_retention)
+        self._chain = ChainKey(key)
         self._engine = _engine_for(url)
         self._write_engine = self._engine.execution_options(**{_WRITE_OPTION: True})
+        self._places = checkpoints.open(self._chain.chain_id) if checkpoints else []
+        self._checkpoint_s = checkpoint_s if self._places else None
+        self._next_checkpoint = 0.0  # time.monotonic() when the head is due again
+        self._failing_places: set[str] = set()
         self._interval = flush_interval_s
         self._max_batch = max_batch
         self._max_queue = max_queue
@@ -227,9 +242,23 @@ class AuditLog:
         self._writer.start()
 
     @classmethod
-    def from_settings_like(cls, configured: str | None, home: Path, **kw: Any) -> AuditLog:
-        """Open the shared database when one is configured, else `home/audit.db`."""
-        return cls(database_url(home, configured, "audit"), **kw)
+    def from_settings_like(
+        cls,
+        configured: str | None,
+        home: Path,
+        *,
+        redis_url: str | None = None,
+        configmap: str | None = None,
+        **kw: Any,
+    ) -> AuditLog:
+        """The shared database when configured, else `home/audit.db`; the home's key and
+        checkpoint places (its file, Redis when given, the ConfigMap in a cluster)."""
+        return cls(
+            database_url(home, configured, "audit"),
+            key=audit_key(home, key_pepper(home)),
+            checkpoints=CheckpointPlaces.detect(home, redis_url, configmap),
+            **kw,
+        )
 
     @property
     def dropped(self) -> int:
@@ -273,14 +302,24 @@ class AuditLog:
             return
         if self.pending:
             log.warning("audit log closed with %d entries unwritten", self.pending)
+        for place in self._places:
+            place.close()
         self._engine.dispose()
 
     def verify(self) -> VerifyReport:
-        """Walk the chain from the anchor (or genesis) and report the first bad row."""
+        """Walk the chain from the anchor (or genesis), then hold it against every checkpoint.
+
+        The checkpoints are read first: each names rows committed before it was written,
+        so the snapshot taken after them sees those rows even while writers go on.
+        """
         self._ensure_schema()
+        points, unreadable = read_all(self._places)
         with self._snapshot() as conn:
-            anchor = conn.execute(select(_ANCHOR.c.seq, _ANCHOR.c.hash)).first()
-            return _walk(_pages(conn, [], 0, EXPORT_PAGE_ROWS), anchor)
+            anchor = _anchor(conn)
+            head = _chain_head(conn)
+            rows = _pages(conn, [], 0, EXPORT_PAGE_ROWS)
+            walked, hashes = walk(self._chain, rows, anchor, {p.seq for p in points})
+        return judge(walked, head, anchor, hashes, points, unreadable, self._chain.chain_id)
 
     def purge(self, now: float | None = None) -> int:
         """Remove rows older than retention (a chain prefix), record it; returns rows removed."""
@@ -290,26 +329,58 @@ class AuditLog:
         self._ensure_schema()
         with self._write_transaction() as conn:
             removed = _remove_prefix(conn, cutoff)
-            anchor = conn.execute(select(_ANCHOR.c.seq, _ANCHOR.c.hash)).first()
             latency_ms = (time.perf_counter() - started) * 1000
-            entry = _purge_entry(now, removed, cutoff, anchor, latency_ms)
-            _append(conn, [_storable(entry)])
+            entry = _purge_entry(now, removed, cutoff, _anchor(conn), latency_ms)
+            _append(conn, [storable(entry)], self._chain)
         log.info("audit purge removed %d rows older than %.0f", removed, cutoff)
         return removed
 
+    def checkpoint(self) -> None:
+        """Copy the chain's head to every checkpoint place now (a place that fails is logged
+        once until it works again). The writer thread does this every `checkpoint_s`."""
+        now = time.time()
+        for place in self._places:
+            source = place.source
+            try:
+                place.update(functools.partial(self._next_head, now=now, source=source))
+            except Exception as err:
+                if source not in self._failing_places:
+                    log.warning("audit checkpoint to %s failed: %s", source, err)
+                self._failing_places.add(source)
+                continue
+            if source in self._failing_places:
+                log.info("audit checkpoint to %s works again", source)
+                self._failing_places.discard(source)
+
+    def _next_head(self, old: Checkpoint | None, now: float, source: str) -> Checkpoint | None:
+        """The head now, to follow `old`; None (leave `old`) when the chain no longer holds it.
+
+        Moving a checkpoint past a missing tail would hide it: the writer would have
+        chained new rows onto the shortened chain, and `verify` would see nothing wrong.
+        """
+        self._ensure_schema()
+        with self._snapshot() as conn:
+            head, anchor = _chain_head(conn), _anchor(conn)
+            found = None if old is None else _hash_at(conn, old.seq)
+        if old is not None:
+            problem = checkpoint_problem(old, found, anchor, head, self._chain.chain_id)
+            if problem is not None:
+                log.error(
+                    "audit checkpoint in %s left at seq %d: %s (the chain's head is seq %d); "
+                    "run `dify-mirror audit verify`",
+                    source,
+                    old.seq,
+                    problem[0],
+                    head.seq,
+                )
+                return None
+        return Checkpoint(head.seq, head.hash, now, self._chain.chain_id)
+
     def query(
-        self,
-        since: float | None = None,
-        until: float | None = None,
-        key_id: str | None = None,
-        route: str | None = None,
-        status: int | None = None,
-        client_ip: str | None = None,
-        limit: int = 100,
-        cursor: str | None = None,
+        self, *, limit: int = 100, cursor: str | None = None, **where: Unpack[AuditFilter]
     ) -> tuple[list[dict[str, Any]], str | None]:
-        """One page of rows in chain order (`since` inclusive, `until` exclusive)."""
-        conditions = _filters(since, until, key_id, route, status, client_ip)
+        """One page of rows in chain order, selected by `where` (see `AuditFilter`)."""
+        conditions = _filters(where)
         after = 0 if cursor is None else decode_cursor(cursor)
         size = max(1, min(int(limit), MAX_QUERY_LIMIT))
         self._ensure_schema()
@@ -319,20 +390,11 @@ class AuditLog:
             return rows, None
         return rows[:size], encode_cursor(rows[size - 1]["seq"])
 
-    def export(
-        self,
-        fmt: Literal["jsonl", "csv"],
-        since: float | None = None,
-        until: float | None = None,
-        key_id: str | None = None,
-        route: str | None = None,
-        status: int | None = None,
-        client_ip: str | None = None,
-    ) -> Iterator[str]:
+    def export(self, fmt: Literal["jsonl", "csv"], **where: Unpack[AuditFilter]) -> Iterator[str]:
         """Stream matching rows as newline-terminated JSONL or CSV lines, page by page."""
         if fmt not in ("jsonl", "csv"):
             raise ValueError(f"export format must be 'jsonl' or 'csv', not {fmt!r}")
-        rows = self._scan(_filters(since, until, key_id, route, status, client_ip))
+        rows = self._scan(_filters(where))
         return _jsonl_lines(rows) if fmt == "jsonl" else _csv_lines(rows)
 
     def _scan(self, conditions: list[ColumnElement[bool]]) -> Iterator[dict[str, Any]]:
@@ -353,13 +415,22 @@ class AuditLog:
             if delay > self._interval:
                 self._stop.wait(delay)
             else:
-                self._wake.wait(delay)
+                self._wake.wait(min(delay, self._until_checkpoint()))
             self._wake.clear()
             if self._stop.is_set():
                 break
             ok = self._drain()[1]
             delay = self._interval if ok else min(max(delay, self._interval) * 2, MAX_BACKOFF_S)
-        self._drain()
+            if ok and self._until_checkpoint() <= 0:
+                self._next_checkpoint = time.monotonic() + (self._checkpoint_s or 0.0)
+                self.checkpoint()
+        if self._drain()[1] and self._checkpoint_s is not None:
+            self.checkpoint()
+
+    def _until_checkpoint(self) -> float:
+        if self._checkpoint_s is None:
+            return float("inf")
+        return max(0.0, self._next_checkpoint - time.monotonic())
 
     def _try_schema(self) -> None:
         try:
@@ -386,7 +457,7 @@ class AuditLog:
             if rows:
                 self._ensure_schema()
                 with self._write_transaction() as conn:
-                    _append(conn, rows)
+                    _append(conn, rows, self._chain)
         except _ROW_ERRORS:
             log.exception("audit batch of %d rows refused by the database; dropped", len(rows))
             self._forget(len(rows))
@@ -421,7 +492,7 @@ class AuditLog:
         rows: list[tuple[Any, ...]] = []
         for entry in batch:
             try:
-                rows.append(_storable(entry))
+                rows.append(storable(entry))
             except (TypeError, ValueError, OverflowError) as err:
                 log.warning("audit entry %r not storable (%s); dropped", entry.request_id, err)
                 continue
@@ -521,137 +592,17 @@ def _sqlite_begin(conn: Connection) -> None:
     conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
-def _storable(entry: AuditEntry) -> tuple[Any, ...]:
-    """The entry's column values in `FIELDS` order: typed, finite, NUL-free, capped."""
-    values = _plain(entry)
-    if values is not None:
-        return values
-    row = _checked(entry)
-    return tuple(row[name] for name in FIELDS)
-
-
-_TEXT_FIELDS = frozenset(_REQUIRED_TEXT + _OPTIONAL_TEXT)
-_INT_FIELDS = frozenset(_OPTIONAL_INT)
-
-
-def _plain(entry: AuditEntry) -> tuple[Any, ...] | None:
-    """The values as they are when they need no cleaning (the usual case), else None."""
-    values = tuple(getattr(entry, name) for name in FIELDS)
-    for name, value in zip(FIELDS, values, strict=True):
-        kind = type(value)
-        if value is None:
-            if name in _REQUIRED_TEXT or name in _FLOATS or name == "status":
-                return None
-        elif kind is str:
-            if name not in _TEXT_FIELDS and name != "detail":
-                return None
-            if (
-                not value.isascii()
-                or "\x00" in value
-                or (name != "detail" and len(value) > MAX_SHORT_TEXT)
-            ):
-                return None
-            if name in _REQUIRED_TEXT and not value:
-                return None
-        elif kind is float:
-            if name not in _FLOATS or not math.isfinite(value):
-                return None
-        elif kind is int:
-            if (name not in _INT_FIELDS and name != "status") or not -(2**63) <= value < 2**63:
-                return None
-        else:
-            return None
-    return values
-
-
-def _checked(entry: AuditEntry) -> dict[str, Any]:
-    """The entry as column values: typed, finite, NUL-free, short fields capped."""
-    row: dict[str, Any] = {name: _finite(getattr(entry, name)) for name in _FLOATS}
-    for name in _REQUIRED_TEXT:
-        value = getattr(entry, name)
-        if value is None or value == "":
-            raise ValueError(f"{name} is required")
-        row[name] = _clean(value, MAX_SHORT_TEXT)
-    for name in _OPTIONAL_TEXT:
-        row[name] = _maybe_text(getattr(entry, name), MAX_SHORT_TEXT)
-    for name in _OPTIONAL_INT:
-        row[name] = _maybe_int(getattr(entry, name))
-    row["status"] = _int64(entry.status)
-    row["detail"] = _maybe_text(entry.detail, None)
-    return row
-
-
-def _finite(value: Any) -> float:
-    number = float(value)
-    if not math.isfinite(number):
-        raise ValueError(f"{number} is not a finite number")
-    return number
-
-
-def _int64(value: Any) -> int:
-    number = int(value)
-    if not -(2**63) <= number < 2**63:
-        raise ValueError(f"{number} does not fit in 64 bits")
-    return number
-
-
-def _maybe_int(value: Any) -> int | None:
-    return None if value is None else _int64(value)
-
-
-def _maybe_text(value: Any, cap: int | None) -> str | None:
-    return None if value is None else _clean(value, cap)
-
-
-def _clean(value: Any, cap: int | None) -> str:
-    if type(value) is str and value.isascii() and "\x00" not in value:  # the usual case
-        return value if cap is None else value[:cap]
-    valid = str(value).encode("utf-8", "replace").decode("utf-8").replace("\x00", "\ufffd")
-    return valid if cap is None else valid[:cap]
-
-
-def _digest(row: Mapping[str, Any]) -> str:
-    """The hash of a stored row (a mapping with `seq`, the fields and `prev_hash`)."""
-    return _digest_values(row["seq"], tuple(row[name] for name in FIELDS), row["prev_hash"])
-
-
-def _digest_values(seq: int, values: tuple[Any, ...], prev_hash: str) -> str:
-    """sha256 over a canonical JSON array: version, seq, every field in order, prev_hash.
-
-    The array is written by hand (strings through `json.dumps`, numbers by `repr`, the
-    shortest round-trip form, which is what `json.dumps` writes too): the same bytes as
-    `json.dumps(payload, separators=(",", ":"))`, at a third of the cost on the writer.
-    """
-    parts = [_JSON_VERSION, str(int(seq))]
-    for name, value in zip(FIELDS, values, strict=True):
-        if value is None:
-            parts.append("null")
-        elif name in _FLOATS:
-            parts.append(repr(float(value)))
-        elif type(value) is str:
-            parts.append(_json_str(value))
-        else:
-            parts.append(str(int(value)))
-    parts.append(_json_str(prev_hash))
-    return hashlib.sha256(("[" + ",".join(parts) + "]").encode()).hexdigest()
-
-
-def _json_str(value: str) -> str:
-    if value.isascii() and value.isprintable() and '"' not in value and "\\" not in value:
-        return f'"{value}"'
-    return json.dumps(value, ensure_ascii=True)
-
-
-def _append(conn: Connection, rows: list[tuple[Any, ...]]) -> None:
+def _append(conn: Connection, rows: list[tuple[Any, ...]], chain: ChainKey) -> None:
     """Chain `rows` (values in `FIELDS` order) after the head and insert them.
 
     The caller holds the chain lock.
     """
-    seq, prev_hash = _chain_head(conn)
+    head = _chain_head(conn)
+    seq, prev_hash = head.seq, head.hash
     chained = []
     for values in rows:
         seq += 1
-        digest = _digest_values(seq, values, prev_hash)
+        digest = chain.digest_values(seq, values, prev_hash)
         chained.append((seq, *values, prev_hash, digest))
         prev_hash = digest
     marks = ", ".join(["?" if conn.dialect.paramstyle == "qmark" else "%s"] * len(COLUMNS))
@@ -661,10 +612,20 @@ def _append(conn: Connection, rows: list[tuple[Any, ...]]) -> None:
     )
 
 
-def _chain_head(conn: Connection) -> tuple[int, str]:
+def _chain_head(conn: Connection) -> Head:
     last = conn.execute(select(_LOG.c.seq, _LOG.c.hash).order_by(_LOG.c.seq.desc()).limit(1))
-    head = last.first() or conn.execute(select(_ANCHOR.c.seq, _ANCHOR.c.hash)).first()
-    return (int(head.seq), str(head.hash)) if head else (0, GENESIS)
+    row = last.first()
+    return Head(int(row.seq), str(row.hash)) if row else (_anchor(conn) or Head(0, GENESIS))
+
+
+def _anchor(conn: Connection) -> Head | None:
+    row = conn.execute(select(_ANCHOR.c.seq, _ANCHOR.c.hash)).first()
+    return Head(int(row.seq), str(row.hash)) if row else None
+
+
+def _hash_at(conn: Connection, seq: int) -> str | None:
+    found = conn.scalar(select(_LOG.c.hash).where(_LOG.c.seq == seq))
+    return None if found is None else str(found)
 
 
 def _remove_prefix(conn: Connection, cutoff: float) -> int:
@@ -683,7 +644,7 @@ def _remove_prefix(conn: Connection, cutoff: float) -> int:
 
 
 def _purge_entry(
-    now: float, removed: int, cutoff: float, anchor: Any, latency_ms: float
+    now: float, removed: int, cutoff: float, anchor: Head | None, latency_ms: float
 ) -> AuditEntry:
     detail = {
         "removed": removed,
@@ -704,57 +665,20 @@ def _purge_entry(
     )
 
 
-def _walk(rows: Iterable[dict[str, Any]], anchor: Any) -> VerifyReport:
-    expected_seq, prev_hash = (anchor.seq + 1, anchor.hash) if anchor else (1, GENESIS)
-    vouched = anchor is None
-    checked = 0
-    for row in rows:
-        problem = _link_problem(row, expected_seq, prev_hash)
-        if problem:
-            return VerifyReport(False, checked, row["seq"], problem)
-        checked += 1
-        expected_seq, prev_hash = row["seq"] + 1, row["hash"]
-        vouched = vouched or _vouches_for(row, anchor)
-    if not vouched:
-        return VerifyReport(False, checked, anchor.seq, ANCHOR_UNVOUCHED)
-    return VerifyReport(True, checked)
-
-
-def _link_problem(row: Mapping[str, Any], expected_seq: int, prev_hash: str) -> str | None:
-    if row["seq"] != expected_seq or row["prev_hash"] != prev_hash:
-        return CHAIN_BROKEN
-    if _digest(row) != row["hash"]:
-        return HASH_MISMATCH
-    return None
-
-
-def _vouches_for(row: Mapping[str, Any], anchor: Any) -> bool:
-    if row["route"] != PURGE_ROUTE or not row["detail"]:
-        return False
-    try:
-        detail = json.loads(row["detail"])
-    except ValueError:
-        return False
-    return bool(detail.get("anchor_seq") == anchor.seq and detail.get("anchor_hash") == anchor.hash)
-
-
-def _filters(
-    since: float | None,
-    until: float | None,
-    key_id: str | None,
-    route: str | None,
-    status: int | None,
-    client_ip: str | None,
-) -> list[ColumnElement[bool]]:
+def _filters(where: AuditFilter) -> list[ColumnElement[bool]]:
+    unknown = sorted(set(where) - _FILTER_NAMES)
+    if unknown:
+        raise TypeError(f"unknown audit filter(s): {', '.join(unknown)}")
     conditions: list[ColumnElement[bool]] = []
-    if since is not None:
+    if (since := where.get("since")) is not None:
         conditions.append(_LOG.c.time >= float(since))
-    if until is not None:
+    if (until := where.get("until")) is not None:
         conditions.append(_LOG.c.time < float(until))
-    equal = {"key_id": key_id, "route": route, "client_ip": client_ip}
-    conditions += [_LOG.c[name] == value for name, value in equal.items() if value is not None]
-    if status is not None:
+    if (status := where.get("status")) is not None:
         conditions.append(_LOG.c.status == int(status))
+    for name in ("key_id", "route", "client_ip"):
+        if (value := where.get(name)) is not None:
+            conditions.append(_LOG.c[name] == value)
     return conditions
 
 

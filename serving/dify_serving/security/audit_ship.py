@@ -10,6 +10,11 @@ writer. Reads (query, export, verify, purge) go to the database directly from he
 Crash loss: if the gateway dies, the child reads end-of-file, writes what it has and
 exits, so only the last ≤ 50 ms still in the gateway's list are lost; if the child dies
 it is restarted, and what it had not written (≤ one flush interval) is lost and counted.
+
+The child also checkpoints the chain's head: it is the process that moves the head, it
+already holds the database connection and the writer thread that wakes on a timer, and
+the Redis and Kubernetes calls stay off the gateway's event loop. Its database URL, the
+chain key and the Redis URL (secrets) reach it through stdin, never argv.
 """
 
 from __future__ import annotations
@@ -22,9 +27,11 @@ import pickle
 import subprocess
 import sys
 import threading
+from pathlib import Path
 from typing import IO, Any
 
-from dify_serving.security.audit import FIELDS, AuditEntry, AuditLog
+from dify_serving.security.audit import FIELDS, AuditEntry, AuditLog, CheckpointPlaces
+from dify_serving.security.secrets import audit_key, key_pepper
 
 log = logging.getLogger("dify_serving.audit")
 
@@ -35,9 +42,25 @@ SHIP_ROWS = 512
 class AuditShipper:
     """`AuditLog`'s interface; writes go through a child process (see the module doc)."""
 
-    def __init__(self, url: str, **options: Any) -> None:
-        self.reader = AuditLog(url, **options)  # reads, and the schema; its writer stays idle
-        self._args = json.dumps({"url": url, "options": options}).encode() + b"\n"
+    def __init__(
+        self,
+        url: str,
+        *,
+        key: bytes,
+        checkpoints: CheckpointPlaces | None = None,
+        checkpoint_s: float = 60.0,
+        **options: Any,
+    ) -> None:
+        # reads, verify, purge and the schema; its writer thread stays idle
+        self.reader = AuditLog(url, key=key, checkpoints=checkpoints, checkpoint_s=None, **options)
+        writer = {
+            "url": url,
+            "key": key.hex(),
+            "checkpoints": checkpoints.to_dict() if checkpoints else None,
+            "checkpoint_s": checkpoint_s,
+            "options": options,
+        }
+        self._args = json.dumps(writer).encode() + b"\n"
         self._buffer: list[tuple[Any, ...]] = []
         self._lock = threading.Lock()
         self._timer: asyncio.TimerHandle | None = None
@@ -46,8 +69,27 @@ class AuditShipper:
         self._proc: subprocess.Popen[bytes] | None = None
         self._spawn()
 
+    @classmethod
+    def for_home(
+        cls,
+        url: str,
+        home: Path,
+        *,
+        pepper: bytes | None = None,
+        redis_url: str | None = None,
+        configmap: str | None = None,
+        **options: Any,
+    ) -> AuditShipper:
+        """The home's chain key and checkpoint places (file, Redis when given, ConfigMap)."""
+        return cls(
+            url,
+            key=audit_key(home, pepper if pepper is not None else key_pepper(home)),
+            checkpoints=CheckpointPlaces.detect(home, redis_url, configmap),
+            **options,
+        )
+
     def _spawn(self) -> None:
-        """Start the writer; its database URL (a secret) goes through stdin, never argv."""
+        """Start the writer; its secrets go through stdin, never argv."""
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "dify_serving.security.audit_ship"],
             stdin=subprocess.PIPE,
@@ -136,7 +178,14 @@ class AuditShipper:
 
 def _serve(stdin: IO[bytes], stdout: IO[bytes]) -> None:
     args = json.loads(stdin.readline())
-    audit = AuditLog(args["url"], **args["options"])
+    places = args["checkpoints"]
+    audit = AuditLog(
+        args["url"],
+        key=bytes.fromhex(args["key"]),
+        checkpoints=CheckpointPlaces.from_dict(places) if places else None,
+        checkpoint_s=args["checkpoint_s"],
+        **args["options"],
+    )
     try:
         while True:
             head = stdin.read(5)

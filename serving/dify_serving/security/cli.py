@@ -1,4 +1,4 @@
-"""`dify-mirror keys create|list|revoke` and `dify-mirror audit verify|purge`.
+"""`dify-mirror keys create|list|revoke` and `dify-mirror audit verify [--json]|purge`.
 
 They work on the key and audit databases directly (the SQLite files under
 `DIFY_MIRROR_HOME`, or `DIFY_MIRROR_DATABASE_URL`), so an operator can mint the first
@@ -22,7 +22,6 @@ from dify_serving.settings import Settings
 
 
 def _stores(settings: Settings) -> tuple[Any, Any]:
-    from dify_serving.security.audit import AuditLog
     from dify_serving.security.db import database_url
     from dify_serving.security.keys import KeyStore
     from dify_serving.security.secrets import key_pepper
@@ -31,13 +30,28 @@ def _stores(settings: Settings) -> tuple[Any, Any]:
     home.mkdir(parents=True, exist_ok=True)
     configured = settings.secret("database_url")
     keys = KeyStore(database_url(home, configured, "keys"), key_pepper(home))
-    audit = AuditLog.from_settings_like(
-        configured,
+    return keys, _audit_log(settings)
+
+
+def _audit_log(settings: Settings, *, writes: bool = True) -> Any:
+    """The trail with the home's chain key and checkpoint places, as the gateway opens it.
+
+    A log that `writes` checkpoints the head when it closes, so rows written here are
+    covered too; `verify` only reads and leaves every checkpoint as it found it.
+    """
+    from dify_serving.security.audit import AuditLog
+
+    home = settings.state_dir
+    home.mkdir(parents=True, exist_ok=True)
+    return AuditLog.from_settings_like(
+        settings.secret("database_url"),
         home,
+        redis_url=settings.secret("redis_url"),
+        configmap=settings.audit_configmap,
         retention_days=settings.audit_retention_days,
         allow_short_retention=settings.audit_allow_short_retention,
+        checkpoint_s=settings.audit_checkpoint_s if writes else None,
     )
-    return keys, audit
 
 
 def _audit(audit: Any, route: str, status: int, detail: str, key_id: str | None = None) -> None:
@@ -56,6 +70,11 @@ def _audit(audit: Any, route: str, status: int, detail: str, key_id: str | None 
             detail=f"{detail} (by {getpass.getuser()}@{socket.gethostname()})",
         )
     )
+
+
+def _patterns(text: str | None) -> list[str] | None:
+    """`support-*,demo-llm` → a list; None (every name) when the option is not given."""
+    return None if text is None else [p.strip() for p in text.split(",") if p.strip()]
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
@@ -78,6 +97,8 @@ def cmd_keys(args: argparse.Namespace) -> int:
                     ip_allowlist=args.ip or [],
                     rate_limit=rate or None,
                     totp=args.totp,
+                    models=_patterns(args.models),
+                    indexes=_patterns(args.indexes),
                 )
             except ValueError as exc:
                 print(f"error: {exc}", file=sys.stderr)
@@ -92,7 +113,12 @@ def cmd_keys(args: argparse.Namespace) -> int:
             for r in keys.list():
                 state = "revoked" if r.revoked else "active"
                 scopes = ",".join(sorted(r.scopes))
-                print(f"{r.id}  {state:8} {scopes:40} {r.name}")
+                confined = "".join(
+                    f"  {kind}={','.join(names)}"
+                    for kind, names in (("models", r.models), ("indexes", r.indexes))
+                    if names is not None
+                )
+                print(f"{r.id}  {state:8} {scopes:40} {r.name}{confined}")
         else:
             found = keys.revoke(args.id)
             _audit(audit, "cli keys revoke", 200 if found else 404, f"revoke {args.id}", args.id)
@@ -107,11 +133,11 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    _, audit = _stores(Settings())
+    audit = _audit_log(Settings(), writes=args.action != "verify")
     try:
         if args.action == "verify":
             report = audit.verify()
-            print(report.summary())
+            print(json.dumps(report.as_dict()) if args.json else report.summary())
             return 0 if report.ok else 1
         removed = audit.purge()
         print(f"purged {removed} rows older than the retention period")
@@ -131,10 +157,15 @@ def add_commands(sub: Any) -> None:
     create.add_argument("--rpm", type=int, help="requests per minute")
     create.add_argument("--tpm", type=int, help="generated tokens per minute")
     create.add_argument("--totp", action="store_true", help="give the key a second factor")
+    create.add_argument("--models", help="model name patterns, comma-separated (support-*)")
+    create.add_argument("--indexes", help="index name patterns, comma-separated")
     actions.add_parser("list", help="list keys (never their secrets)")
     revoke = actions.add_parser("revoke", help="revoke a key")
     revoke.add_argument("id")
     keys.set_defaults(func=cmd_keys)
-    audit = sub.add_parser("audit", help="verify the audit trail's hash chain, or purge")
+    audit = sub.add_parser(
+        "audit", help="verify the audit trail (chain and checkpoints; exit 1 if broken), or purge"
+    )
     audit.add_argument("action", choices=["verify", "purge"])
+    audit.add_argument("--json", action="store_true", help="verify: print one JSON object")
     audit.set_defaults(func=cmd_audit)

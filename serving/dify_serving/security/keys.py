@@ -16,16 +16,26 @@ A key's TOTP secret has to be recoverable to check codes, so it is stored encryp
 keystream derived from the pepper and the key id (each id encrypts exactly one secret).
 With an empty pepper that is only obfuscation and the database itself must be protected.
 
+A key may also be confined to models and indexes by name patterns (`support-*`): the
+gateway then refuses, and hides from listings, everything else (`gateway/access.py`). No
+patterns means every model and index, as for keys made before patterns existed; `admin`
+reaches everything, so an admin key with patterns is refused rather than misleadingly
+stored.
+
 SQLAlchemy Core keeps one schema for a SQLite file (one machine) and PostgreSQL (a cluster).
+Columns added since the first release are added to an existing table on start
+(`ALTER TABLE ... ADD COLUMN`, nullable, so old rows mean "no restriction").
 """
 
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import hashlib
 import hmac
 import logging
 import math
+import re
 import secrets
 import string
 import threading
@@ -82,6 +92,39 @@ class AuthError(Exception):
 
 
 RATE_LIMIT_FIELDS = ("requests_per_minute", "tokens_per_minute")
+#: Resource patterns: names are DNS-1123 labels, patterns add the `*` and `?` wildcards.
+MAX_PATTERNS = 32
+MAX_PATTERN_CHARS = 63
+_PATTERN = re.compile(rf"[a-z0-9*?-]{{1,{MAX_PATTERN_CHARS}}}")
+
+
+def name_patterns(value: Iterable[str] | None, field: str) -> tuple[str, ...] | None:
+    """Validated name patterns (sorted, no repeats); None means every name.
+
+    ValueError names the field and the bad pattern. An empty list is refused: leaving the
+    field out is how a key reaches everything, and "nothing" is no use for a key.
+    """
+    if value is None:
+        return None
+    if isinstance(value, str):
+        raise ValueError(f"{field}: give a list of patterns, not one string")
+    items = list(value)
+    if not items:
+        raise ValueError(f"{field}: give at least one pattern, or leave it out for every name")
+    if len(items) > MAX_PATTERNS:
+        raise ValueError(f"{field}: at most {MAX_PATTERNS} patterns, got {len(items)}")
+    for item in items:
+        if not isinstance(item, str) or not _PATTERN.fullmatch(item):
+            raise ValueError(
+                f"{field}: {str(item)[:80]!r} is not a name pattern (1 to "
+                f"{MAX_PATTERN_CHARS} of a-z, 0-9, '-', and the wildcards '*' and '?')"
+            )
+    return tuple(sorted(set(items)))
+
+
+def matches(names: tuple[str, ...] | None, name: str) -> bool:
+    """Whether `name` fits one of the patterns; None (no patterns) fits everything."""
+    return names is None or any(fnmatch.fnmatchcase(name, p) for p in names)
 
 
 def _rate_limit(value: Mapping[str, int | None] | None) -> dict[str, int] | None:
@@ -118,6 +161,10 @@ class KeyRecord:
     revoked_at: datetime | None
     totp_secret: str | None = field(default=None, repr=False)
     """The TOTP seed, for `OtpGuard.check`; never serialize it into a response."""
+    models: tuple[str, ...] | None = None
+    """Model name patterns the key may use; None: every model."""
+    indexes: tuple[str, ...] | None = None
+    """Index name patterns the key may use; None: every index."""
 
     @property
     def totp_enabled(self) -> bool:
@@ -198,11 +245,30 @@ api_keys = sa.Table(
     sa.Column("totp_secret_enc", sa.String(256)),
     sa.Column("revoked", sa.Boolean, nullable=False, default=False),
     sa.Column("revoked_at", _UTCDateTime),
+    sa.Column("model_patterns", sa.JSON),  # NULL: every model
+    sa.Column("index_patterns", sa.JSON),  # NULL: every index
     # True on the bootstrap key, NULL elsewhere: the unique constraint admits one per database.
     sa.Column("bootstrap", sa.Boolean),
     sa.UniqueConstraint("bootstrap", name="api_keys_one_bootstrap"),
 )
 _PUBLIC_COLUMNS = [c for c in api_keys.c if c.name != "secret_hash"]
+#: Columns added after the first release: added to an older table on start.
+_ADDED_COLUMNS = ("model_patterns", "index_patterns")
+
+
+def _add_missing_columns(engine: sa.Engine) -> None:
+    """Bring an older `api_keys` table up to this schema (nullable columns only)."""
+    present = {c["name"] for c in sa.inspect(engine).get_columns("api_keys")}
+    for name in _ADDED_COLUMNS:
+        if name in present:
+            continue
+        kind = api_keys.c[name].type.compile(dialect=engine.dialect)
+        try:
+            with engine.begin() as conn:
+                conn.execute(sa.text(f"ALTER TABLE api_keys ADD COLUMN {name} {kind}"))
+        except sa.exc.DBAPIError:  # another process added it meanwhile
+            if name not in {c["name"] for c in sa.inspect(engine).get_columns("api_keys")}:
+                raise
 
 
 class KeyStore:
@@ -230,6 +296,7 @@ class KeyStore:
             _metadata.create_all(self.engine)
         except sa.exc.DBAPIError:
             _metadata.create_all(self.engine)  # another process created it meanwhile
+        _add_missing_columns(self.engine)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -269,6 +336,8 @@ class KeyStore:
         rate_limit: Mapping[str, int | None] | None = None,
         totp_secret: str | None = None,
         bootstrap: bool = False,
+        models: Iterable[str] | None = None,
+        indexes: Iterable[str] | None = None,
     ) -> dict[str, Any]:
         name = name.strip()
         if not name or len(name) > 200:
@@ -282,6 +351,12 @@ class KeyStore:
         if expires_at is not None and expires_at.tzinfo is None:
             raise ValueError("expires_at must be timezone-aware")
         limits = _rate_limit(rate_limit) or {}
+        model_patterns = name_patterns(models, "models")
+        index_patterns = name_patterns(indexes, "indexes")
+        if ADMIN in scope_set and (model_patterns or index_patterns):
+            raise ValueError(
+                "an admin key reaches every model and index; give patterns to keys without admin"
+            )
         return {
             "id": key_id,
             "name": name,
@@ -296,6 +371,8 @@ class KeyStore:
             "revoked": False,
             "revoked_at": None,
             "bootstrap": True if bootstrap else None,
+            "model_patterns": list(model_patterns) if model_patterns else None,
+            "index_patterns": list(index_patterns) if index_patterns else None,
         }
 
     def _record(self, row: Any) -> KeyRecord:
@@ -312,6 +389,8 @@ class KeyStore:
             revoked=bool(m["revoked"]),
             revoked_at=m["revoked_at"],
             totp_secret=self._unseal(m["id"], sealed) if sealed else None,
+            models=tuple(m["model_patterns"]) if m["model_patterns"] else None,
+            indexes=tuple(m["index_patterns"]) if m["index_patterns"] else None,
         )
 
     # -- administration ------------------------------------------------------------------
@@ -324,12 +403,23 @@ class KeyStore:
         ip_allowlist: Iterable[str] = (),
         rate_limit: Mapping[str, int | None] | None = None,
         totp: bool = False,
+        models: Iterable[str] | None = None,
+        indexes: Iterable[str] | None = None,
     ) -> CreatedKey:
-        """A new key; ValueError for an unknown scope, a bad CIDR or a bad rate limit."""
+        """A new key; ValueError for an unknown scope, a bad CIDR, rate limit or pattern."""
         key_id, secret = _new_id(), _new_secret()
         totp_secret = new_totp_secret() if totp else None
         row = self._row(
-            key_id, secret, name, scopes, expires_at, ip_allowlist, rate_limit, totp_secret
+            key_id,
+            secret,
+            name,
+            scopes,
+            expires_at,
+            ip_allowlist,
+            rate_limit,
+            totp_secret,
+            models=models,
+            indexes=indexes,
         )
         with self.engine.begin() as conn:
             conn.execute(api_keys.insert().values(row))
@@ -405,6 +495,17 @@ class KeyStore:
         return presented
 
     # -- the hot path --------------------------------------------------------------------
+
+    def cached(self, presented: str) -> KeyRecord | None:
+        """The record of `presented` if this process verified it recently; never the database.
+
+        Lets the gateway admit known keys while it refuses an address that keeps failing
+        before that address can make it query the database.
+        """
+        if parse_key(presented) is None:
+            return None
+        record = self._from_cache(hashlib.sha256(presented.encode()).digest())
+        return None if record is None else self._admit(record)
 
     def _from_cache(self, fingerprint: bytes) -> KeyRecord | None:
         with self._lock:

@@ -5,6 +5,13 @@ drift, so a code seen on the wire could be replayed for up to 90 s. `OtpGuard` c
 a matched time-step counter is claimed atomically in a store shared by all gateway
 replicas (Redis) or by one process (memory), and a key can never again use a counter at or
 below the last one it used.
+
+Six digits are also guessable: with three codes valid at any time, a million tries take
+about 330,000 guesses on average. So wrong codes are counted per key in the same store;
+`MAX_WRONG_CODES` of them within `WRONG_CODES_WINDOW_S` lock the key's second factor for
+`LOCK_S` (every code refused, right or wrong, until then), which leaves an attacker who
+holds the key but not the authenticator about 480 guesses a day (Vault's TOTP MFA
+allows five attempts by default; pam_faillock locks accounts the same way).
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import hmac
 import re
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from typing import Protocol
 
@@ -27,6 +35,11 @@ STEP_S = 30
 DIGITS = 6
 #: A claimed counter must outlive every window it could still verify in: 3 steps.
 CLAIM_TTL_S = 3 * STEP_S
+
+#: Wrong codes a key may send within the window before its second factor is locked.
+MAX_WRONG_CODES = 5
+WRONG_CODES_WINDOW_S = 300
+LOCK_S = 900
 
 _CODE = re.compile(r"[0-9]{6}")
 
@@ -60,9 +73,27 @@ class OtpUnavailable(RuntimeError):
     """The replay store cannot be reached; the second factor must fail closed."""
 
 
+class OtpLocked(Exception):
+    """Too many wrong codes: the key's second factor refuses every code for a while."""
+
+    def __init__(self, retry_after_s: float, new: bool) -> None:
+        super().__init__(f"second factor locked for {retry_after_s:.0f} s")
+        self.retry_after_s = retry_after_s
+        self.new = new
+        """True for the wrong code that caused the lock."""
+
+
 class ReplayStore(Protocol):
     def claim(self, key_id: str, counter: int) -> bool:
         """Atomically record `counter` for `key_id`; False if it or a later one was used."""
+        ...
+
+    def locked_for(self, key_id: str) -> float:
+        """Seconds the key's second factor stays locked (0: not locked)."""
+        ...
+
+    def wrong(self, key_id: str) -> float:
+        """Count a wrong code; the lock's length when this one locked the key, else 0."""
         ...
 
 
@@ -72,6 +103,8 @@ class MemoryReplayStore:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._last: dict[str, tuple[int, float]] = {}
+        self._wrong: dict[str, list[float]] = {}  # key → times of recent wrong codes
+        self._locked: dict[str, float] = {}  # key → time its lock ends
         self._lock = threading.Lock()
         self._prune_at = 1024
 
@@ -87,6 +120,24 @@ class MemoryReplayStore:
                 self._prune_at = max(1024, 2 * len(self._last))
             return True
 
+    def locked_for(self, key_id: str) -> float:
+        with self._lock:
+            return max(0.0, self._locked.get(key_id, 0.0) - self._clock())
+
+    def wrong(self, key_id: str) -> float:
+        now = self._clock()
+        with self._lock:
+            recent = [t for t in self._wrong.get(key_id, []) if t > now - WRONG_CODES_WINDOW_S]
+            recent.append(now)
+            if len(recent) < MAX_WRONG_CODES:
+                self._wrong[key_id] = recent
+                return 0.0
+            self._wrong.pop(key_id, None)
+            self._locked[key_id] = now + LOCK_S
+            if len(self._locked) > self._prune_at:
+                self._locked = {k: v for k, v in self._locked.items() if v > now}
+            return float(LOCK_S)
+
 
 _CLAIM_LUA = """
 local last = tonumber(redis.call('GET', KEYS[2]))
@@ -94,6 +145,19 @@ if last and tonumber(ARGV[1]) <= last then return 0 end
 if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[2]) then return 0 end
 redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2])
 return 1
+"""
+
+# KEYS: the key's wrong-code times (sorted set), its lock. ARGV: max, window s, lock s, id.
+_WRONG_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))
+redis.call('ZADD', KEYS[1], now, ARGV[4])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[1]) then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('SET', KEYS[2], '1', 'EX', ARGV[3])
+return tonumber(ARGV[3])
 """
 
 
@@ -106,11 +170,27 @@ class RedisReplayStore:
         self.prefix = prefix
         self._redis = quick_redis(redis_url, timeout_s)
         self._script = self._redis.register_script(_CLAIM_LUA)
+        self._wrong_script = self._redis.register_script(_WRONG_LUA)
 
     def claim(self, key_id: str, counter: int) -> bool:
         keys = [f"{self.prefix}otp:{key_id}:{counter}", f"{self.prefix}otp:{key_id}:last"]
         try:
             return bool(self._script(keys=keys, args=[counter, CLAIM_TTL_S]))
+        except redis.RedisError as exc:
+            raise OtpUnavailable(f"OTP replay store unreachable: {exc}") from exc
+
+    def locked_for(self, key_id: str) -> float:
+        try:
+            left_ms = int(self._redis.pttl(f"{self.prefix}otp:{key_id}:lock"))
+        except redis.RedisError as exc:
+            raise OtpUnavailable(f"OTP replay store unreachable: {exc}") from exc
+        return max(0.0, left_ms / 1000)
+
+    def wrong(self, key_id: str) -> float:
+        keys = [f"{self.prefix}otp:{key_id}:wrong", f"{self.prefix}otp:{key_id}:lock"]
+        args: list[int | str] = [MAX_WRONG_CODES, WRONG_CODES_WINDOW_S, LOCK_S, uuid.uuid4().hex]
+        try:
+            return float(self._wrong_script(keys=keys, args=args))
         except redis.RedisError as exc:
             raise OtpUnavailable(f"OTP replay store unreachable: {exc}") from exc
 
@@ -138,9 +218,20 @@ class OtpGuard:
         self._clock = clock
 
     def check(self, key_id: str, secret: str, code: str) -> bool:
-        """True once per valid code; False for a wrong, stale or replayed code."""
+        """True once per valid code; False for a wrong, stale or replayed code.
+
+        Raises OtpLocked while the key is locked, and for the wrong code that locks it.
+        """
+        left = self.store.locked_for(key_id)
+        if left > 0:
+            raise OtpLocked(left, new=False)
         counter = verify(secret, code, now=self._clock(), window=self.window)
-        return counter is not None and self.store.claim(key_id, counter)
+        if counter is None:
+            locked = self.store.wrong(key_id)
+            if locked > 0:
+                raise OtpLocked(locked, new=True)
+            return False
+        return self.store.claim(key_id, counter)
 
     async def acheck(self, key_id: str, secret: str, code: str) -> bool:
         """`check` off the event loop (the Redis store does blocking I/O)."""

@@ -15,13 +15,17 @@ from typing import Any
 
 import httpx
 
-from dify_serving.specs import API_VERSION, GROUP, VERSION, DifyIndex, DifyModel
+from dify_serving.specs import API_VERSION, GROUP, VERSION, DifyIndex, DifyModel, is_name
 
 SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 
 
 class KubernetesUnavailable(RuntimeError):
     pass
+
+
+class InvalidName(ValueError):
+    """A name that must not become part of a Kubernetes API path."""
 
 
 class KubernetesModelStore:
@@ -53,6 +57,8 @@ class KubernetesModelStore:
             or _read(SERVICE_ACCOUNT / "namespace")
             or "default"
         )
+        if not is_name(self.namespace):
+            raise KubernetesUnavailable("the namespace is not a lower-case RFC 1123 name")
         ca = SERVICE_ACCOUNT / "ca.crt"
         self._client = httpx.AsyncClient(
             timeout=10,
@@ -67,6 +73,12 @@ class KubernetesModelStore:
     @property
     def _collection(self) -> str:
         return f"{self.api}/apis/{GROUP}/{VERSION}/namespaces/{self.namespace}/difymodels"
+
+    def _object(self, name: str) -> str:
+        """The URL of one DifyModel; only a valid name ever becomes part of an API path."""
+        if not is_name(name):
+            raise InvalidName(f"{name[:80]!r} is not a lower-case RFC 1123 name")
+        return f"{self._collection}/{name}"
 
     async def _call(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
         try:
@@ -96,6 +108,7 @@ class KubernetesModelStore:
 
     async def put(self, model: DifyModel) -> None:
         """Create the object, or replace its spec when it exists."""
+        url = self._object(model.name)
         body = {
             "apiVersion": API_VERSION,
             "kind": "DifyModel",
@@ -106,7 +119,7 @@ class KubernetesModelStore:
         if response.status_code == 409:
             response = await self._call(
                 "PATCH",
-                f"{self._collection}/{model.name}",
+                url,
                 json={"spec": model.spec.wire()},
                 headers={"Content-Type": "application/merge-patch+json"},
             )
@@ -117,8 +130,10 @@ class KubernetesModelStore:
         self._cache = {**self._cache, model.name: model}
 
     async def delete(self, name: str) -> bool:
-        """Delete the object; False when it did not exist."""
-        response = await self._call("DELETE", f"{self._collection}/{name}")
+        """Delete the object; False when it did not exist (or cannot, by its name)."""
+        if not is_name(name):
+            return False
+        response = await self._call("DELETE", self._object(name))
         if response.status_code == 404:
             return False
         if response.status_code >= 300:

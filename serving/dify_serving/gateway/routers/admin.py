@@ -2,7 +2,8 @@
 
 Scopes and the second factor are enforced by the security middleware (see `policy.py`);
 these handlers only translate. A key's secret is in the creation response and nowhere
-else, ever.
+else, ever. An `audit:read` key without `admin` reads only its own rows: the trail names
+other keys, addresses and models, which is more than a tenant's key should learn.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from dify_serving.gateway import access
 from dify_serving.gateway.errors import ApiError
 from dify_serving.gateway.notes import note
 from dify_serving.gateway.security import Guard
-from dify_serving.security.keys import SCOPES
+from dify_serving.security.keys import MAX_PATTERN_CHARS, MAX_PATTERNS, SCOPES
 
 router = APIRouter(prefix="/v1", tags=["operations"])
 
@@ -43,11 +45,26 @@ class RateLimit(BaseModel):
 class KeyCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(..., min_length=1, max_length=200, description="What the key is for.")
-    scopes: list[Literal[SCOPES]] = Field(..., min_length=1, description="Granted scopes.")  # type: ignore[valid-type]
+    scopes: list[Literal[SCOPES]] = Field(  # type: ignore[valid-type]
+        ..., min_length=1, max_length=len(SCOPES), description="Granted scopes."
+    )
     expires_at: datetime | None = Field(None, description="ISO time; never when null.")
-    ip_allowlist: list[str] = Field(default_factory=list, description="CIDRs, IPv4 or IPv6.")
+    ip_allowlist: list[Annotated[str, Field(max_length=64)]] = Field(
+        default_factory=list, max_length=256, description="CIDRs, IPv4 or IPv6."
+    )
     rate_limit: RateLimit | None = Field(None, description="Per-key limits.")
     totp: bool = Field(False, description="Give the key a TOTP second factor.")
+    models: list[Annotated[str, Field(max_length=MAX_PATTERN_CHARS)]] | None = Field(
+        None,
+        max_length=MAX_PATTERNS,
+        description="Model name patterns the key may use (`support-*`); every model when "
+        "left out. Not with admin.",
+    )
+    indexes: list[Annotated[str, Field(max_length=MAX_PATTERN_CHARS)]] | None = Field(
+        None,
+        max_length=MAX_PATTERNS,
+        description="Index name patterns the key may use; every index when left out.",
+    )
 
 
 def _public(record: Any) -> dict[str, Any]:
@@ -61,6 +78,8 @@ def _public(record: Any) -> dict[str, Any]:
         "rate_limit": record.rate_limit,
         "totp": record.totp_enabled,
         "revoked": record.revoked,
+        "models": None if record.models is None else list(record.models),
+        "indexes": None if record.indexes is None else list(record.indexes),
     }
 
 
@@ -84,6 +103,8 @@ async def create_key(body: KeyCreate, guard: GuardDep) -> dict[str, Any]:
             ip_allowlist=body.ip_allowlist,
             rate_limit=body.rate_limit.model_dump(exclude_none=True) if body.rate_limit else None,
             totp=body.totp,
+            models=body.models,
+            indexes=body.indexes,
         )
     except ValueError as exc:
         raise ApiError(422, str(exc)) from None
@@ -125,18 +146,31 @@ def _time(value: str | None, name: str) -> float | None:
 
 
 class AuditFilters(BaseModel):
-    since: str | None = Field(None, description="ISO time or unix seconds (inclusive).")
-    until: str | None = Field(None, description="ISO time or unix seconds (exclusive).")
-    key_id: str | None = None
-    route: str | None = None
+    since: str | None = Field(
+        None, max_length=64, description="ISO time or unix seconds (inclusive)."
+    )
+    until: str | None = Field(
+        None, max_length=64, description="ISO time or unix seconds (exclusive)."
+    )
+    key_id: str | None = Field(None, max_length=64)
+    route: str | None = Field(None, max_length=256)
     status: int | None = Field(None, ge=100, le=599)
-    client_ip: str | None = None
+    client_ip: str | None = Field(None, max_length=64)
 
     def query(self) -> dict[str, Any]:
+        """The filters for `AuditLog.query`; a key without admin reads its own rows only."""
+        key = access.current()
+        key_id = self.key_id
+        if key is not None and not access.is_admin():
+            if key_id is not None and key_id != key.id:
+                raise ApiError(
+                    403, f"key {key.id} may read only its own audit rows (key_id={key.id})"
+                )
+            key_id = key.id
         return {
             "since": _time(self.since, "since"),
             "until": _time(self.until, "until"),
-            "key_id": self.key_id,
+            "key_id": key_id,
             "route": self.route,
             "status": self.status,
             "client_ip": self.client_ip,

@@ -7,6 +7,7 @@ own replica does the work, so one index's load never blocks another's.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -18,20 +19,21 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
-from dify_serving.gateway import dataplane, retrieval
+from dify_serving.gateway import access, dataplane, retrieval
 from dify_serving.gateway.errors import ApiError, describe_validation, request_id
+from dify_serving.gateway.limits import check_call_size, utf8_size
 from dify_serving.gateway.notes import TEXT_CHARS, note, note_text
 from dify_serving.gateway.routers.models import StateDep
 from dify_serving.gateway.schemas import (
     CleanRequest,
     DeleteRequest,
+    Document,
     EmbedRequest,
     KnowledgeChatRequest,
     SearchRequest,
     UpsertRequest,
 )
 from dify_serving.gateway.state import GatewayState
-from dify_serving.knowledge.cleaning import clean_text
 from dify_serving.specs import Cleaning, Task
 
 router = APIRouter(prefix="/v1", tags=["data"])
@@ -48,10 +50,14 @@ async def clean(body: CleanRequest, state: StateDep) -> dict[str, Any]:
             rules = Cleaning.model_validate(body.rules or {})
         except ValidationError as exc:
             raise ApiError(422, "rules." + describe_validation(exc.errors())) from None
+    size, limit = utf8_size(body.text), state.options.limits.max_document_bytes
+    if size > limit:
+        raise ApiError(413, f"text: {size} bytes; the limit is {limit} (as for one document)")
     chunked = None
     if body.chunk and body.index is not None:  # the index cleans and chunks, as on upsert
+        check_call_size("text", [body.text], f"index {body.index!r}")
         chunked = await state.call_index(body.index, "chunk", body.text)
-    text = chunked["text"] if chunked else clean_text(body.text, rules)
+    text = chunked["text"] if chunked else await state.cleaner.clean(body.text, rules)
     out: dict[str, Any] = {"text": text, "chars_in": len(body.text), "chars_out": len(text)}
     if chunked:
         out["chunks"] = chunked["chunks"]
@@ -72,12 +78,19 @@ async def embed(body: EmbedRequest, state: StateDep) -> dict[str, Any]:
     }
 
 
-def _check_documents(body: UpsertRequest, limit: int) -> None:
+def _check_documents(body: UpsertRequest, limit: int, most: int) -> None:
     if not body.documents:
         raise ApiError(422, "documents: give at least one document")
+    if len(body.documents) > most:
+        raise ApiError(
+            413,
+            f"documents: {len(body.documents)} in one request; the limit is {most} "
+            "(DIFY_MIRROR_MAX_DOCUMENTS). Use bulk ingestion (POST /v1/data/ingest, coming "
+            "with async tasks) or split the request",
+        )
     seen: set[str] = set()
     for position, doc in enumerate(body.documents):
-        size = len(doc.text.encode("utf-8", "surrogatepass"))
+        size = utf8_size(doc.text)
         if size > limit:
             raise ApiError(
                 413,
@@ -88,12 +101,22 @@ def _check_documents(body: UpsertRequest, limit: int) -> None:
         if doc.id in seen:
             raise ApiError(422, f"documents.{position}.id: {doc.id!r} appears twice")
         seen.add(doc.id)
+    check_call_size(
+        "documents",
+        (part for doc in body.documents for part in (doc.text, doc.id, _metadata_json(doc))),
+        f"index {body.index!r}",
+    )
+
+
+def _metadata_json(doc: Document) -> str:
+    return json.dumps(doc.metadata, ensure_ascii=False) if doc.metadata else ""
 
 
 @router.post("/data/upsert", summary="Clean, chunk, embed and store documents (replace by id)")
 async def upsert(body: UpsertRequest, state: StateDep) -> dict[str, Any]:
     state.index(body.index)
-    _check_documents(body, state.options.limits.max_document_bytes)
+    limits = state.options.limits
+    _check_documents(body, limits.max_document_bytes, limits.max_documents)
     docs = [doc.model_dump() for doc in body.documents]
     note_text("\n\n".join(f"[{d.id}] {d.text[:TEXT_CHARS]}" for d in body.documents))
     result: dict[str, Any] = await state.call_index(body.index, "upsert", docs)
@@ -126,7 +149,8 @@ async def delete(body: DeleteRequest, state: StateDep) -> dict[str, Any]:
             raise ApiError(422, "document_ids: give at least one id")
         targets = [state.index(body.index).name]
     else:
-        targets = [body.index] if body.index else sorted(state.indexes())
+        # every index this key may write (admin: all of them), and the receipt says which
+        targets = [body.index] if body.index else access.visible_indexes(sorted(state.indexes()))
         targets = [n for n in targets if not _never_stored(state, n)]
     outcomes = await asyncio.gather(
         *(state.call_index(n, "delete", body.document_ids, body.subject_id) for n in targets),
@@ -138,7 +162,7 @@ async def delete(body: DeleteRequest, state: StateDep) -> dict[str, Any]:
         if isinstance(r, int)
     ]
     failed = [
-        f"{n}: {getattr(r, 'message', r)}"
+        f"{n}: {getattr(r, 'message', 'failed; see the server logs')}"
         for n, r in zip(targets, outcomes, strict=True)
         if not isinstance(r, int)
     ]
@@ -187,7 +211,7 @@ def _never_stored(state: GatewayState, name: str) -> bool:
 async def list_indexes(state: StateDep) -> dict[str, Any]:
     await state.refresh_status()
     indexes = state.indexes()
-    names = sorted(indexes)
+    names = access.visible_indexes(sorted(indexes))
     infos = await asyncio.gather(*(state.info(n, kind="index") for n in names))
     data = []
     for name, info in zip(names, infos, strict=True):

@@ -9,6 +9,7 @@ from fastapi.responses import StreamingResponse
 
 from dify_serving.gateway import dataplane
 from dify_serving.gateway.errors import ApiError, request_id
+from dify_serving.gateway.limits import check_call_size
 from dify_serving.gateway.routers.models import StateDep
 from dify_serving.gateway.schemas import InferenceRequest, InferenceResponse, Usage
 from dify_serving.specs import Task
@@ -66,6 +67,7 @@ async def inference(body: InferenceRequest, request: Request, state: StateDep) -
                 prompt_tokens=result["prompt_tokens"], total_tokens=result["prompt_tokens"]
             ),
         )
+    check_call_size("input", batch, f"model {model.name!r}")
     options = {"top_k": body.top_k, "max_tokens": body.max_tokens}
     output = await state.call(model.name, "predict", batch, options)
     return InferenceResponse(

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Request
 from pydantic import ValidationError
 
+from dify_serving.engines import weights
+from dify_serving.gateway import access
 from dify_serving.gateway.errors import ApiError, describe_validation
 from dify_serving.gateway.schemas import LoadRequest, ModelCard, ModelList, UnloadRequest
 from dify_serving.gateway.state import GatewayState
@@ -33,10 +36,11 @@ async def list_models(state: StateDep) -> ModelList:
             id=name,
             created=now,
             task=str(m.spec.task),
-            model_id=m.spec.model_id,
+            model_id=access.shown_model_id(m.spec.model_id),
             phase=state.statuses.get(name, {}).get("phase", "Pending"),
         )
         for name, m in sorted(state.models().items())
+        if access.may_use_model(name)
     ]
     return ModelList(data=cards)
 
@@ -45,14 +49,17 @@ async def list_models(state: StateDep) -> ModelList:
 async def models_status(state: StateDep) -> dict[str, Any]:
     statuses = await state.refresh_status()
     models = state.models()
-    infos = await asyncio.gather(*(state.info(n) for n in statuses))
+    names = access.visible_models(statuses)
+    infos = await asyncio.gather(*(state.info(n) for n in names))
     out = []
-    for (name, status), info in zip(statuses.items(), infos, strict=True):
+    for name, info in zip(names, infos, strict=True):
         spec = models[name].spec
+        status = statuses[name]
         out.append(
             {
                 **status,
-                "model_id": spec.model_id,
+                "message": access.without_path(status.get("message"), spec.model_id),
+                "model_id": access.shown_model_id(spec.model_id),
                 "task": str(spec.task),
                 "device": info.get("device", spec.device),
                 "precision": info.get("precision", str(spec.precision)),
@@ -64,17 +71,23 @@ async def models_status(state: StateDep) -> dict[str, Any]:
     return {"models": out}
 
 
-def parse_load(body: dict[str, Any]) -> DifyModel:
-    """A load body → a DifyModel; the short `{model_id, device, precision}` form too."""
+def parse_load(body: dict[str, Any], roots: list[Path] | None = None) -> DifyModel:
+    """A load body → a DifyModel; the short `{model_id, device, precision}` form too.
+
+    A local modelId outside `roots` is refused here, by its text alone, with the same
+    words whether or not the folder exists (the replica checks again before loading).
+    """
     body = dict(body)
     name = body.pop("name", None)
     try:
         spec = DifyModelSpec.model_validate(body)
+        if roots is not None and weights.is_local(spec.model_id):
+            weights.check_local(spec.model_id, roots, follow_links=False)
         name = name or name_from_model_id(spec.model_id)
         return DifyModel(metadata=ObjectMeta(name=name), spec=spec)
     except ValidationError as exc:
         raise ApiError(422, describe_validation(list(exc.errors())), "invalid_spec") from None
-    except ValueError as exc:
+    except (ValueError, weights.WeightsNotFound) as exc:
         raise ApiError(422, str(exc), "invalid_spec") from None
 
 
@@ -105,12 +118,15 @@ async def load_model(
         ),
     ],
 ) -> dict[str, Any]:
-    model = parse_load(body.model_dump(exclude_none=True))
+    roots = weights.model_roots(Path(state.options.home), state.options.sources)
+    model = parse_load(body.model_dump(exclude_none=True), roots)
+    access.check_model(model.name)
     await state.load(model)
     return {"name": model.name, "phase": "Loading", "status_url": "/v1/models/status"}
 
 
 @router.post("/unload", status_code=202, summary="Unload a model; its streams end with an error")
 async def unload_model(state: StateDep, body: UnloadRequest) -> dict[str, Any]:
+    access.check_model(body.name)
     await state.unload(body.name)
     return {"name": body.name, "phase": "Unloading"}

@@ -1,0 +1,291 @@
+"""Places outside the audit database that keep the chain's head: a file, Redis, a ConfigMap.
+
+Someone who can delete rows from the audit database should not also be able to erase the
+record of how long the chain was. So the head goes to every place configured, each with
+its own access control:
+
+* a file under `DIFY_MIRROR_HOME` (`audit-checkpoint.json`, mode 0600, replaced
+  atomically; an advisory lock orders the processes sharing the home);
+* Redis when `DIFY_MIRROR_REDIS_URL` is set (`dm:audit:checkpoint:<chain id>`, so
+  installs sharing one Redis never meet; WATCH/MULTI orders the replicas);
+* in a cluster, the ConfigMap named by `DIFY_MIRROR_AUDIT_CONFIGMAP` (the manifests use
+  `dify-mirror-audit-checkpoint`), which the chart creates and the gateway may only get
+  and patch (never create or delete); the patch carries the resourceVersion it read, so
+  replicas never overwrite each other blindly. It is named explicitly rather than turned
+  on whenever a service-account token is mounted: tests and tools that happen to run in
+  a pod must not start calling the API server.
+
+Every update is read, judged, then written as one compare-and-set: the writer's `step`
+sees the current checkpoint and returns the next one, or None to leave it (it refuses to
+move a checkpoint that the chain no longer holds, which would hide a missing tail). A
+place that cannot be read raises `CheckpointError`; its message names the place, never
+a secret. The places are plain data (`CheckpointPlaces`) so the writer process receives
+them through its stdin with the database URL.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+import httpx
+import redis
+
+from dify_serving.security.audit_chain import Checkpoint
+from dify_serving.security.secrets import write_private
+
+FILE_NAME = "audit-checkpoint.json"
+REDIS_PREFIX = "dm:audit:checkpoint:"
+CONFIGMAP = "dify-mirror-audit-checkpoint"
+CONFIGMAP_KEY = "checkpoint"
+CONFIGMAP_VARIABLE = "DIFY_MIRROR_AUDIT_CONFIGMAP"
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+TIMEOUT_S = 2.0
+SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+
+#: Gets the current checkpoint (None: none yet), returns the next (None: leave it).
+Step = Callable[[Checkpoint | None], Checkpoint | None]
+
+
+class CheckpointError(RuntimeError):
+    """A place cannot be read or written; the message names the place, never a secret."""
+
+
+class CheckpointPlace(Protocol):
+    source: str
+
+    def read(self) -> Checkpoint | None: ...
+
+    def update(self, step: Step) -> bool: ...
+
+    def close(self) -> None: ...
+
+
+class FileCheckpoint:
+    """`audit-checkpoint.json` under the home, replaced atomically under an advisory lock."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.source = f"file {self.path}"
+
+    def read(self) -> Checkpoint | None:
+        try:
+            text = self.path.read_text()
+        except FileNotFoundError:
+            return None
+        except OSError as err:
+            raise CheckpointError(f"{self.source}: {err.strerror}") from None
+        return _parse(text, self.source)
+
+    def update(self, step: Step) -> bool:
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        lock = os.open(
+            self.path.with_name(f".{self.path.name}.lock"), os.O_RDWR | os.O_CREAT, 0o600
+        )
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            new = step(self.read())
+            if new is None:
+                return False
+            write_private(self.path, new.to_json() + "\n")
+            return True
+        finally:
+            os.close(lock)  # releases the lock
+
+    def close(self) -> None:
+        pass
+
+
+class RedisCheckpoint:
+    """One Redis string per chain, changed with WATCH/MULTI (a lost race waits for next time)."""
+
+    def __init__(self, url: str, key: str) -> None:
+        self.key = key
+        self.source = f"redis {key}"
+        self._client = redis.Redis.from_url(
+            url, socket_timeout=TIMEOUT_S, socket_connect_timeout=TIMEOUT_S
+        )
+
+    def read(self) -> Checkpoint | None:
+        try:
+            raw = self._client.get(self.key)
+        except redis.RedisError as err:
+            raise CheckpointError(f"{self.source}: {type(err).__name__}: {err}") from None
+        return None if raw is None else _parse(raw, self.source)
+
+    def update(self, step: Step) -> bool:
+        try:
+            with self._client.pipeline() as pipe:
+                pipe.watch(self.key)
+                raw = pipe.get(self.key)
+                new = step(None if raw is None else _parse(raw, self.source))
+                if new is None:
+                    return False
+                pipe.multi()
+                pipe.set(self.key, new.to_json())
+                pipe.execute()
+                return True
+        except redis.WatchError:
+            return False
+        except redis.RedisError as err:
+            raise CheckpointError(f"{self.source}: {type(err).__name__}: {err}") from None
+
+    def close(self) -> None:
+        self._client.close()
+
+
+class ConfigMapCheckpoint:
+    """A key of a ConfigMap the gateway may get and patch; a patch names the version it read."""
+
+    def __init__(
+        self, api: str, namespace: str, name: str = CONFIGMAP, token: str | None = None
+    ) -> None:
+        for what, value in (("namespace", namespace), ("ConfigMap name", name)):
+            if not _DNS_LABEL.fullmatch(value):
+                raise ValueError(f"the audit checkpoint's {what} must be a DNS label: {value!r}")
+        self.source = f"configmap {namespace}/{name}"
+        self.url = f"{api.rstrip('/')}/api/v1/namespaces/{namespace}/configmaps/{name}"
+        token = (
+            token or os.environ.get("DIFY_MIRROR_KUBE_TOKEN") or _read(SERVICE_ACCOUNT / "token")
+        )
+        ca = SERVICE_ACCOUNT / "ca.crt"
+        self._client = httpx.Client(
+            timeout=TIMEOUT_S,
+            headers={"Authorization": f"Bearer {token}"} if token else {},
+            verify=str(ca) if ca.is_file() else True,
+        )
+
+    def read(self) -> Checkpoint | None:
+        return self._get()[0]
+
+    def update(self, step: Step) -> bool:
+        old, version = self._get()
+        if version is None:
+            raise CheckpointError(
+                f"{self.source} does not exist: the chart creates it "
+                "(the gateway may only get and patch it)"
+            )
+        new = step(old)
+        if new is None:
+            return False
+        patch = {"metadata": {"resourceVersion": version}, "data": {CONFIGMAP_KEY: new.to_json()}}
+        response = self._call(
+            "PATCH", json=patch, headers={"Content-Type": "application/merge-patch+json"}
+        )
+        if response.status_code == 409:  # another replica patched it since we read it
+            return False
+        if response.status_code >= 300:
+            raise CheckpointError(f"{self.source}: patch answered HTTP {response.status_code}")
+        return True
+
+    def close(self) -> None:
+        self._client.close()
+
+    def _get(self) -> tuple[Checkpoint | None, str | None]:
+        """The checkpoint (None: none yet) and the resourceVersion (None: no ConfigMap)."""
+        response = self._call("GET")
+        if response.status_code == 404:
+            return None, None
+        if response.status_code != 200:
+            raise CheckpointError(f"{self.source}: get answered HTTP {response.status_code}")
+        try:
+            body = response.json()
+            version = str(body["metadata"]["resourceVersion"])
+            raw = (body.get("data") or {}).get(CONFIGMAP_KEY)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise CheckpointError(f"{self.source}: not a ConfigMap") from None
+        return (None if raw is None else _parse(raw, self.source)), version
+
+    def _call(self, method: str, **kwargs: Any) -> httpx.Response:
+        try:
+            return self._client.request(method, self.url, **kwargs)
+        except httpx.HTTPError as err:
+            raise CheckpointError(f"{self.source}: {type(err).__name__}") from None
+
+
+@dataclass(frozen=True)
+class CheckpointPlaces:
+    """Which places to keep the head in; plain data, handed to the writer process."""
+
+    file: str | None = None
+    redis_url: str | None = field(default=None, repr=False)
+    redis_prefix: str = REDIS_PREFIX
+    configmap: str | None = None
+    kube_api: str | None = None
+    namespace: str = "default"
+
+    @classmethod
+    def detect(
+        cls, home: Path, redis_url: str | None = None, configmap: str | None = None
+    ) -> CheckpointPlaces:
+        """The home's file; Redis when given; the ConfigMap `configmap`
+        (`DIFY_MIRROR_AUDIT_CONFIGMAP`), through this pod's API server (or
+        `DIFY_MIRROR_KUBE_API`)."""
+        places = cls(file=str(Path(home) / FILE_NAME), redis_url=redis_url)
+        if not configmap:
+            return places
+        host = os.environ.get("KUBERNETES_SERVICE_HOST")
+        port = os.environ.get("KUBERNETES_SERVICE_PORT", "443")
+        api = os.environ.get("DIFY_MIRROR_KUBE_API") or (f"https://{host}:{port}" if host else None)
+        if api is None:
+            raise ValueError(
+                f"{CONFIGMAP_VARIABLE} is set but no Kubernetes API is known "
+                "(not in a pod, and DIFY_MIRROR_KUBE_API is unset)"
+            )
+        namespace = (
+            os.environ.get("DIFY_MIRROR_NAMESPACE")
+            or _read(SERVICE_ACCOUNT / "namespace")
+            or "default"
+        )
+        return replace(places, configmap=configmap, kube_api=api, namespace=namespace)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CheckpointPlaces:
+        return cls(**data)
+
+    def open(self, chain_id: str) -> list[CheckpointPlace]:
+        places: list[CheckpointPlace] = []
+        if self.file:
+            places.append(FileCheckpoint(Path(self.file)))
+        if self.redis_url:
+            places.append(RedisCheckpoint(self.redis_url, self.redis_prefix + chain_id))
+        if self.configmap and self.kube_api:
+            places.append(ConfigMapCheckpoint(self.kube_api, self.namespace, self.configmap))
+        return places
+
+
+def read_all(places: list[CheckpointPlace]) -> tuple[list[Checkpoint], list[str]]:
+    """Every checkpoint found, and why each unreadable place could not be read."""
+    found: list[Checkpoint] = []
+    problems: list[str] = []
+    for place in places:
+        try:
+            point = place.read()
+        except CheckpointError as err:
+            problems.append(str(err))
+            continue
+        if point is not None:
+            found.append(point)
+    return found, problems
+
+
+def _parse(raw: str | bytes, source: str) -> Checkpoint:
+    try:
+        return Checkpoint.from_json(raw, source)
+    except ValueError as err:
+        raise CheckpointError(str(err)) from None
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
