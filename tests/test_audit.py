@@ -306,8 +306,17 @@ def places(tmp_path: Path) -> CheckpointPlaces:
 
 
 def checkpointed(open_log: OpenLog, tmp_path: Path, rows: int = 20) -> AuditLog:
-    """A log of `rows` rows whose head is checkpointed in a file, as the gateway keeps it."""
-    log = filled(open_log, [entry(n) for n in range(rows)], checkpoints=places(tmp_path))
+    """A log of `rows` rows whose head is checkpointed in a file, as the gateway keeps it.
+
+    Only when the test says so: the writer's own first checkpoint would otherwise land at
+    a moment its thread picks (`checkpoint_s=None`).
+    """
+    log = filled(
+        open_log,
+        [entry(n) for n in range(rows)],
+        checkpoints=places(tmp_path),
+        checkpoint_s=None,
+    )
     log.checkpoint()
     return log
 
@@ -420,7 +429,7 @@ def test_a_checkpoint_at_or_before_the_purge_anchor_verifies(
     open_log: OpenLog, tmp_path: Path, checkpoint_at: int
 ) -> None:
     old = [entry(n, time=NOW - 300 * DAY + n) for n in range(3)]
-    log = filled(open_log, old[:checkpoint_at], checkpoints=places(tmp_path))
+    log = filled(open_log, old[:checkpoint_at], checkpoints=places(tmp_path), checkpoint_s=None)
     log.checkpoint()
     for item in [*old[checkpoint_at:], entry(3)]:
         log.record(item)
@@ -545,3 +554,28 @@ def test_settings_default_to_sqlite_under_home(tmp_path: Path) -> None:
     assert log.flush() == 1
     log.close()
     assert (tmp_path / "home" / "audit.db").is_file()
+
+
+def test_the_gateways_writer_and_the_cli_share_one_chain_key_and_checkpoints(
+    tmp_path: Path,
+) -> None:
+    """Rows shipped by a gateway verify from the CLI's log of the same home, checkpoint too."""
+    from dify_serving.security.audit_ship import AuditShipper
+    from dify_serving.security.db import database_url
+
+    home = tmp_path / "home"
+    shipper = AuditShipper.for_home(database_url(home, None, "audit"), home)
+    try:
+        for n in range(3):
+            shipper.record(entry(n))
+        assert shipper.flush() == 3
+    finally:
+        shipper.close()
+    assert audit.home_chain(home)[1] == CheckpointPlaces.detect(home)
+    cli = AuditLog.from_settings_like(None, home)
+    try:
+        report = cli.verify()
+    finally:
+        cli.close()
+    assert report.ok, report.summary()
+    assert report.head.seq == 3 and report.checkpoint is not None and report.checkpoint.seq == 3

@@ -176,6 +176,7 @@ def test_a_silent_stream_ends_with_an_error_and_its_replica_call_is_cancelled(
     import asyncio
 
     from ray import serve
+    from ray.serve.context import _get_global_client
 
     from dify_serving.gateway.dataplane import sse_stream
     from dify_serving.gateway.state import GatewayState
@@ -206,15 +207,21 @@ def test_a_silent_stream_ends_with_an_error_and_its_replica_call_is_cancelled(
         )
 
         async def run() -> tuple[list[bytes], bool]:
-            frames = [
-                f async for f in sse_stream(state.stream("silent", "generate_stream", {}), "r1")
-            ]
-            handle = serve.get_app_handle(app)
-            for _ in range(50):  # the cancellation reaches the replica shortly after
-                if await handle.was_cancelled.remote():
-                    return frames, True
-                await asyncio.sleep(0.1)
-            return frames, False
+            try:
+                frames = [
+                    f async for f in sse_stream(state.stream("silent", "generate_stream", {}), "r1")
+                ]
+                handle = serve.get_app_handle(app)
+                for _ in range(50):  # the cancellation reaches the replica shortly after
+                    if await handle.was_cancelled.remote():
+                        return frames, True
+                    await asyncio.sleep(0.1)
+                return frames, False
+            finally:
+                # The handles' router runs on this loop (the stack sets
+                # RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0): shut it down before asyncio.run
+                # closes the loop, or the stack's serve.shutdown() trips over it later.
+                await _get_global_client().shutdown_cached_handles_async()
 
         frames, cancelled = asyncio.run(asyncio.wait_for(run(), 60))
     finally:
@@ -225,3 +232,61 @@ def test_a_silent_stream_ends_with_an_error_and_its_replica_call_is_cancelled(
     assert error["code"] == "stream_idle_timeout" and "1s" in error["message"]
     assert frames[2] == b"data: [DONE]\n\n" and len(frames) == 3
     assert cancelled, "the replica's generator was never cancelled"
+
+
+def test_a_slow_stream_client_is_not_taken_for_a_silent_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The idle clock measures the model: the time a client takes per item is not silence.
+
+    In-process, with a stand-in replica stream (the stack's test above covers Ray's):
+    the model sends every 0.5 s and the client takes 0.7 s per item, so 1.2 s pass
+    between two items while the model is never silent for more than 0.5 s.
+    """
+    import asyncio
+
+    from dify_serving.gateway.state import GatewayState
+    from dify_serving.options import GatewayOptions, LimitOptions
+
+    class Stream:
+        def __init__(self) -> None:
+            self.sent, self.cancelled = 0, False
+
+        def __aiter__(self) -> Stream:
+            return self
+
+        async def __anext__(self) -> dict[str, str]:
+            if self.sent == 3:
+                raise StopAsyncIteration
+            await asyncio.sleep(0.5)
+            if self.cancelled:  # as a cancelled Serve response does
+                raise RuntimeError("request cancelled")
+            self.sent += 1
+            return {"delta": str(self.sent)}
+
+        def cancel(self) -> None:
+            self.cancelled = True
+
+    class Handle:
+        def options(self, **_: object) -> Handle:
+            return self
+
+        def __getattr__(self, method: str) -> Handle:
+            return self
+
+        def remote(self, *_: object) -> Stream:
+            return Stream()
+
+    state = GatewayState(
+        GatewayOptions(home=str(tmp_path), limits=LimitOptions(stream_idle_timeout_s=1.0))
+    )
+    monkeypatch.setattr(state, "handle", lambda name, kind="model": Handle())
+
+    async def read_slowly() -> list[str]:
+        deltas = []
+        async for item in state.stream("slow", "generate_stream", {}):
+            deltas.append(item["delta"])
+            await asyncio.sleep(0.7)
+        return deltas
+
+    assert asyncio.run(read_slowly()) == ["1", "2", "3"]

@@ -7,10 +7,14 @@ send; and the defence in depth below the validators, handed names the specs refu
 
 from __future__ import annotations
 
+import builtins
+import io
 import os
 import socket
-import sys
+import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +40,7 @@ from dify_serving.store.kubernetes import (
     InvalidName,
     KubernetesModelStore,
     KubernetesUnavailable,
+    cluster_access,
 )
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -89,6 +94,44 @@ def test_reclaim_on_qdrant_calls_only_http_urls(home: Path) -> None:
         reclaim_index("kb", spec, str(home))
 
 
+@contextmanager
+def _recording_server() -> Iterator[tuple[str, list[str]]]:
+    """A stand-in Qdrant that records the paths it is asked to DELETE."""
+    seen: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_DELETE(self) -> None:
+            seen.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", seen
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_reclaim_of_an_embedded_index_on_the_global_qdrant_drops_its_collection(
+    home: Path,
+) -> None:
+    """With DIFY_MIRROR_QDRANT_URL set the index's vectors are on that server, not on disk."""
+    with _recording_server() as (url, deletes):
+        said = reclaim_index("kb", _index_spec(), str(home), qdrant_url=url)
+    assert deletes == ["/collections/kb"] and "dropped" in said
+    assert (home / "indexes" / "kb" / "segment").exists()  # another deployment's shard
+    assert reclaim_index("kb", _index_spec(), str(home), qdrant_url=None).startswith("embedded")
+    assert not (home / "indexes" / "kb").exists()
+
+
 def test_open_store_refuses_a_collection_that_is_a_path(home: Path) -> None:
     with pytest.raises(ValueError, match="RFC 1123"):
         open_store("kb", _index_spec(collection="../victim"), home)
@@ -118,8 +161,41 @@ async def test_kubernetes_store_builds_api_paths_from_valid_names_only() -> None
     )
     with pytest.raises(InvalidName):
         await store.put(bad)
-    with pytest.raises(KubernetesUnavailable, match="namespace"):
+    with pytest.raises(InvalidName, match="namespace"):
         KubernetesModelStore(api="http://127.0.0.1:1", token="t", namespace="../kube-system")
+
+
+def test_the_store_and_the_audit_checkpoint_reach_the_cluster_alike(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One discovery of the API server, token and namespace (`cluster_access`) for both."""
+    from dify_serving.security.audit_checkpoint import CheckpointPlaces, ConfigMapCheckpoint
+
+    monkeypatch.delenv("DIFY_MIRROR_KUBE_API", raising=False)
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.9")
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "6443")
+    monkeypatch.setenv("DIFY_MIRROR_KUBE_TOKEN", "sa-token")
+    monkeypatch.setenv("DIFY_MIRROR_NAMESPACE", "serving")
+    access = cluster_access()
+    assert (access.api, access.namespace, access.token) == (
+        "https://10.0.0.9:6443",
+        "serving",
+        "sa-token",
+    )
+    assert "sa-token" not in repr(access)
+    store = KubernetesModelStore()
+    assert (store.api, store.namespace) == (access.api, access.namespace)
+    assert store._client.headers["Authorization"] == "Bearer sa-token"
+    places = CheckpointPlaces.detect(Path("/nonexistent"), configmap="cm")
+    assert (places.kube_api, places.namespace) == (access.api, access.namespace)
+    checkpoint = ConfigMapCheckpoint(places.kube_api or "", places.namespace, "cm")
+    assert checkpoint.url == "https://10.0.0.9:6443/api/v1/namespaces/serving/configmaps/cm"
+    assert checkpoint._client.headers["Authorization"] == "Bearer sa-token"
+    checkpoint.close()
+    monkeypatch.setenv("DIFY_MIRROR_NAMESPACE", "Not/A-Name")
+    for build in (cluster_access, KubernetesModelStore):
+        with pytest.raises(InvalidName, match="namespace"):
+            build()
 
 
 # model roots --------------------------------------------------------------------------------
@@ -141,25 +217,46 @@ def test_outside_the_roots_reads_the_same_whether_or_not_it_exists(tmp_path: Pat
     assert weights.check_local(str(tmp_path / "models" / "escape"), roots, follow_links=False)
 
 
-class _Probe:
-    """Records every file-system look at paths under `watched` (stat, lstat, open, list)."""
-
-    def __init__(self, watched: list[str]) -> None:
-        self.watched, self.seen, self.active = watched, [], False
-
-    def _note(self, path: Any) -> None:
-        if self.active and isinstance(path, (str, os.PathLike)):
-            text = os.fspath(path)
-            if any(str(text).startswith(w) for w in self.watched):
-                self.seen.append(text)
-
-    def audit(self, event: str, args: tuple[Any, ...]) -> None:
-        if event in ("open", "os.listdir", "os.scandir") and args:
-            self._note(args[0])
+@pytest.mark.parametrize("relative", ["./models/m", "~/models/m", "models/m"])
+def test_a_local_model_id_must_be_absolute(
+    relative: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`./x` and `~/x` name one folder to the gateway and another to each replica (their
+    working directory and user differ): only absolute paths are local weights."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    roots = [tmp_path / "models"]
+    with pytest.raises(weights.WeightsNotFound, match="absolute"):
+        weights.check_local(relative, roots)
+    assert weights.check_local(str(tmp_path / "models" / "m"), roots) == tmp_path / "models" / "m"
 
 
-_PROBE = _Probe([])
-sys.addaudithook(_PROBE.audit)
+def _watch_file_system(monkeypatch: pytest.MonkeyPatch, watched: list[str]) -> list[str]:
+    """Record, for this test only, every look (open, stat, lstat, listing) at paths under
+    `watched`; pathlib and os.path reach the file system through these same functions."""
+    seen: list[str] = []
+
+    def watching(original: Any) -> Any:
+        def look(path: Any, *args: Any, **kwargs: Any) -> Any:
+            if isinstance(path, (str, os.PathLike)):
+                text = str(os.fspath(path))
+                if any(text.startswith(w) for w in watched):
+                    seen.append(text)
+            return original(path, *args, **kwargs)
+
+        return look
+
+    for module, name in (
+        (builtins, "open"),
+        (io, "open"),
+        (os, "open"),
+        (os, "stat"),
+        (os, "lstat"),
+        (os, "listdir"),
+        (os, "scandir"),
+    ):
+        monkeypatch.setattr(module, name, watching(getattr(module, name)))
+    return seen
 
 
 @pytest.fixture()
@@ -177,29 +274,17 @@ def test_load_refuses_paths_outside_the_roots_without_looking_at_them(
     gateway: TestClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     missing = str(tmp_path / "elsewhere" / "missing")
-    _PROBE.watched, _PROBE.seen = ["/etc", missing], []
-    stat, lstat = os.stat, os.lstat
-
-    def watched_stat(path: Any, *args: Any, **kwargs: Any) -> Any:
-        _PROBE._note(path)
-        return stat(path, *args, **kwargs)
-
-    def watched_lstat(path: Any, *args: Any, **kwargs: Any) -> Any:
-        _PROBE._note(path)
-        return lstat(path, *args, **kwargs)
-
-    monkeypatch.setattr(os, "stat", watched_stat)
-    monkeypatch.setattr(os, "lstat", watched_lstat)
     replies = {}
-    _PROBE.active = True
-    try:
+    with monkeypatch.context() as watch:
+        seen = _watch_file_system(watch, ["/etc", missing])
         for path in ("/etc", "/etc/../etc/ssl", missing):
             replies[path] = gateway.post(
                 "/v1/models/load", json={"name": "x", "modelId": path}, headers=AUTH
             )
-    finally:
-        _PROBE.active = False
-    assert _PROBE.seen == []
+        looked = list(seen)
+        Path("/etc/hostname").exists()  # the watch itself works
+        assert seen[len(looked) :] == ["/etc/hostname"]
+    assert looked == []
     bodies = {p: r.json()["error"] for p, r in replies.items()}
     assert {r.status_code for r in replies.values()} == {422}
     texts = {b["message"].replace(repr(p), "PATH") for p, b in bodies.items()}
@@ -256,6 +341,5 @@ def test_hub_ids_come_from_the_local_cache_only_by_default(
     assert weights.resolve("someorg/cached", tmp_path, ModelSourceOptions()) == str(snapshot)
     with pytest.raises(weights.WeightsNotFound):  # a revision that is not cached
         weights.resolve("someorg/cached", tmp_path, ModelSourceOptions(), revision="v2")
-    allowed = ModelSourceOptions(hub_downloads=True)
+    allowed = ModelSourceOptions(hub_downloads=True)  # from_pretrained gets the hub id
     assert weights.resolve("someorg/not-cached", tmp_path, allowed) == "someorg/not-cached"
-    assert connects == []

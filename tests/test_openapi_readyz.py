@@ -191,3 +191,43 @@ def test_readyz_with_the_dashboard_gone(tmp_path: Path, dashboard: Dashboard) ->
         r = client.get("/readyz")
     assert r.status_code == 503
     assert r.json() == {"status": "unavailable", "reason": "ray_unavailable"}
+
+
+def test_readyz_reads_the_refresh_loop_without_calling_the_dashboard(
+    tmp_path: Path, dashboard: Dashboard, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the replica's refresh loop running, probes read its last outcome."""
+    app = _ready_app(tmp_path, dashboard.url)
+    state: GatewayState = app.state.gateway
+
+    async def until(done: Any) -> None:
+        for _ in range(500):
+            if done():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("the refresh loop did not get there")
+
+    async def run() -> tuple[list[httpx.Response], int, httpx.Response, httpx.Response]:
+        state.start()
+        await until(lambda: state.refreshed_at is not None)
+        before = dashboard.calls
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as http:
+            ready = await asyncio.gather(*(http.get("/readyz") for _ in range(25)))
+            asked = dashboard.calls - before
+            monkeypatch.setattr(health, "STALE_S", 0.0)  # the last success is too old
+            stale = await http.get("/readyz")
+            monkeypatch.setattr(health, "STALE_S", 3600.0)
+            dashboard.mode = "error"
+            state.refresh_soon()
+            await until(lambda: state.refresh_failure is not None)
+            failed = await http.get("/readyz")
+        return ready, asked, stale, failed
+
+    ready, asked, stale, failed = asyncio.run(run())
+    assert {r.status_code for r in ready} == {200} and asked == 0
+    assert stale.status_code == 503
+    assert stale.json() == {"status": "unavailable", "reason": "status_stale"}
+    assert failed.status_code == 503
+    assert failed.json() == {"status": "unavailable", "reason": "ray_unavailable"}
+    assert "hunter2" not in failed.text

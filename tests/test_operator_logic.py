@@ -8,6 +8,7 @@ import pytest
 
 from dify_operator import reconcile
 from dify_operator.settings import OperatorSettings
+from dify_serving.manifests import ManifestError, parse_documents
 from dify_serving.specs import VERSIONS_REFUSED, DifyIndexSpec
 
 
@@ -106,8 +107,9 @@ def test_index_follows_its_embedding_model(
 ) -> None:
     parsed = {n: reconcile.parse_model(n, {"modelId": "x", "task": t}) for n, t in models.items()}
     spec = DifyIndexSpec.model_validate({"embeddingModel": "minilm"})
-    fields = reconcile.index_status_fields(spec, parsed, phases)
+    fields, extra = reconcile.index_status_fields(spec, parsed, phases)
     assert fields["phase"] == phase and fields["_ready"]["reason"] == reason
+    assert extra == []
 
 
 def test_an_index_on_another_index_collection_is_invalid() -> None:
@@ -134,11 +136,42 @@ def test_an_index_on_another_index_collection_is_invalid() -> None:
     assert "'a-first'" in invalid["index/b-second"] and "'kb'" in invalid["index/b-second"]
     assert "'a-first'" in invalid["index/kb"]
     assert "'remote-1'" in invalid["index/remote-2"]
-    fields = reconcile.index_status_fields(
+    fields, extra = reconcile.index_status_fields(
         state.indexes["a-first"].spec, state.models, {}, None, invalid["index/kb"]
     )
     assert fields["phase"] == "Failed" and fields["message"] == invalid["index/kb"]
     assert fields["_ready"]["reason"] == "InvalidSpec"
+    assert [(c["type"], c["status"], c["reason"]) for c in extra] == [
+        ("Reconciled", "False", "InvalidSpec")
+    ]
+    assert not [key for key in fields if key.startswith("_") and key != "_ready"]
+    patch = reconcile.status_patch({}, fields, 3, extra)
+    assert {c["type"]: c["status"] for c in patch["conditions"]} == {
+        "Ready": "False",
+        "Reconciled": "False",
+    }
+
+
+def test_an_embedded_index_on_the_global_qdrant_clashes_with_one_naming_that_server() -> None:
+    """With DIFY_MIRROR_QDRANT_URL set, embedded indexes live on that server: `kb`
+    (embedded) and `other` (type qdrant, the same server, collection kb) share one
+    collection, and reclaiming either would drop the other's vectors."""
+    same_server = {"type": "qdrant", "url": "http://QDRANT:6333/", "collection": "kb"}
+    models = [body("emb", {"modelId": "m", "task": "feature-extraction"})]
+    indexes = [
+        body("kb", {"embeddingModel": "emb"}),
+        body("other", {"embeddingModel": "emb", "store": same_server}),
+    ]
+    alone, invalid = reconcile.desired_state(models, indexes)  # embedded: on disk, apart
+    assert sorted(alone.indexes) == ["kb", "other"] and invalid == {}
+    for url in ("http://qdrant:6333", "http://qdrant"):  # qdrant-client's port: 6333
+        state, invalid = reconcile.desired_state(models, indexes, qdrant_url=url)
+        assert sorted(state.indexes) == ["kb"], url
+        assert "'kb'" in invalid["index/other"]
+    assert reconcile.desired_state(models, indexes, "http://qdrant:80")[1] == {}
+    kb = reconcile.parse_index("kb", {"embeddingModel": "emb"}).spec
+    assert reconcile.collection_users("kb", kb, indexes) == []
+    assert reconcile.collection_users("kb", kb, indexes, "http://qdrant:6333") == ["other"]
 
 
 def test_reclaim_keeps_a_collection_another_index_uses() -> None:
@@ -158,6 +191,17 @@ def test_names_kubernetes_accepts_but_paths_cannot_carry_are_invalid(name: str) 
         [body(name, {"modelId": "m"})], [body(name, {"embeddingModel": "m"})]
     )
     assert "metadata.name" in invalid[name] and "metadata.name" in invalid[f"index/{name}"]
+
+
+def test_the_operator_explains_an_object_as_a_manifest_does() -> None:
+    """One explanation of a bad object: the operator's is the manifest's, name and spec."""
+    doc = {"kind": "DifyModel", "metadata": {"name": "Bad.Name"}, "spec": {"precision": "x"}}
+    with pytest.raises(ManifestError) as manifest:
+        parse_documents([doc])
+    with pytest.raises(ValueError) as operator:
+        reconcile.parse_model("Bad.Name", {"precision": "x"})
+    assert str(manifest.value).endswith(str(operator.value))
+    assert "metadata.name" in str(operator.value) and "spec.modelId" in str(operator.value)
 
 
 def test_versions_reach_the_status_as_a_clear_refusal() -> None:

@@ -68,3 +68,30 @@ async def test_module_entry_point_serves_liveness(tmp_path: Path) -> None:
         finally:
             proc.terminate()
             await asyncio.to_thread(proc.wait, 30)
+
+
+def test_a_bad_setting_stops_the_start_with_one_line(tmp_path: Path) -> None:
+    """Serve options are built once, at start: two gateway replicas without Redis end the
+    operator at once, instead of failing inside every reconcile (kopf retries forever)."""
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith("DIFY_MIRROR_") and key != "KUBECONFIG"
+    }
+    env |= {
+        "KUBECONFIG": str(tmp_path / "no-kubeconfig"),  # never reached
+        "DIFY_MIRROR_PEERING": "",
+        "DIFY_MIRROR_LIVENESS_PORT": str(free_port()),
+        "DIFY_MIRROR_GATEWAY_REPLICAS": "2",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "dify_operator"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode != 0
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr[-2000:]
+    assert "DIFY_MIRROR_REDIS_URL" in lines[0] and "Traceback" not in done.stderr

@@ -219,6 +219,58 @@ def test_fields_over_their_bounds_are_refused_naming_field_and_limit(
     )
 
 
+def test_an_upsert_over_one_calls_budget_is_refused_however_it_is_sent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The budget is summed once per document; a body under it is not measured at all."""
+    monkeypatch.setenv("RAY_SERVE_USE_GRPC_BY_DEFAULT", "1")
+    monkeypatch.setenv("RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH", str(64 * 1024))
+    minilm = model_doc("minilm", "sentence-transformers/all-MiniLM-L6-v2", "feature-extraction")
+    options = GatewayOptions(home=str(tmp_path), security=SecurityOptions(enabled=False))
+    gateway = GatewayState(options)
+    gateway.store.save(parse_documents([minilm, index_doc("kb", "minilm")]), ServeOptions())
+    shipped: list[int] = []
+
+    async def call_index(name: str, method: str, docs: list[dict[str, Any]]) -> dict[str, Any]:
+        shipped.append(len(docs))  # the index replica's side is not tested here
+        return {"upserted": len(docs)}
+
+    monkeypatch.setattr(gateway, "call_index", call_index)
+
+    def upsert(documents: int, chunked: bool = False) -> httpx.Response:
+        docs = [
+            {"id": f"d{i}", "text": "é" * 5000, "metadata": {"k": "v" * 100}}
+            for i in range(documents)
+        ]
+        body = json.dumps({"index": "kb", "documents": docs}).encode()  # é as \u00e9
+        content: Any = iter([body[:1000], body[1000:]]) if chunked else body
+        return http.post(
+            "/v1/data/upsert", content=content, headers={"content-type": "application/json"}
+        )
+
+    with TestClient(create_app(gateway), raise_server_exceptions=False) as http:
+        for chunked in (False, True):
+            # 5 x (10,000 bytes of text + id + metadata) is over 3/4 of 64 KiB (49,152)
+            _error(upsert(5, chunked), 413, "documents: 50550 bytes", "49152", "split the request")
+            r = upsert(4, chunked)  # 40 KB fits (its body, 120 KB, does not: measured)
+            assert r.status_code == 200, r.text
+        assert upsert(1).status_code == 200  # a body under the budget is bound to fit
+    assert shipped == [4, 4, 1]
+
+
+def test_inference_holds_texts_to_embed_to_the_text_limit(tmp_path: Path) -> None:
+    """/v1/inference admits 8 M characters per input (images); a text to embed is held to
+    MAX_TEXT_CHARS there, as the embedding routes' schemas do."""
+    minilm = model_doc("minilm", "sentence-transformers/all-MiniLM-L6-v2", "feature-extraction")
+    options = GatewayOptions(home=str(tmp_path), security=SecurityOptions(enabled=False))
+    gateway = GatewayState(options)
+    gateway.store.save(parse_documents([minilm]), ServeOptions())
+    with TestClient(create_app(gateway), raise_server_exceptions=False) as http:
+        body = {"model": "minilm", "input": ["a", "x" * (schemas.MAX_TEXT_CHARS + 1)]}
+        r = http.post("/v1/inference", json=body)
+    _error(r, 413, "input.1", "524289 characters", "524288")
+
+
 def test_documents_per_upsert_have_a_maximum_that_points_to_bulk_ingestion(
     gateway: TestClient,
 ) -> None:
@@ -315,19 +367,41 @@ class _Replica:
 def test_a_large_request_is_cut_into_calls_that_fit_and_put_back_in_order() -> None:
     replica = _Replica(dimension=1024)
     coalescer = coalesce.EmbedCoalescer(replica, "minilm")
+    assert (coalescer.reply_bytes, coalescer.call_chars) == (2 * 1024 * 1024, 512 * 1024)
     texts = [f"text {i}" for i in range(6000)]
     result = asyncio.run(coalescer.embed(texts, False))
     assert result["vectors"].shape == (6000, 1024) and result["prompt_tokens"] == 6000
     assert result["vectors"][:, 0].tolist() == list(range(6000))
     for call in replica.calls:
         rows = sum(len(texts) for texts, _, _ in call)
-        assert rows * 1024 * 4 <= coalesce.REPLY_BYTES  # each reply stays small
+        assert rows * 1024 * 4 <= coalescer.reply_bytes  # each reply stays small
     long_texts = ["x" * 100_000] * 12  # 1.2 M characters: cut by characters too
     replica.calls.clear()
     asyncio.run(coalesce.EmbedCoalescer(replica, "minilm").embed(long_texts, True))
     assert len(replica.calls) >= 3
     assert all(
-        sum(len(t) for ts, _, _ in c for t in ts) <= coalesce.CALL_CHARS for c in replica.calls
+        sum(len(t) for ts, _, _ in c for t in ts) <= coalescer.call_chars for c in replica.calls
+    )
+
+
+def test_the_coalescers_calls_follow_the_transports_message_limit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The local stack raises the limit to 64 MiB: calls grow with it, not past it."""
+    monkeypatch.setenv("RAY_SERVE_USE_GRPC_BY_DEFAULT", "1")
+    monkeypatch.setenv("RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH", str(64 * 1024 * 1024))
+    replica = _Replica(dimension=1024)
+    coalescer = coalesce.EmbedCoalescer(replica, "minilm")
+    assert (coalescer.reply_bytes, coalescer.call_chars) == (32 * 1024 * 1024, 8 * 1024 * 1024)
+    asyncio.run(coalescer.embed(["x" * 100_000] * 12, True))  # 1.2 M characters
+    assert len(replica.calls) == 1  # three calls or more under the 4 MiB default
+    monkeypatch.setenv("RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH", str(1024 * 1024))
+    small = coalesce.EmbedCoalescer(replica, "minilm")
+    assert (small.reply_bytes, small.call_chars) == (512 * 1024, 128 * 1024)
+    replica.calls.clear()
+    asyncio.run(small.embed(["x" * 100_000] * 12, True))
+    assert len(replica.calls) >= 10 and all(
+        sum(len(t) for ts, _, _ in c for t in ts) <= small.call_chars for c in replica.calls
     )
 
 
@@ -367,6 +441,67 @@ def test_transport_errors_map_to_documented_codes_without_their_text() -> None:
         assert (
             "AioRpcError" not in text and "10.0.0.3" not in text and "larger than max" not in text
         )
+
+
+def test_an_unreachable_control_plane_is_a_fixed_503_without_its_address(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Loading with the Ray dashboard, or the Kubernetes API, on a closed port."""
+    port = free_port()
+    dead = f"http://127.0.0.1:{port}"
+    monkeypatch.setenv("DIFY_MIRROR_KUBE_API", dead)
+    body = {"name": "demo-llm", "modelId": "builtin:demo-llm", "task": "text-generation"}
+    answers = {}
+    for control, extra in (("local", {"dashboard_url": dead}), ("kubernetes", {})):
+        options = GatewayOptions(
+            home=str(tmp_path / control),
+            control=control,
+            security=SecurityOptions(enabled=False),
+            **extra,
+        )
+        with TestClient(create_app(GatewayState(options)), raise_server_exceptions=False) as http:
+            answers[control] = http.post("/v1/models/load", json=body)
+    expected = {
+        "local": ("ray_unavailable", "Ray Serve cannot be reached to apply the change"),
+        "kubernetes": ("kubernetes_unavailable", "the Kubernetes API cannot be reached"),
+    }
+    for control, r in answers.items():
+        code, words = expected[control]
+        assert r.status_code == 503 and r.headers["Retry-After"] == "2", r.text
+        assert r.json()["error"]["code"] == code and words in r.json()["error"]["message"]
+        for leak in ("127.0.0.1", str(port), "connection attempts", "http"):
+            assert leak not in r.text, r.text
+
+
+def test_a_failed_models_message_hides_its_local_path_from_non_admin_keys(
+    tmp_path: Path,
+) -> None:
+    weights_path = f"{tmp_path}/models/private-llm"
+    local = model_doc("private-llm", weights_path, "text-generation")
+    options = GatewayOptions(home=str(tmp_path), security=SecurityOptions())
+    gateway = GatewayState(options)
+    gateway.store.save(parse_documents([local]), ServeOptions(gateway=options))
+    app = create_app(gateway)
+    try:
+        user = app.state.guard.keys.create("user", ["inference"]).key
+        client = TestClient(app, raise_server_exceptions=False)
+        gateway.statuses["private-llm"] = {
+            "name": "private-llm",
+            "phase": "Failed",
+            "message": f"no weights in {weights_path} (config.json missing)",
+            "ready_replicas": 0,
+        }
+        body = {"model": "private-llm", "prompt": "hi"}
+        seen = {}
+        for who, key in (("user", user), ("admin", API_KEY)):
+            r = client.post("/v1/inference", json=body, headers={"Authorization": f"Bearer {key}"})
+            assert r.status_code == 503 and r.json()["error"]["code"] == "model_failed", r.text
+            seen[who] = r.json()["error"]["message"]
+    finally:
+        app.state.guard.close()
+    assert weights_path not in seen["user"] and "<local path>" in seen["user"]
+    assert "config.json missing" in seen["user"]
+    assert weights_path in seen["admin"]  # admin sees where the weights should be
 
 
 def test_clean_takes_no_more_than_one_document(tmp_path: Path) -> None:

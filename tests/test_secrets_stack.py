@@ -106,26 +106,28 @@ def test_secrets_stay_out_of_config_state_command_lines_and_logs(
         "DIFY_MIRROR_REDIS_URL": redis_user,
         "DIFY_MIRROR_KEY_PEPPER": f"pepper{PASSWORD}",
     }
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "dify_serving.cli",
-            "serve",
-            "-f",
-            str(manifest),
-            "--port",
-            str(port),
-        ],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    log = tmp_path / "serve.log"  # a file, not a pipe: nothing read until the end could fill
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "dify_serving.cli",
+                "serve",
+                "-f",
+                str(manifest),
+                "--port",
+                str(port),
+            ],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
     try:
         deadline = time.monotonic() + 240
         while True:
-            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            assert proc.poll() is None, log.read_text()[-5000:]
             try:
                 created = httpx.post(
                     f"http://127.0.0.1:{port}/v1/admin/keys",
@@ -173,8 +175,7 @@ def test_secrets_stay_out_of_config_state_command_lines_and_logs(
                 proc.wait(90)
             except subprocess.TimeoutExpired:
                 proc.kill()
-    output = proc.stdout.read() if proc.stdout else ""
-    assert PASSWORD not in output
+    assert PASSWORD not in log.read_text()
 
 
 def _ray_headers() -> dict[str, str]:

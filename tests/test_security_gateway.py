@@ -91,6 +91,30 @@ def test_redis_down_is_503_unless_fail_open(home: Path, fail_open: bool, status:
     client = gateway(home, redis_url="redis://127.0.0.1:1/0", fail_open=fail_open)
     r = client.get("/v1/models", headers={"Authorization": f"Bearer {created['key']}"})
     assert r.status_code == status, r.text
+    if status == 503:  # a fixed message: redis-py's text names the server's address
+        assert r.json()["error"] == {
+            "code": "rate_limiter_unavailable",
+            "message": "rate limiting is unavailable; retry shortly",
+            "request_id": r.headers["x-request-id"],
+        }
+        assert r.headers["Retry-After"] == "2"
+
+
+def test_an_unreachable_second_factor_store_is_a_fixed_503(home: Path) -> None:
+    import pyotp
+
+    client = gateway(home, redis_url="redis://127.0.0.1:1/0")
+    created = client.app.state.guard.keys.create("ops", ["admin"], totp=True)  # type: ignore[attr-defined]
+    headers = {
+        "Authorization": f"Bearer {created.key}",
+        "X-Dify-OTP": pyotp.TOTP(created.totp_secret).now(),
+    }
+    r = client.post("/v1/models/unload", json={"name": "x"}, headers=headers)
+    assert r.status_code == 503 and r.headers["Retry-After"] == "2"
+    assert r.json()["error"]["code"] == "second_factor_unavailable"
+    assert r.json()["error"]["message"] == "the TOTP code cannot be checked now; retry shortly"
+    for leak in ("127.0.0.1", "Connection", "Error"):
+        assert leak not in r.text
 
 
 def test_security_can_be_switched_off(home: Path) -> None:

@@ -791,6 +791,25 @@ def test_an_older_keys_table_gains_the_pattern_columns(db_url: str, opened: list
     assert opened[0].authenticate(created.key).models == ("a-*",)
 
 
+def test_an_empty_pepper_is_refused_never_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dify_serving.security.secrets import SecretError, key_pepper
+
+    monkeypatch.delenv("DIFY_MIRROR_KEY_PEPPER", raising=False)
+    monkeypatch.delenv("DIFY_MIRROR_KEY_PEPPER_FILE", raising=False)
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / "key_pepper").write_text("\n")  # truncated by a full disk, say
+    with pytest.raises(SecretError, match="is empty"):
+        key_pepper(tmp_path)
+    mounted = tmp_path / "mounted-pepper"
+    mounted.write_text("")
+    monkeypatch.setenv("DIFY_MIRROR_KEY_PEPPER_FILE", str(mounted))
+    with pytest.raises(SecretError, match="empty file"):
+        key_pepper(tmp_path / "other")
+    assert not (tmp_path / "other" / "secrets" / "key_pepper").exists()  # none made instead
+
+
 # ---- second-factor lockout ----------------------------------------------------------------
 
 
@@ -844,6 +863,88 @@ def test_wrong_codes_are_counted_across_replicas_in_redis(prefix: str) -> None:
         replica_a.check("kid", secret, pyotp.TOTP(secret).at(clock.now))
     assert totp.LOCK_S - 5 < seen.value.retry_after_s <= totp.LOCK_S
     assert replica_a.check("kid2", secret, pyotp.TOTP(secret).at(clock.now))
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+def test_parallel_guesses_cannot_outrun_the_lockout(
+    backend: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """40 codes at once: at most MAX_WRONG_CODES are compared, and the key ends locked."""
+    from dify_serving.security import totp
+
+    clock = FakeClock(1_700_000_000.0)
+    if backend == "memory":
+        guard = OtpGuard(MemoryReplayStore(), clock=clock)
+    else:
+        guard = OtpGuard(redis_url=REDIS_URL, prefix=request.getfixturevalue("prefix"), clock=clock)
+    compared: list[str] = []
+    real_verify = totp.verify
+
+    def slow_verify(secret: str, code: str, **kw: Any) -> int | None:
+        compared.append(code)
+        time.sleep(0.02)  # every guess of the burst is being compared at the same time
+        return real_verify(secret, code, **kw)
+
+    monkeypatch.setattr(totp, "verify", slow_verify)
+    secret = new_secret()
+    right = pyotp.TOTP(secret).at(clock.now)
+    window = {pyotp.TOTP(secret).at(clock.now + 30 * o) for o in (-1, 0, 1)}
+    wrong = [c for c in (f"{n:06d}" for n in range(100)) if c not in window][:40]
+
+    def burst(key_id: str, codes: list[str]) -> list[Any]:
+        start = threading.Barrier(len(codes))
+
+        def guess(code: str) -> Any:
+            start.wait()
+            try:
+                return guard.check(key_id, secret, code)
+            except totp.OtpLocked as locked:
+                return locked
+
+        with ThreadPoolExecutor(len(codes)) as pool:
+            return list(pool.map(guess, codes))
+
+    outcomes = burst("k", wrong)
+    assert len(compared) <= totp.MAX_WRONG_CODES, len(compared)
+    locks = [o for o in outcomes if isinstance(o, totp.OtpLocked)]
+    assert sum(lock.new for lock in locks) == 1  # the burst locked the key, once
+    assert len(locks) >= len(wrong) - totp.MAX_WRONG_CODES + 1
+    assert all(o is False for o in outcomes if not isinstance(o, totp.OtpLocked))
+    with pytest.raises(totp.OtpLocked) as after:
+        guard.check("k", secret, right)  # the right code, sent after the burst
+    assert not after.value.new and after.value.retry_after_s > totp.LOCK_S - 5
+
+    compared.clear()  # a right code hidden in a burst of wrong ones
+    mixed = [*wrong[:20], right, *wrong[20:39]]
+    outcomes = burst("k2", mixed)
+    assert len([c for c in compared if c != right]) <= totp.MAX_WRONG_CODES, len(compared)
+    assert sum(o is True for o in outcomes) <= 1
+    if isinstance(guard.store, RedisReplayStore):
+        guard.store.close()
+
+
+def test_each_store_step_refuses_while_the_key_is_locked(
+    otp_guard: tuple[OtpGuard, FakeClock],
+) -> None:
+    """The lock is part of every atomic step, not a check before them."""
+    from dify_serving.security import totp
+
+    guard, clock = otp_guard
+    store = guard.store
+    store.reserve("k", "right")  # a right code is being compared ...
+    for n in range(totp.MAX_WRONG_CODES - 1):
+        store.wrong("k", f"w{n}")
+    with pytest.raises(totp.OtpLocked) as locking:
+        store.wrong("k", "w-last")  # ... when parallel wrong codes lock the key
+    assert locking.value.new
+    with pytest.raises(totp.OtpLocked) as claim:
+        store.claim("k", int(clock.now // 30), "right")
+    assert not claim.value.new and claim.value.retry_after_s > totp.LOCK_S - 5
+    with pytest.raises(totp.OtpLocked) as late:
+        store.wrong("k", "late")  # a wrong code answered meanwhile: no second lock
+    assert not late.value.new
+    with pytest.raises(totp.OtpLocked):
+        store.reserve("k", "next")
 
 
 # ---- failures before a key is known -------------------------------------------------------

@@ -77,6 +77,32 @@ def test_secrets_stay_out_of_the_serve_config_and_the_state_file(
     assert store.load()[1] == options  # and nothing was lost on the way
 
 
+def test_the_operator_renders_shared_stores_without_holding_their_secrets(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    for name in ("DATABASE_URL", "REDIS_URL"):
+        monkeypatch.delenv(f"DIFY_MIRROR_{name}", raising=False)
+        monkeypatch.delenv(f"DIFY_MIRROR_{name}_FILE", raising=False)
+    monkeypatch.setenv("DIFY_MIRROR_DATABASE", "true")
+    monkeypatch.setenv("DIFY_MIRROR_REDIS", "true")
+    operator = OperatorSettings(home=tmp_path)
+    assert operator.database_url is None and operator.redis_url is None
+    security = reconcile.serve_options(operator).gateway.security
+    assert security.database and security.redis
+
+
+def test_secrets_the_cli_reads_are_checked_like_the_replicas_read_them(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv("DIFY_MIRROR_BOOTSTRAP_KEY", raising=False)
+    secrets_module.write_secret(tmp_path, "bootstrap_key", "dm_not_a_key")
+    with pytest.raises(ValidationError, match="must look like"):
+        Settings(home=tmp_path)
+    monkeypatch.setenv("DIFY_MIRROR_DATABASE_URL_FILE", str(tmp_path / "missing"))
+    with pytest.raises(ValidationError, match="names a file that does not exist"):
+        Settings(home=tmp_path / "other")
+
+
 def test_secrets_come_from_the_environment_a_file_or_the_home(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -5,14 +5,16 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from dify_serving.manifests import ManifestError, parse_documents
+from dify_serving.manifests import ManifestError, check_collections, parse_documents
 from dify_serving.specs import (
     VERSIONS_REFUSED,
     DifyIndex,
     DifyIndexSpec,
     DifyModel,
     DifyModelSpec,
+    check_http_url,
     name_from_model_id,
+    store_address,
 )
 
 
@@ -36,6 +38,9 @@ def test_camel_and_snake_case_both_accepted() -> None:
         ({"modelId": "builtin:../x"}, "builtin:NAME"),
         ({"modelId": "m", "revision": "../../refs"}, "revision"),
         ({"modelId": "has space"}, "whitespace"),
+        ({"modelId": "./models/x"}, "an absolute path"),
+        ({"modelId": "~/models/x"}, "an absolute path"),
+        ({"modelId": "../models/x"}, "an absolute path"),
         ({"modelId": "m", "colour": "red"}, "colour"),
         ({"task": "text-generation"}, "modelId"),
     ],
@@ -145,3 +150,39 @@ def test_object_names_are_rfc1123_labels(name: str) -> None:
         DifyModel.model_validate({"metadata": {"name": name}, "spec": {"modelId": "m"}})
     with pytest.raises(ValidationError, match="name"):
         DifyIndex.model_validate({"metadata": {"name": name}, "spec": {"embeddingModel": "m"}})
+
+
+def test_an_absolute_path_is_a_local_model_id() -> None:
+    spec = DifyModelSpec.model_validate({"modelId": "/srv/models/m"})
+    assert spec.model_id == "/srv/models/m"
+
+
+def _kb_docs() -> list[dict]:
+    index = {"kind": "DifyIndex", "metadata": {"name": "kb"}, "spec": {"embeddingModel": "e"}}
+    other = {
+        "kind": "DifyIndex",
+        "metadata": {"name": "other"},
+        "spec": {
+            "embeddingModel": "e",
+            "store": {"type": "qdrant", "url": "http://qdrant:6333", "collection": "kb"},
+        },
+    }
+    return [index, other]
+
+
+def test_the_collection_check_follows_where_an_embedded_index_really_goes() -> None:
+    """An embedded index opens DIFY_MIRROR_QDRANT_URL when it is set (`open_store`)."""
+    state = parse_documents(_kb_docs())  # no setting known: embedded stays on disk
+    kb = state.indexes["kb"].spec
+    assert store_address(kb) is None and store_address(kb, "http://q:1") == "http://q:1"
+    assert store_address(state.indexes["other"].spec, "http://q:1") == "http://qdrant:6333"
+    check_collections(state, None)
+    check_collections(state, "http://elsewhere:6333")
+    with pytest.raises(ManifestError, match="'other' would share collection 'kb' with index 'kb'"):
+        check_collections(state, "http://qdrant")  # the port qdrant-client fills in: 6333
+
+
+def test_one_url_rule_names_the_setting_it_checks() -> None:
+    assert check_http_url("https://q.example.com:443/base", "qdrant_url")
+    with pytest.raises(ValueError, match=r"^qdrant_url must be an http\(s\) URL"):
+        check_http_url("http://user:pw@q:6333", "qdrant_url")

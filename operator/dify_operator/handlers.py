@@ -14,11 +14,13 @@ from collections.abc import Callable
 from typing import Any
 
 import kopf
+from pydantic import ValidationError
 
 from dify_operator import reconcile
 from dify_operator.reclaim import reclaim_index
 from dify_operator.settings import OperatorSettings
 from dify_serving.control import RayDashboard, RayUnavailable
+from dify_serving.manifests import explain
 from dify_serving.render import model_app_name
 from dify_serving.specs import Phase
 from dify_serving.status import index_status as index_app_status
@@ -27,12 +29,18 @@ G, V = reconcile.GROUP, reconcile.VERSION
 MODELS, INDEXES = "difymodels", "difyindexes"
 
 
-@kopf.on.startup()
+@kopf.on.startup(errors=kopf.ErrorsMode.PERMANENT)
 def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    """Settings and Serve options, once: a bad setting stops the start (not every apply)."""
     config: OperatorSettings = memo.get("config") or OperatorSettings()
     memo.config = config
+    if memo.get("options") is None:
+        try:
+            memo.options = reconcile.serve_options(config)
+        except ValidationError as exc:
+            raise kopf.PermanentError(f"bad setting: {explain(exc)}") from None
     memo.applier = memo.get("applier") or reconcile.Applier(
-        config, RayDashboard(config.ray_dashboard, timeout=10)
+        memo.options, RayDashboard(config.ray_dashboard, timeout=10)
     )
     memo.refreshed = {}
     settings.persistence.finalizer = "difymirror.dev/finalizer"
@@ -58,6 +66,14 @@ def _bodies(index: kopf.Index[str, Any]) -> list[dict[str, Any]]:
     return [body for key in index for body in index[key]]
 
 
+def _desired(
+    memo: kopf.Memo, model_bodies: kopf.Index, index_bodies: kopf.Index
+) -> tuple[reconcile.DesiredState, dict[str, str]]:
+    return reconcile.desired_state(
+        _bodies(model_bodies), _bodies(index_bodies), memo.options.qdrant_url
+    )
+
+
 def _apply(
     memo: kopf.Memo,
     model_bodies: kopf.Index,
@@ -66,7 +82,7 @@ def _apply(
     generation: int | None,
 ) -> reconcile.DesiredState:
     """Apply the whole desired state; Reconciled condition either way."""
-    state, _ = reconcile.desired_state(_bodies(model_bodies), _bodies(index_bodies))
+    state, _ = _desired(memo, model_bodies, index_bodies)
     try:
         memo.applier.apply(state)
     except RayUnavailable as exc:
@@ -298,7 +314,7 @@ def _index_status(
         index = reconcile.parse_index(name, spec)
     except ValueError:
         return
-    state, invalid = reconcile.desired_state(_bodies(model_bodies), _bodies(index_bodies))
+    state, invalid = _desired(memo, model_bodies, index_bodies)
     problem = invalid.get(f"index/{name}")  # e.g. a collection another index uses
     phases: dict[str, str] = {}
     app: dict[str, Any] | None = None
@@ -311,10 +327,8 @@ def _index_status(
         app = index_app_status(name, index.spec, state.models, apps)
     except RayUnavailable:
         pass
-    fields = reconcile.index_status_fields(index.spec, state.models, phases, app, problem)
-    changes = reconcile.status_patch(
-        status, fields, meta.get("generation"), fields.get("_extra", ())
-    )
+    fields, extra = reconcile.index_status_fields(index.spec, state.models, phases, app, problem)
+    changes = reconcile.status_patch(status, fields, meta.get("generation"), extra)
     for key, value in changes.items():
         patch.status[key] = value
     if "phase" in changes:
@@ -337,11 +351,12 @@ def index_deleted(
         index = reconcile.parse_index(name, spec)
     except ValueError:
         return  # nothing was ever created for an invalid index
-    users = reconcile.collection_users(name, index.spec, _bodies(index_bodies))
+    qdrant_url = memo.options.qdrant_url
+    users = reconcile.collection_users(name, index.spec, _bodies(index_bodies), qdrant_url)
     if index.spec.reclaim_policy == "Delete" and users:
         kopf.info(body, reason="Retained", message=f"vectors kept: {', '.join(users)} use them")
     elif index.spec.reclaim_policy == "Delete":
-        removed = reclaim_index(name, index.spec, memo.config.home)
+        removed = reclaim_index(name, index.spec, memo.config.home, qdrant_url)
         kopf.info(body, reason="Reclaimed", message=removed)
     else:
         kopf.info(body, reason="Retained", message="vectors kept (reclaimPolicy: Retain)")

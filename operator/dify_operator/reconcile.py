@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from dify_operator.settings import OperatorSettings
 from dify_serving.control import RayDashboard
-from dify_serving.manifests import DesiredState
+from dify_serving.manifests import DesiredState, explain
 from dify_serving.options import ServeOptions
 from dify_serving.render import model_app_name, render_serve_config
 from dify_serving.specs import (
@@ -28,9 +28,7 @@ from dify_serving.specs import (
     DifyIndexSpec,
     DifyModel,
     DifyModelSpec,
-    ObjectMeta,
     Phase,
-    is_name,
     shared_collection_message,
     shared_collections,
     store_key,
@@ -40,37 +38,24 @@ from dify_serving.status import model_status
 GROUP, VERSION = "difymirror.dev", "v1alpha1"
 
 
-def explain(exc: ValidationError) -> str:
-    return "; ".join(
-        f"spec.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" if e["loc"] else e["msg"]
-        for e in exc.errors()
-    )
-
-
-def _check_name(name: str) -> None:
-    """Kubernetes accepts dotted names up to 253 characters; app names and paths do not."""
-    if not is_name(name):
-        raise ValueError(
-            f"metadata.name {name[:80]!r} must be a lower-case RFC 1123 label "
-            "(letters, digits, '-'; at most 63 characters)"
-        )
+def _parse(kind: type[Any], name: str, spec: Mapping[str, Any]) -> Any:
+    """The whole object, metadata and spec, validated as a manifest's would be: Kubernetes
+    accepts dotted names up to 253 characters, app names and paths do not."""
+    try:
+        return kind.model_validate({"metadata": {"name": name}, "spec": dict(spec)})
+    except ValidationError as exc:
+        raise ValueError(explain(exc)) from None
 
 
 def parse_model(name: str, spec: Mapping[str, Any]) -> DifyModel:
     """A DifyModel from a body's spec; raises ValueError with a readable message."""
-    _check_name(name)
-    try:
-        return DifyModel(metadata=ObjectMeta(name=name), spec=DifyModelSpec.model_validate(spec))
-    except ValidationError as exc:
-        raise ValueError(explain(exc)) from None
+    model: DifyModel = _parse(DifyModel, name, spec)
+    return model
 
 
 def parse_index(name: str, spec: Mapping[str, Any]) -> DifyIndex:
-    _check_name(name)
-    try:
-        return DifyIndex(metadata=ObjectMeta(name=name), spec=DifyIndexSpec.model_validate(spec))
-    except ValidationError as exc:
-        raise ValueError(explain(exc)) from None
+    index: DifyIndex = _parse(DifyIndex, name, spec)
+    return index
 
 
 def _alive(bodies: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
@@ -78,12 +63,15 @@ def _alive(bodies: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
 
 
 def desired_state(
-    models: Iterable[Mapping[str, Any]], indexes: Iterable[Mapping[str, Any]]
+    models: Iterable[Mapping[str, Any]],
+    indexes: Iterable[Mapping[str, Any]],
+    qdrant_url: str | None = None,
 ) -> tuple[DesiredState, dict[str, str]]:
     """Objects (bodies) → the desired state of the valid, living ones, and the invalid ones.
 
     Objects being deleted are left out: their apps must go before their finalizers do. An
-    index whose collection another one (earlier by name) already uses is invalid.
+    index whose collection another one (earlier by name) already uses is invalid; with
+    `qdrant_url` set, embedded indexes share that server with `store.type: qdrant` ones.
     """
     state, invalid = DesiredState(), {}
     for body in sorted(_alive(models), key=lambda b: b["metadata"]["name"]):
@@ -99,18 +87,21 @@ def desired_state(
         except ValueError as exc:
             invalid[f"index/{name}"] = str(exc)
     specs = [(name, index.spec) for name, index in state.indexes.items()]
-    for name, owner in shared_collections(specs).items():
+    for name, owner in shared_collections(specs, qdrant_url).items():
         invalid[f"index/{name}"] = shared_collection_message(name, owner, state.indexes[name].spec)
         del state.indexes[name]
     return state, invalid
 
 
 def collection_users(
-    name: str, spec: DifyIndexSpec, bodies: Iterable[Mapping[str, Any]]
+    name: str,
+    spec: DifyIndexSpec,
+    bodies: Iterable[Mapping[str, Any]],
+    qdrant_url: str | None = None,
 ) -> list[str]:
     """Other living, valid indexes on the same collection as `name` (whose vectors a
     reclaim of `name` must then keep)."""
-    key = store_key(name, spec)
+    key = store_key(name, spec, qdrant_url)
     users = []
     for body in _alive(bodies):
         other = body["metadata"]["name"]
@@ -120,13 +111,17 @@ def collection_users(
             index = parse_index(other, body.get("spec") or {})
         except ValueError:
             continue
-        if store_key(other, index.spec) == key:
+        if store_key(other, index.spec, qdrant_url) == key:
             users.append(other)
     return sorted(users)
 
 
 def serve_options(settings: OperatorSettings) -> ServeOptions:
-    """The same options a local stack builds from the same environment, cluster-controlled."""
+    """The same options a local stack builds from the same environment, cluster-controlled.
+
+    Built once, when the operator starts: a bad setting stops the start instead of failing
+    every reconcile. Raises ValidationError naming the setting.
+    """
     return settings.serve_options(control="kubernetes", dashboard_url=settings.ray_dashboard)
 
 
@@ -189,18 +184,29 @@ def index_status_fields(
     model_phases: Mapping[str, str],
     app: Mapping[str, Any] | None = None,
     problem: str | None = None,
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Pending while the embedding model is missing or loading; then its own app's phase.
 
-    `problem` is why `desired_state` left a valid spec out (a shared collection): Failed.
+    Returns the status fields and the conditions besides Ready to set (`status_patch`).
+    `problem` is why `desired_state` left a valid spec out (a shared collection): Failed,
+    and not Reconciled either.
     """
     if problem is not None:
-        return {
+        fields = {
             "phase": Phase.FAILED.value,
             "message": problem,
             "_ready": condition("Ready", False, "InvalidSpec", problem),
-            "_extra": [condition("Reconciled", False, "InvalidSpec", problem)],
         }
+        return fields, [condition("Reconciled", False, "InvalidSpec", problem)]
+    return _index_fields(spec, models, model_phases, app), []
+
+
+def _index_fields(
+    spec: DifyIndexSpec,
+    models: Mapping[str, DifyModel],
+    model_phases: Mapping[str, str],
+    app: Mapping[str, Any] | None,
+) -> dict[str, Any]:
     model = spec.embedding_model
     if model not in models:
         message = f"embedding model {model!r} does not exist"
@@ -258,9 +264,12 @@ def status_patch(
 # applying -------------------------------------------------------------------------------
 @dataclass
 class Applier:
-    """Applies rendered configs to one Ray cluster; skips configs it already applied."""
+    """Applies rendered configs to one Ray cluster; skips configs it already applied.
 
-    settings: OperatorSettings
+    `options` are built once at start (`serve_options`), never per apply.
+    """
+
+    options: ServeOptions
     dashboard: RayDashboard
     last_hash: str | None = None
     applies: int = 0
@@ -268,7 +277,7 @@ class Applier:
 
     def apply(self, state: DesiredState) -> bool:
         """Render and PUT; returns True when Ray was changed. Raises RayUnavailable."""
-        config = render_serve_config(state, serve_options(self.settings))
+        config = render_serve_config(state, self.options)
         digest = config_hash(config)
         if digest == self.last_hash:
             return False

@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from dify_serving.manifests import ManifestError, load_file
+from dify_serving.manifests import ManifestError, check_collections, load_file
 from dify_serving.security import cli as security_cli
 from dify_serving.settings import Settings
 
@@ -29,6 +29,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = Settings(**overrides)
     settings.serve_options()  # refuse bad combinations before anything starts
     state = load_file(args.file)
+    check_collections(state, settings.qdrant_url, args.file)
     from dify_serving.local import LocalStack, ensure_home
 
     ensure_home(settings)
@@ -74,9 +75,10 @@ def cmd_apply(args: argparse.Namespace) -> int:
         )
         return 1
 
-    def change(state: Any, _: Any) -> None:
+    def change(state: Any, options: Any) -> None:
         state.models.update(incoming.models)
         state.indexes.update(incoming.indexes)
+        check_collections(state, options.qdrant_url, args.file)  # before anything is written
 
     state, options = store.update(change)
     RayDashboard(options.gateway.dashboard_url or "").put_applications(

@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from dify_serving.control import RayDashboard
-from dify_serving.manifests import DesiredState
+from dify_serving.manifests import DesiredState, check_collections
 from dify_serving.options import ServeOptions
 from dify_serving.render import render_serve_config, servable_indexes
-from dify_serving.settings import SECRET_NAMES, Settings
+from dify_serving.security.secrets import SECRET_NAMES
+from dify_serving.settings import Settings
 from dify_serving.specs import Phase
 from dify_serving.status import index_status, model_status
 from dify_serving.store import LocalStateStore
@@ -95,6 +96,7 @@ class LocalStack:
     def apply(self, state: DesiredState) -> dict[str, Any]:
         """Make Serve match `state`; returns the config that was applied."""
         assert self.dashboard is not None and self.options is not None, "start() first"
+        check_collections(state, self.options.qdrant_url, "desired state")
         self.store.save(state, self.options)
         config = render_serve_config(state, self.options)
         self.dashboard.put_applications(config)

@@ -64,12 +64,24 @@ def parse_documents(documents: Iterable[Any], source: str = "manifest") -> Desir
             else:
                 raise ManifestError(f"{where}: kind must be DifyModel or DifyIndex")
         except ValidationError as exc:
-            raise ManifestError(f"{where}: {_explain(exc)}") from None
+            raise ManifestError(f"{where}: {explain(exc)}") from None
+    check_collections(state, None, source)
+    return state
+
+
+def check_collections(
+    state: DesiredState, qdrant_url: str | None, source: str = "manifest"
+) -> None:
+    """Refuse two indexes on one collection of the store they really open.
+
+    `qdrant_url` is the deployment's `DIFY_MIRROR_QDRANT_URL` (embedded indexes then
+    live on that server); a manifest alone is checked without one, and the stack that
+    applies it checks again with its own.
+    """
     specs = [(name, index.spec) for name, index in state.indexes.items()]
-    for name, owner in shared_collections(specs).items():
+    for name, owner in shared_collections(specs, qdrant_url).items():
         message = shared_collection_message(name, owner, state.indexes[name].spec)
         raise ManifestError(f"{source}: DifyIndex {name}: {message}")
-    return state
 
 
 def load_file(path: str | Path) -> DesiredState:
@@ -83,7 +95,12 @@ def load_file(path: str | Path) -> DesiredState:
     return parse_documents(documents, source=str(path))
 
 
-def _explain(exc: ValidationError) -> str:
-    return "; ".join(
-        f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in exc.errors()
-    )
+def explain(exc: ValidationError) -> str:
+    """One line: each error as `where: why` (`spec.store.url: ...`), pydantic's own
+    "Value error, " prefix dropped."""
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"])
+        message = str(err["msg"]).removeprefix("Value error, ")
+        parts.append(f"{where}: {message}" if where else message)
+    return "; ".join(parts)

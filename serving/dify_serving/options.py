@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from dify_serving.specs import ResourceName
+
 #: Gateway modules that can be switched off for small edge deployments.
 ALL_MODULES: tuple[str, ...] = ("models", "inference", "openai", "data")
 MIB = 1024 * 1024
@@ -48,12 +50,8 @@ class SecurityOptions(_Options):
     audit_checkpoint_s: float = Field(
         60.0, gt=0, le=3600, description="seconds between checkpoints of the audit chain's head"
     )
-    audit_configmap: str | None = Field(
-        None,
-        min_length=1,
-        max_length=63,
-        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
-        description="in a cluster, also checkpoint the audit head in this ConfigMap",
+    audit_configmap: ResourceName | None = Field(
+        None, description="in a cluster, also checkpoint the audit head in this ConfigMap"
     )
     tls_certfile: str | None = Field(None, description="serve HTTPS with this certificate")
     tls_keyfile: str | None = Field(None, description="path of its private key (never its text)")

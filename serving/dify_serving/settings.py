@@ -14,11 +14,11 @@ Secret), or `$DIFY_MIRROR_HOME/secrets/<name>` (mode 0600), see `security/secret
 from __future__ import annotations
 
 import os
-import re
+from copy import copy
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from dify_serving.options import (
@@ -29,12 +29,19 @@ from dify_serving.options import (
     SecurityOptions,
     ServeOptions,
 )
+from dify_serving.security.secrets import (
+    KEY_SHAPE,
+    KEY_SHAPE_TEXT,
+    SECRET_NAMES,
+    SecretError,
+    read_secret,
+)
+from dify_serving.specs import check_http_url
 
-#: `dm_<12 lowercase letters or digits>_<secret>`: the shape of every API key.
-KEY_SHAPE = re.compile(r"dm_([a-z0-9]{12})_([A-Za-z0-9_-]{32,256})")
-KEY_SHAPE_TEXT = "dm_<12 lowercase letters or digits>_<32+ characters>"
-#: Secrets a process may read (`security/secrets.py`): never in options or logs.
-SECRET_NAMES = ("database_url", "redis_url", "key_pepper", "bootstrap_key", "audit_key")
+
+def _same(model: type[BaseModel], name: str) -> Any:
+    """The option's own field (default, bounds, description): declared there only."""
+    return copy(model.model_fields[name])
 
 
 def _comma_list(value: object) -> object:
@@ -66,23 +73,19 @@ class Settings(BaseSettings):
         True,
         description="Gateway replicas serve the HTTP port themselves (no proxy hop).",
     )
-    request_timeout_s: float = Field(300.0, gt=0, description="Longest wait for a model.")
+    request_timeout_s: float = _same(GatewayOptions, "request_timeout_s")
     # request bounds
-    max_body_bytes: int = Field(LimitOptions().max_body_bytes, description="Largest body.")
-    max_document_bytes: int = Field(
-        LimitOptions().max_document_bytes, description="Largest document an upsert accepts."
-    )
-    max_documents: int = Field(LimitOptions().max_documents, description="Documents/upsert.")
-    stream_idle_timeout_s: float = Field(
-        LimitOptions().stream_idle_timeout_s, description="End a stream idle this long."
-    )
+    max_body_bytes: int = _same(LimitOptions, "max_body_bytes")
+    max_document_bytes: int = _same(LimitOptions, "max_document_bytes")
+    max_documents: int = _same(LimitOptions, "max_documents")
+    stream_idle_timeout_s: float = _same(LimitOptions, "stream_idle_timeout_s")
     # where weights come from
     model_roots: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Folders local modelIds must lie under, comma-separated "
         "(default: the state folder's models/).",
     )
-    hub_downloads: bool = Field(False, description="Fetch hub ids (else the local cache only).")
+    hub_downloads: bool = _same(ModelSourceOptions, "hub_downloads")
     # security
     auth: bool = Field(True, description="API keys, allowlists, rate limits and audit on.")
     trusted_proxies: Annotated[list[str], NoDecode] = Field(
@@ -96,22 +99,24 @@ class Settings(BaseSettings):
         description="Global requests/second per route: /v1/inference=50,/v1/data/search=200.",
     )
     rate_limit_fail_open: bool = Field(False, description="Serve when Redis is down.")
-    allow_per_replica_limits: bool = Field(
-        False, description="Several gateway replicas without Redis (limits per replica)."
+    allow_per_replica_limits: bool = _same(SecurityOptions, "allow_per_replica_limits")
+    require_totp_for_admin: bool = _same(SecurityOptions, "require_totp_for_admin")
+    audit_record_text: bool = _same(SecurityOptions, "record_text")
+    audit_retention_days: int = _same(SecurityOptions, "retention_days")
+    audit_allow_short_retention: bool = _same(SecurityOptions, "allow_short_retention")
+    audit_checkpoint_s: float = _same(SecurityOptions, "audit_checkpoint_s")
+    audit_configmap: str | None = _same(SecurityOptions, "audit_configmap")
+    tls_certfile: str | None = _same(SecurityOptions, "tls_certfile")
+    tls_keyfile: str | None = _same(SecurityOptions, "tls_keyfile")
+    qdrant_url: str | None = _same(ServeOptions, "qdrant_url")
+    # Whether the gateway uses a database / Redis, without the secret itself: the operator
+    # renders gateways but never connects to either, so it need not hold their URLs.
+    database: bool | None = Field(
+        None, description="The gateway uses DIFY_MIRROR_DATABASE_URL (default: whether it is set)."
     )
-    require_totp_for_admin: bool = Field(
-        False, description="Sensitive operations need a key with a second factor."
+    redis: bool | None = Field(
+        None, description="The gateway uses DIFY_MIRROR_REDIS_URL (default: whether it is set)."
     )
-    audit_record_text: bool = Field(False, description="Audit rows keep request text.")
-    audit_retention_days: int = Field(180, ge=1, description="Audit rows kept this long.")
-    audit_allow_short_retention: bool = Field(False, description="Permit retention < 180.")
-    audit_checkpoint_s: float = Field(60.0, gt=0, le=3600, description="Chain checkpoints.")
-    audit_configmap: str | None = Field(
-        None, description="ConfigMap that also keeps the audit head (cluster)."
-    )
-    tls_certfile: str | None = Field(None, description="Serve HTTPS with this certificate.")
-    tls_keyfile: str | None = Field(None, description="Path of tls_certfile's private key.")
-    qdrant_url: str | None = Field(None, description="Qdrant server for embedded indexes.")
     # secrets: read where used, never copied into options (see the module docstring)
     database_url: SecretStr | None = Field(None, description="Keys + audit database URL.")
     redis_url: SecretStr | None = Field(None, description="Redis URL (shared limits).")
@@ -157,21 +162,24 @@ class Settings(BaseSettings):
     @field_validator("qdrant_url")
     @classmethod
     def _http(cls, value: str | None) -> str | None:
-        if value is not None and not re.match(r"^https?://[^\s/]+", value):
-            raise ValueError("qdrant_url must be an http:// or https:// URL")
-        return value
+        return None if value is None else check_http_url(value, "qdrant_url")
 
     @model_validator(mode="before")
     @classmethod
     def _secret_files(cls, values: Any) -> Any:
-        """`DIFY_MIRROR_<NAME>_FILE` stands for `DIFY_MIRROR_<NAME>` (a mounted Secret)."""
+        """A secret not given directly is read as a replica reads it (`read_secret`): from
+        `DIFY_MIRROR_<NAME>_FILE` (a mounted Secret) or the home's secrets folder."""
         if not isinstance(values, dict):
             return values
+        home = Path(values.get("home") or cls.model_fields["home"].default)
         for name in SECRET_NAMES:
             if values.get(name) is None:
-                path = os.environ.get(f"DIFY_MIRROR_{name.upper()}_FILE")
-                if path:
-                    values = {**values, name: Path(path).read_text().strip()}
+                try:
+                    found = read_secret(name, home)
+                except SecretError as exc:
+                    raise ValueError(str(exc)) from None
+                if found is not None:
+                    values = {**values, name: found}
         return values
 
     @field_validator("bootstrap_key")
@@ -190,8 +198,8 @@ class Settings(BaseSettings):
     def security_options(self) -> SecurityOptions:
         return SecurityOptions(
             enabled=self.auth,
-            database=self.database_url is not None,
-            redis=self.redis_url is not None,
+            database=self.database if self.database is not None else bool(self.database_url),
+            redis=self.redis if self.redis is not None else bool(self.redis_url),
             trusted_proxies=self.trusted_proxies,
             ip_allowlist=self.ip_allowlist,
             route_limits=self.route_limits,
@@ -222,10 +230,7 @@ class Settings(BaseSettings):
                 max_documents=self.max_documents,
                 stream_idle_timeout_s=self.stream_idle_timeout_s,
             ),
-            sources=ModelSourceOptions(
-                roots=self.model_roots or [str(Path(home) / "models")],
-                hub_downloads=self.hub_downloads,
-            ),
+            sources=ModelSourceOptions(roots=self.model_roots, hub_downloads=self.hub_downloads),
             security=self.security_options(),
             **control,
         )

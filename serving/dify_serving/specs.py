@@ -45,16 +45,20 @@ ResourceName = Annotated[
     ),
 ]
 
-#: Where a modelId that is not a hub id or builtin:NAME points: a folder on this machine.
-LOCAL_PREFIXES = ("/", ".", "~")
+#: A modelId that is not a hub id or builtin:NAME is an absolute path on the replicas.
+#: Only absolute: `./x` or `~/x` would mean one folder to the gateway that checks it and
+#: another to the replica that loads it (another working directory, another user).
+LOCAL_PREFIX = "/"
 _HUB_ID = r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?"
 #: The CRD's modelId pattern; the validator below says in words what is wrong.
-MODEL_ID_PATTERN = rf"^(builtin:[a-z0-9]([-a-z0-9]*[a-z0-9])?|[/.~][^\s]*|{_HUB_ID})$"
+MODEL_ID_PATTERN = rf"^(builtin:[a-z0-9]([-a-z0-9]*[a-z0-9])?|/[^\s]*|{_HUB_ID})$"
 _HUB_ID_RE = re.compile(_HUB_ID)
 #: Hub revisions are git refs or commits; they become paths in the local cache.
 REVISION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._/-]*$"
 _REVISION_RE = re.compile(REVISION_PATTERN)
 URL_PATTERN = r"^https?://([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?(/[^\s?#@]*)?$"
+#: The port qdrant-client uses when a URL names none (whatever the scheme).
+QDRANT_DEFAULT_PORT = 6333
 VERSIONS_REFUSED = (
     "version switching is not available yet (it comes with the model lifecycle issue); "
     "remove the field"
@@ -68,7 +72,37 @@ def is_name(value: str) -> bool:
 
 def is_local_model_id(model_id: str) -> bool:
     """Whether a modelId names a folder on this machine (else a hub id or builtin:)."""
-    return model_id.startswith(LOCAL_PREFIXES)
+    return model_id.startswith(LOCAL_PREFIX)
+
+
+def check_http_url(value: str, what: str = "store.url") -> str:
+    """`value` if it is a plain http(s) URL: no credentials, query or fragment, a valid port.
+
+    Every Qdrant URL goes through here (a spec's `store.url`, `DIFY_MIRROR_QDRANT_URL`):
+    the index replica and the operator fetch it, so nothing else may reach them.
+    """
+    parts = urlsplit(value)
+    try:
+        port_ok = parts.port is None or parts.port > 0
+    except ValueError:  # not a number, or past 65535
+        port_ok = False
+    if not port_ok or not parts.hostname or re.fullmatch(URL_PATTERN, value) is None:
+        raise ValueError(
+            f"{what} must be an http(s) URL without credentials, query or fragment, "
+            "e.g. http://qdrant:6333"
+        )
+    return value
+
+
+def qdrant_server(url: str) -> str:
+    """The server a Qdrant URL reaches, as qdrant-client reads it: scheme, lower-case host,
+    port (6333 when none is written) and path prefix. Equal strings: one server."""
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower()
+    if ":" in host:  # IPv6
+        host = f"[{host}]"
+    port = parts.port or QDRANT_DEFAULT_PORT
+    return f"{parts.scheme}://{host}:{port}{parts.path.rstrip('/')}"
 
 
 def check_model_id(value: str) -> str:
@@ -353,20 +387,7 @@ class VectorStore(_Spec):
     @field_validator("url")
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
-        """Only http(s): the URL is fetched by the index replica and the operator."""
-        if value is None:
-            return None
-        parts = urlsplit(value)
-        try:
-            port_ok = parts.port is None or parts.port > 0
-        except ValueError:  # not a number, or past 65535
-            port_ok = False
-        if not port_ok or not parts.hostname or re.fullmatch(URL_PATTERN, value) is None:
-            raise ValueError(
-                "store.url must be an http(s) URL without credentials, query or fragment, "
-                "e.g. http://qdrant:6333"
-            )
-        return value
+        return None if value is None else check_http_url(value)
 
     @model_validator(mode="after")
     def _url(self) -> VectorStore:
@@ -397,27 +418,43 @@ class DifyIndexSpec(_Spec):
     )
 
 
-def store_key(index_name: str, spec: DifyIndexSpec) -> tuple[str, ...]:
+def store_address(spec: DifyIndexSpec, qdrant_url: str | None = None) -> str | None:
+    """The Qdrant server URL an index opens, or None for a shard on the replica's disk.
+
+    `store.type: qdrant` uses its `store.url`; an embedded index goes to the `qdrant_url`
+    setting (`DIFY_MIRROR_QDRANT_URL`) when one is set. `open_store`, the collection clash
+    check and reclaim all follow this one rule.
+    """
+    if spec.store.type == "qdrant":
+        return spec.store.url
+    return qdrant_url or None
+
+
+def store_key(
+    index_name: str, spec: DifyIndexSpec, qdrant_url: str | None = None
+) -> tuple[str, ...]:
     """What identifies an index's vectors: its collection on this machine's embedded
-    store, or the collection on one Qdrant server (scheme, host, port and path)."""
+    store, or the collection on the Qdrant server it really opens (`store_address`)."""
     collection = spec.store.collection or index_name
-    if spec.store.type != "qdrant" or not spec.store.url:
+    url = store_address(spec, qdrant_url)
+    if not url:
         return ("embedded", collection)
-    parts = urlsplit(spec.store.url)
-    server = f"{parts.scheme}://{(parts.hostname or '').lower()}:{parts.port or ''}"
-    return ("qdrant", server + parts.path.rstrip("/"), collection)
+    return ("qdrant", qdrant_server(url), collection)
 
 
-def shared_collections(indexes: Iterable[tuple[str, DifyIndexSpec]]) -> dict[str, str]:
+def shared_collections(
+    indexes: Iterable[tuple[str, DifyIndexSpec]], qdrant_url: str | None = None
+) -> dict[str, str]:
     """Index → the index (first by name) whose collection it would share.
 
     Two indexes on one collection would write each other's chunks, and deleting one with
     `reclaimPolicy: Delete` would drop the other's vectors; the later one by name loses.
+    `qdrant_url` is the deployment's setting: embedded indexes then live on that server.
     """
     owners: dict[tuple[str, ...], str] = {}
     clashes: dict[str, str] = {}
     for name, spec in sorted(indexes, key=lambda pair: pair[0]):
-        owner = owners.setdefault(store_key(name, spec), name)
+        owner = owners.setdefault(store_key(name, spec, qdrant_url), name)
         if owner != name:
             clashes[name] = owner
     return clashes

@@ -2,15 +2,30 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import resource
 from abc import ABC
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from dify_serving.options import ModelSourceOptions
 from dify_serving.specs import DifyModelSpec, Task
+
+#: Characters of text tokenized (or cleaned) on the event loop; more go to a thread. A
+#: megabyte takes a tokenizer a few hundred milliseconds, which would stall every other
+#: request on the replica; a small text costs less than the thread hop would.
+INLINE_CHARS = 16 * 1024
+_T = TypeVar("_T")
+
+
+async def inline_or_thread(chars: int, work: Callable[..., _T], *args: Any) -> _T:
+    """`work(*args)` on the loop when it handles at most INLINE_CHARS characters, else in a
+    thread, so one large request cannot stall the others."""
+    if chars <= INLINE_CHARS:
+        return work(*args)
+    return await asyncio.to_thread(work, *args)
 
 
 class EngineError(Exception):

@@ -23,15 +23,12 @@ from typing import Any
 
 import numpy as np
 
-from dify_serving.engines.base import Engine, EngineError, InputTooLong
+from dify_serving.engines.base import Engine, EngineError, InputTooLong, inline_or_thread
 from dify_serving.specs import DifyModelSpec, Task
 
 # Padded tokens (rows x longest row) one batch may hold, per row of max_batch_size:
 # keeps one long text from padding a whole batch of short ones out to its length.
 TOKENS_PER_ROW = 128
-#: Characters a call tokenizes on the event loop; more go to a thread (a megabyte of
-#: text takes the tokenizer a few hundred milliseconds, which would stall every request).
-INLINE_CHARS = 16 * 1024
 #: Rows and tokens waiting for a compute thread, at most. The gateway sends a model at
 #: most a few thousand rows at a time (coalescer), an index 64-row slices; 32768 rows
 #: of 64 tokens are about two minutes of work for MiniLM on two cores. Past either bound
@@ -100,12 +97,6 @@ class EmbeddingEngine(Engine):
     def info(self) -> dict[str, Any]:
         return {**super().info(), "dimension": self.dimension, "max_tokens": self.max_tokens}
 
-    async def tokenize_async(self, texts: list[str], truncate: bool) -> list[list[int]]:
-        """`tokenize`, in a thread when the texts are long (the event loop keeps serving)."""
-        if sum(map(len, texts)) <= INLINE_CHARS:
-            return self.tokenize(texts, truncate)
-        return await asyncio.to_thread(self.tokenize, texts, truncate)
-
     def tokenize(self, texts: list[str], truncate: bool, offset: int = 0) -> list[list[int]]:
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
         ids: list[list[int]]
@@ -126,9 +117,10 @@ class EmbeddingEngine(Engine):
         return ids
 
     async def embed(self, texts: list[str], truncate: bool = False) -> dict[str, Any]:
-        ids = await self.tokenize_async(texts, truncate)
-        vectors = await self.submit(ids) if ids else np.zeros((0, self.dimension), np.float32)
-        return {"vectors": vectors, "prompt_tokens": sum(len(row) for row in ids)}
+        ids = await inline_or_thread(sum(map(len, texts)), self.tokenize, texts, truncate)
+        tokens = sum(map(len, ids))
+        vectors = await self._vectors(ids, tokens)
+        return {"vectors": vectors, "prompt_tokens": tokens}
 
     async def embed_each(self, requests: list[tuple[Any, ...]]) -> list[dict[str, Any]]:
         """Several requests' texts in one call (the gateway coalesces); errors stay per request.
@@ -136,11 +128,9 @@ class EmbeddingEngine(Engine):
         Each request is (texts, truncate) or (texts, truncate, offset): a slice of a larger
         request, whose positions in error messages start at `offset`.
         """
-        if sum(len(t) for texts, *_ in requests for t in texts) <= INLINE_CHARS:
-            out, rows = self._tokenize_each(requests)
-        else:
-            out, rows = await asyncio.to_thread(self._tokenize_each, requests)
-        vectors = await self.submit(rows) if rows else np.zeros((0, self.dimension), np.float32)
+        chars = sum(len(t) for texts, *_ in requests for t in texts)
+        out, rows = await inline_or_thread(chars, self._tokenize_each, requests)
+        vectors = await self._vectors(rows, sum(r.get("prompt_tokens", 0) for r in out))
         for result in out:
             if "span" in result:
                 start, end = result.pop("span")
@@ -171,19 +161,21 @@ class EmbeddingEngine(Engine):
                     f"row {position} has {len(row)} tokens; {self.name} accepts at most "
                     f"{self.max_tokens}"
                 )
+        return await self._vectors(rows, sum(map(len, rows)))
+
+    async def _vectors(self, rows: list[list[int]], tokens: int) -> np.ndarray:
         if not rows:
             return np.zeros((0, self.dimension), np.float32)
-        return await self.submit(rows)
+        return await self.submit(rows, tokens)
 
     # ---- continuous batching ----------------------------------------------------------
-    async def submit(self, rows: list[list[int]]) -> np.ndarray:
-        """Queue one request's rows; returns their vectors, one row each."""
+    async def submit(self, rows: list[list[int]], tokens: int) -> np.ndarray:
+        """Queue one request's rows (`tokens` in all); returns their vectors, one row each."""
         loop = asyncio.get_running_loop()
         if loop is not self._loop:  # first call, or a new loop (asyncio.run per test)
             self._loop, self._queue, self._queued_rows, self._busy = loop, deque(), 0, 0
             self._queued_tokens = 0
             self._timer = None
-        tokens = sum(map(len, rows))
         if (
             self._queued_rows + len(rows) > MAX_QUEUED_ROWS
             or self._queued_tokens + tokens > MAX_QUEUED_TOKENS

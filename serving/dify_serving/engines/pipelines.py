@@ -17,10 +17,6 @@ from typing import Any
 from dify_serving.engines.base import Engine, EngineError
 from dify_serving.specs import DifyModelSpec, Task
 
-#: Calls one engine holds per request slot (`max_concurrent_requests`, what Serve admits
-#: per replica): the worker's queue stays bounded for callers that bypass Serve too.
-QUEUE_FACTOR = 4
-
 
 def decode_image(item: Any) -> Any:
     """A base64 string (optionally a data: URL) → PIL image."""
@@ -43,9 +39,9 @@ class PipelineEngine(Engine):
     def __init__(self, name: str, spec: DifyModelSpec, path: str) -> None:
         super().__init__(name, spec, path)
         self.task = Task(spec.task)
+        # Serve admits at most max_concurrent_requests calls per replica (the rest wait
+        # at the caller, `max_queued_requests`): this worker's queue is bounded by that.
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"pipe-{name}")
-        self._waiting = 0  # calls queued on or running in the worker
-        self.max_waiting = QUEUE_FACTOR * spec.batching.max_concurrent_requests
         if self.task == Task.IMAGE_TO_TEXT:
             from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
@@ -71,12 +67,6 @@ class PipelineEngine(Engine):
         """Runs on the engine's worker thread, image decoding included (not on the loop)."""
         if not inputs:
             raise EngineError(422, "invalid_input", "input must not be empty")
-        if self._waiting >= self.max_waiting:
-            raise EngineError(
-                503,
-                "overloaded",
-                f"{self.name} has {self._waiting} requests waiting; retry shortly",
-            )
         if self.task == Task.TEXT_CLASSIFICATION:
             if not all(isinstance(i, str) and i for i in inputs):
                 raise EngineError(422, "invalid_input", "text-classification takes strings")
@@ -85,11 +75,7 @@ class PipelineEngine(Engine):
             work = lambda: self._classify_images(_images(inputs), options)  # noqa: E731
         else:
             work = lambda: self._caption(_images(inputs), options)  # noqa: E731
-        self._waiting += 1
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._pool, work)
-        finally:
-            self._waiting -= 1
+        return await asyncio.get_running_loop().run_in_executor(self._pool, work)
 
     def _classify_text(self, texts: list[str], options: dict[str, Any]) -> list[Any]:
         top_k = options.get("top_k") or 1

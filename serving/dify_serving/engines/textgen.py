@@ -19,19 +19,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from dify_serving.engines import sampling
-from dify_serving.engines.base import Engine, EngineError, InputTooLong
+from dify_serving.engines.base import Engine, EngineError, InputTooLong, inline_or_thread
 from dify_serving.specs import DifyModelSpec, Task
 
 log = logging.getLogger("dify_serving.textgen")
 
 PAGE_SIZE = 64
-#: Characters of prompt tokenized on the event loop; longer prompts (and chat templates)
-#: go to a thread, so one long prompt cannot stall every other request's tokens.
-INLINE_CHARS = 16 * 1024
-#: Requests one engine holds (running or waiting in the manager's queue) per request
-#: slot: Serve admits `max_concurrent_requests` calls per replica, so this only binds
-#: for callers that bypass it, and keeps the queue of prompts bounded for them too.
-QUEUE_FACTOR = 4
 
 
 @dataclass
@@ -85,7 +78,6 @@ class TextGenerationEngine(Engine):
         )
         sampling.install(self.manager, sampling.PerRequestSampler())
         self._requests: dict[str, _Request] = {}
-        self.max_requests = QUEUE_FACTOR * concurrent
         self._torch = torch
 
     def _eos_ids(self) -> set[int]:
@@ -177,18 +169,12 @@ class TextGenerationEngine(Engine):
     async def _tokens(
         self, request: dict[str, Any], streaming: bool
     ) -> AsyncIterator[tuple[_Request, list[int], str | None]]:
-        """Submit one request; yield (state, new tokens, finish reason or None)."""
-        if len(self._requests) >= self.max_requests:
-            raise EngineError(
-                503,
-                "overloaded",
-                f"{self.name} holds {len(self._requests)} requests (at most "
-                f"{self.max_requests}); retry shortly",
-            )
-        if _chars(request) <= INLINE_CHARS:
-            prompt_ids = self.encode(request)
-        else:
-            prompt_ids = await asyncio.to_thread(self.encode, request)
+        """Submit one request; yield (state, new tokens, finish reason or None).
+
+        Serve admits at most `max_concurrent_requests` calls per replica and queues the
+        rest at the caller (`max_queued_requests`, render): the engine needs no bound.
+        """
+        prompt_ids = await inline_or_thread(_chars(request), self.encode, request)
         max_new = self._budget(
             prompt_ids, int(request.get("max_tokens") or self.spec.generation.max_new_tokens)
         )

@@ -42,15 +42,13 @@ def packaged_path(model_id: str) -> Path | None:
         return None
 
 
-def is_local(model_id: str) -> bool:
-    """Whether a modelId names a folder on this machine (else a hub id or builtin:)."""
-    return is_local_model_id(model_id)
-
-
 def model_roots(home: Path, sources: ModelSourceOptions | None) -> list[Path]:
-    """The folders local weights may come from: the configured roots, else home/models."""
+    """The folders local weights may come from: the configured roots, else home/models.
+
+    The one place that default is written: options leave `roots` empty to mean it.
+    """
     roots = sources.roots if sources is not None and sources.roots else [str(home / "models")]
-    return [Path(root).expanduser() for root in roots]
+    return [Path(root) for root in roots]
 
 
 def check_local(model_id: str, roots: list[Path], follow_links: bool = True) -> Path:
@@ -62,7 +60,9 @@ def check_local(model_id: str, roots: list[Path], follow_links: bool = True) -> 
     checks lexically only (`follow_links=False`): the weights live on the replicas'
     file system, not its own.
     """
-    lexical = Path(os.path.normpath(os.path.abspath(Path(model_id).expanduser())))
+    if not is_local_model_id(model_id):  # `./x`, `~/x`: another folder on each machine
+        raise WeightsNotFound(f"modelId {model_id!r}: a local path must be absolute")
+    lexical = Path(os.path.normpath(model_id))
     if not follow_links:
         real: Path | None = lexical if _inside(lexical, roots) else None
         roots_seen = roots
@@ -104,7 +104,7 @@ def resolve(
     packaged = packaged_path(model_id)
     if packaged is not None:
         return str(packaged)
-    if is_local(model_id):
+    if is_local_model_id(model_id):
         local = check_local(model_id, model_roots(home, sources))
         if not (local / "config.json").is_file():
             raise WeightsNotFound(f"no model at {model_id} (config.json not found)")

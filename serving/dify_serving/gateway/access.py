@@ -20,10 +20,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from contextvars import ContextVar
 
-from dify_serving.engines.weights import is_local
 from dify_serving.gateway.errors import ApiError
 from dify_serving.gateway.notes import note
 from dify_serving.security.keys import ADMIN, KeyRecord, allows, matches
+from dify_serving.specs import is_local_model_id
 
 KEY: ContextVar[KeyRecord | None] = ContextVar("dify_access_key", default=None)
 
@@ -76,7 +76,7 @@ def visible_models(names: Iterable[str]) -> list[str]:
 
 def shown_model_id(model_id: str) -> str | None:
     """`model_id` as this key may see it: a local path only for admin, else None."""
-    return model_id if not is_local(model_id) or is_admin() else None
+    return model_id if not is_local_model_id(model_id) or is_admin() else None
 
 
 def without_path(text: str | None, model_id: str) -> str | None:

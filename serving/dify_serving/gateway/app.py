@@ -83,7 +83,7 @@ class Gateway:
     async def __del__(self) -> None:
         if self.server is not None:
             self.server.should_exit = True
-        self.state.cleaner.close()
+        self.state.close()
         guard = getattr(self.fastapi.state, "guard", None)
         if guard is not None:
             guard.close()

@@ -9,11 +9,13 @@ own continuous batching busy. Errors stay per request: the engine tokenizes each
 apart and answers an over-long input with its own error.
 
 Every call stays small enough for the transport between deployments (Ray Serve's gRPC
-refuses messages over 4 MiB by default): a call carries at most `CALL_CHARS` characters
-of text and as many rows as `REPLY_BYTES` of vectors hold (the vector size is learned
-from the first reply), so a large request is cut into several calls and put back
-together. What waits is bounded too: over `MAX_PENDING_ROWS` texts queued for one model
-the gateway answers 503 with Retry-After instead of holding ever more requests.
+refuses messages over `RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH`, 4 MiB by default; the
+local stack raises it): a call carries at most `call_chars` characters of text (at most
+half the limit in UTF-8) and as many rows as `reply_bytes` (half the limit) of vectors
+hold, the vector size learned from the first reply, so a large request is cut into
+several calls and put back together. What waits is bounded too: over `MAX_PENDING_ROWS`
+texts queued for one model the gateway answers 503 with Retry-After instead of holding
+ever more requests.
 """
 
 from __future__ import annotations
@@ -26,13 +28,10 @@ import numpy as np
 
 from dify_serving.engines.base import EngineError
 from dify_serving.gateway.errors import ApiError
+from dify_serving.gateway.limits import GRPC_DEFAULT_BYTES, replica_message_bytes
 
 IN_FLIGHT = 4
 MAX_REQUESTS = 16
-#: Bytes of vectors one reply carries at most: half the transport's 4 MiB default.
-REPLY_BYTES = 2 * 1024 * 1024
-#: Characters of text one call carries at most: at most 2 MiB in UTF-8.
-CALL_CHARS = 512 * 1024
 #: Rows per call at most, whatever the vector size (the engine batches 32 at a time).
 MAX_CALL_ROWS = 1024
 #: Texts waiting per model: four of the largest requests (2048 texts) behind the calls
@@ -53,10 +52,18 @@ class _Part:
         self.future: asyncio.Future[dict[str, Any]] = future
 
 
+def call_budgets() -> tuple[int, int]:
+    """(bytes of vectors per reply, characters of text per call) for this process's
+    transport: half its message limit each (a character is at most 4 bytes in UTF-8)."""
+    limit = replica_message_bytes() or GRPC_DEFAULT_BYTES
+    return limit // 2, limit // 8
+
+
 class EmbedCoalescer:
     def __init__(self, call: Any, name: str = "") -> None:
         self._call = call  # async (requests) -> list of results
         self._name = name
+        self.reply_bytes, self.call_chars = call_budgets()  # per model, once per process
         self._pending: deque[_Part] = deque()
         self._pending_rows = 0
         self._running = 0
@@ -65,7 +72,7 @@ class EmbedCoalescer:
 
     @property
     def max_rows(self) -> int:
-        return max(1, min(MAX_CALL_ROWS, REPLY_BYTES // self.row_bytes))
+        return max(1, min(MAX_CALL_ROWS, self.reply_bytes // self.row_bytes))
 
     async def embed(self, texts: list[str], truncate: bool) -> dict[str, Any]:
         if self._pending_rows + len(texts) > MAX_PENDING_ROWS:
@@ -103,11 +110,11 @@ class EmbedCoalescer:
         """(texts, offset, characters) per call: within the row and character budgets."""
         rows = self.max_rows
         chars = sum(map(len, texts))
-        if len(texts) <= rows and chars <= CALL_CHARS:
+        if len(texts) <= rows and chars <= self.call_chars:
             return [(texts, 0, chars)]
         out, start, size = [], 0, 0
         for end, text in enumerate(texts):
-            if end > start and (end - start >= rows or size + len(text) > CALL_CHARS):
+            if end > start and (end - start >= rows or size + len(text) > self.call_chars):
                 out.append((texts[start:end], start, size))
                 start, size = end, 0
             size += len(text)
@@ -120,7 +127,7 @@ class EmbedCoalescer:
         while self._pending and len(batch) < MAX_REQUESTS:
             part = self._pending[0]
             if batch and (
-                rows + len(part.texts) > self.max_rows or chars + part.chars > CALL_CHARS
+                rows + len(part.texts) > self.max_rows or chars + part.chars > self.call_chars
             ):
                 break
             self._pending.popleft()

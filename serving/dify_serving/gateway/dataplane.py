@@ -49,7 +49,7 @@ def generation_request(
     field: str = "max_tokens",
 ) -> dict[str, Any]:
     """A generation request for the engine, with the model's defaults and limits applied."""
-    note_text(prompt if messages is None else json.dumps(messages[-1:], ensure_ascii=False))
+    note_text(prompt if messages is None else lambda: json.dumps(messages[-1:], ensure_ascii=False))
     gen = model.spec.generation
     if max_tokens is not None and max_tokens > gen.max_new_tokens:
         raise ApiError(
@@ -91,13 +91,7 @@ async def embed(
     expect_task(model, Task.FEATURE_EXTRACTION)
     if not texts or any(not isinstance(t, str) or not t for t in texts):
         raise ApiError(422, "input: give one or more non-empty strings", "invalid_request")
-    for position, text in enumerate(texts):  # /v1/inference lets longer inputs (images) in
-        if len(text) > MAX_TEXT_CHARS:
-            raise ApiError(
-                413,
-                f"input.{position}: {len(text)} characters; the limit is {MAX_TEXT_CHARS}",
-            )
-    note_text("\n".join(texts))
+    note_text(lambda: "\n".join(texts))
     coalescer = state.coalescers.get(model.name)
     if coalescer is None:
 
@@ -110,6 +104,17 @@ async def embed(
     result = await coalescer.embed(texts, truncate)
     note_usage(result)
     return result
+
+
+def check_text_chars(field: str, texts: list[str]) -> None:
+    """413 for a text over MAX_TEXT_CHARS, for a route whose schema admits longer inputs
+    (`/v1/inference` takes base64 images too); the other routes' schemas refuse them."""
+    for position, text in enumerate(texts):
+        if len(text) > MAX_TEXT_CHARS:
+            raise ApiError(
+                413,
+                f"{field}.{position}: {len(text)} characters; the limit is {MAX_TEXT_CHARS}",
+            )
 
 
 def sse(data: Any, event: str | None = None) -> bytes:

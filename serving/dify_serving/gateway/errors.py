@@ -7,6 +7,7 @@ into the shape above, so no stack trace ever reaches a client.
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
 from typing import Any
@@ -58,6 +59,25 @@ def request_id(request: Request) -> str:
 
 def error_body(code: str, message: str, rid: str) -> dict[str, Any]:
     return {"error": {"code": code, "message": message, "request_id": rid}}
+
+
+async def send_error(
+    send: Send,
+    status: int,
+    code: str,
+    message: str,
+    rid: str,
+    headers: dict[str, str] | None = None,
+) -> None:
+    """The error shape over raw ASGI, for middleware that answers before FastAPI."""
+    body = json.dumps(error_body(code, message, rid)).encode()
+    raw = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        *((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()),
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
 
 
 def error_response(

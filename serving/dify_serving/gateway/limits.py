@@ -23,7 +23,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from dify_serving.gateway.errors import ApiError, error_body
+from dify_serving.gateway.errors import ApiError, send_error
 
 MIB = 1024 * 1024
 #: Ray Serve's own default for `RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH`.
@@ -78,14 +78,7 @@ class BodyLimit:
             )
         else:
             status, message = 400, "the request body ended early (the client disconnected)"
-        rid = scope.get("state", {}).get("request_id", "")
-        payload = json.dumps(error_body(code, message, rid)).encode()
-        headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(payload)).encode()),
-        ]
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": payload})
+        await send_error(send, status, code, message, scope.get("state", {}).get("request_id", ""))
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:
@@ -125,9 +118,12 @@ def utf8_size(text: str) -> int:
 def check_call_size(field: str, texts: Iterable[str], what: str) -> None:
     """413 when `texts` would not fit into one call between deployments."""
     budget = call_budget()
-    if budget is None:
-        return
-    size = sum(utf8_size(t) for t in texts)
+    if budget is not None:
+        check_call_bytes(field, sum(utf8_size(t) for t in texts), what, budget)
+
+
+def check_call_bytes(field: str, size: int, what: str, budget: int) -> None:
+    """413 when `size` bytes (already measured) are over one call's `budget`."""
     if size > budget:
         raise ApiError(
             413,

@@ -8,6 +8,7 @@ counts land in the row too.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextvars import ContextVar
 from typing import Any
 
@@ -22,12 +23,22 @@ def note(**fields: Any) -> None:
 
 #: Characters of request text an audit row keeps, when the setting asks for text at all.
 TEXT_CHARS = 4096
+#: Set in a request's notes by the security middleware when its audit keeps request text.
+WANTS_TEXT = "wants_text"
 
 
-def note_text(text: str | None) -> None:
-    """The request's text (prompt, query, documents), kept only if audit text is on."""
-    if text:
-        note(text=text[:TEXT_CHARS])
+def note_text(text: str | Callable[[], str] | None) -> None:
+    """The request's text (prompt, query, documents), kept only if audit text is on.
+
+    Pass a callable when the text must be built (joined, serialised): it is called only
+    when the text is kept, so the common case pays for neither.
+    """
+    notes = NOTES.get()
+    if notes is None or not notes.get(WANTS_TEXT) or not text:
+        return
+    value = text() if callable(text) else text
+    if value:
+        notes["text"] = value[:TEXT_CHARS]
 
 
 def note_usage(result: dict[str, Any]) -> None:

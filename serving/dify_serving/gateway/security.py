@@ -34,8 +34,8 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dify_serving.gateway.access import KEY
-from dify_serving.gateway.errors import error_body
-from dify_serving.gateway.notes import NOTES
+from dify_serving.gateway.errors import send_error
+from dify_serving.gateway.notes import NOTES, WANTS_TEXT
 from dify_serving.gateway.policy import Rule, rule_for
 from dify_serving.options import SecurityOptions
 from dify_serving.security.audit_ship import AuditShipper
@@ -55,7 +55,6 @@ from dify_serving.security.totp import MAX_WRONG_CODES, OtpGuard, OtpLocked, Otp
 
 log = logging.getLogger("dify_serving.security")
 
-_JSON = [(b"content-type", b"application/json")]
 #: Seconds a verified Authorization header is trusted without looking again; a key
 #: revoked on another replica stops working within the key store's 5 s cache anyway.
 RECENT_S = 1.0
@@ -183,8 +182,12 @@ class Guard:
         try:
             accepted = await self.otp.acheck(key.id, key.totp_secret, code)
         except OtpUnavailable as exc:
+            log.warning("second factor unavailable for key %s: %s", key.id, exc.__cause__)
             raise _Refusal(
-                503, "second_factor_unavailable", f"cannot check the TOTP code now: {exc}"
+                503,
+                "second_factor_unavailable",
+                "the TOTP code cannot be checked now; retry shortly",
+                {"Retry-After": "2"},
             ) from None
         except OtpLocked as locked:
             seconds = retry_after(locked.retry_after_s)
@@ -249,10 +252,11 @@ class Guard:
             decision: Decision = await self.limiter.acheck(bucket, capacity, refill, cost)
             return decision
         except LimiterUnavailable as exc:
+            log.warning("rate limiter unavailable for bucket %s: %s", bucket, exc)
             raise _Refusal(
                 503,
                 "rate_limiter_unavailable",
-                f"rate limiting is unavailable ({exc}); retry shortly",
+                "rate limiting is unavailable; retry shortly",
                 {"Retry-After": "2"},
             ) from None
 
@@ -304,7 +308,7 @@ class SecurityMiddleware:
             await self.app(scope, receive, send)
             return
         state = scope.setdefault("state", {})
-        note: dict[str, Any] = {}
+        note: dict[str, Any] = {WANTS_TEXT: True} if self.guard.config.record_text else {}
         NOTES.set(note)
         headers = {k: v for k, v in scope["headers"] if k in _WANTED}
         ip = self._client_ip(scope, headers)
@@ -322,11 +326,11 @@ class SecurityMiddleware:
         try:
             key = await self._admit(rule, headers, ip, note)
             await self.guard.limit(rule, key)
-            state["key"] = key
             KEY.set(key)
             await self.app(scope, receive, counting_send)
-        except _Refusal as refusal:
-            await _refuse(send, counting_send, state, refusal)
+        except _Refusal as r:
+            rid = state.get("request_id", "")
+            await send_error(counting_send, r.status, r.code, r.message, rid, r.headers)
         finally:
             if key is not None and rule.generates:
                 await self.guard.charge_tokens(key, int(note.get("completion_tokens") or 0))
@@ -345,7 +349,7 @@ class SecurityMiddleware:
                 note.get("completion_tokens"),
                 counts["in"],
                 counts["out"],
-                _detail(note, self.guard.config.record_text) if note else None,
+                _detail(note) if note else None,
             )
             if note.get("anonymous"):  # refused before a key was known: bounded rows
                 self.guard.refusals.add(ip, row)
@@ -414,20 +418,7 @@ class SecurityMiddleware:
         return key
 
 
-def _detail(note: dict[str, Any], record_text: bool) -> str | None:
-    """Operational detail always; request text only when a setting asks for it."""
-    parts = [note.get("detail"), note.get("text") if record_text else None]
+def _detail(note: dict[str, Any]) -> str | None:
+    """Operational detail, and the request's text when the audit keeps it (`WANTS_TEXT`)."""
+    parts = [note.get("detail"), note.get("text")]
     return "; ".join(str(p) for p in parts if p) or None
-
-
-async def _refuse(send: Send, counting_send: Any, state: dict[str, Any], r: _Refusal) -> None:
-    import json
-
-    body = json.dumps(error_body(r.code, r.message, state.get("request_id", ""))).encode()
-    headers = [
-        *_JSON,
-        (b"content-length", str(len(body)).encode()),
-        *((k.lower().encode(), v.encode()) for k, v in (r.headers or {}).items()),
-    ]
-    await counting_send({"type": "http.response.start", "status": r.status, "headers": headers})
-    await counting_send({"type": "http.response.body", "body": body})

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
@@ -59,6 +60,11 @@ class GatewayState:
         self._unloaded: set[Any] = set()  # streams cancelled because their model went
         self._refresher: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        # what readiness reads: the last refresh that worked, why the last one failed
+        self.refreshed_at: float | None = None  # time.monotonic()
+        self.refresh_failure: str | None = None  # a short reason code
+        self._refresh_started = float("-inf")
+        self._on_demand: asyncio.Task[None] | None = None
         self.cluster_gpus: float | None = None
 
     # desired state ---------------------------------------------------------------
@@ -118,19 +124,61 @@ class GatewayState:
         if self._refresher is None and (self.dashboard or self.kube) is not None:
             self._refresher = asyncio.get_running_loop().create_task(self._refresh_loop())
 
+    def close(self) -> None:
+        """Stop the status refresh and the cleaning process (the replica is going)."""
+        if self._refresher is not None:
+            self._refresher.cancel()
+        self.cleaner.close()
+
+    @property
+    def refreshing(self) -> bool:
+        """Whether the background refresh loop runs (it does in a Serve replica)."""
+        return self._refresher is not None and not self._refresher.done()
+
+    def refresh_soon(self) -> None:
+        """Wake the refresh loop now (after a change, or to see an outage sooner)."""
+        self._wake.set()
+
     async def _refresh_loop(self) -> None:
         while True:
-            try:
+            with contextlib.suppress(Exception):  # recorded and logged; keep refreshing
                 await self.refresh_status()
-            except Exception as exc:  # keep refreshing whatever happens
-                log.warning("status refresh failed: %s", exc)
             busy = any(s["phase"] not in _SERVING for s in self.statuses.values())
             with contextlib.suppress(TimeoutError):
                 idle = 2.0 if self.kube is not None else 5.0
                 await asyncio.wait_for(self._wake.wait(), 0.5 if busy else idle)
             self._wake.clear()
 
+    async def refresh_if_older(self, age_s: float) -> None:
+        """Refresh unless one started within `age_s`; callers meanwhile share one refresh."""
+        task = self._on_demand
+        if task is None or task.done():
+            if time.monotonic() - self._refresh_started < age_s:
+                return
+            task = self._on_demand = asyncio.get_running_loop().create_task(self._refresh_quietly())
+        await asyncio.shield(task)
+
+    async def _refresh_quietly(self) -> None:
+        with contextlib.suppress(Exception):  # recorded in refresh_failure
+            await self.refresh_status()
+
     async def refresh_status(self) -> dict[str, dict[str, Any]]:
+        """Read Serve's status now; records when it worked or why it did not."""
+        self._refresh_started = time.monotonic()
+        try:
+            statuses = await self._read_status()
+        except RayUnavailable as exc:
+            self.refresh_failure = "ray_unavailable"
+            log.warning("status refresh failed: %s", exc)
+            raise
+        except Exception as exc:
+            self.refresh_failure = "status_unavailable"
+            log.warning("status refresh failed: %s: %s", type(exc).__name__, exc)
+            raise
+        self.refreshed_at, self.refresh_failure = time.monotonic(), None
+        return statuses
+
+    async def _read_status(self) -> dict[str, dict[str, Any]]:
         if self.kube is not None:
             try:
                 await self.kube.refresh()
@@ -160,16 +208,23 @@ class GatewayState:
         phase = status["phase"]
         if phase != Phase.FAILED.value and status.get("ready_replicas", 0) > 0:
             return  # an app being updated keeps answering from its running replicas
+        message = self._shown_message(name, kind, status.get("message"))
         if phase == Phase.FAILED.value:
-            raise ApiError(
-                503, f"{kind} {name!r} failed to load: {status['message']}", f"{kind}_failed"
-            )
+            raise ApiError(503, f"{kind} {name!r} failed to load: {message}", f"{kind}_failed")
         raise ApiError(
             503,
-            f"{kind} {name!r} is {phase.lower()} ({status['message']}); retry shortly",
+            f"{kind} {name!r} is {phase.lower()} ({message}); retry shortly",
             f"{kind}_not_ready",
             headers={"Retry-After": "2"},
         )
+
+    def _shown_message(self, name: str, kind: str, message: str | None) -> str | None:
+        """A status message without the local weights path this key may not see."""
+        if kind == "index":
+            index = self.indexes().get(name)
+            name = index.spec.embedding_model if index is not None else ""
+        model = self.models().get(name)
+        return message if model is None else access.without_path(message, model.spec.model_id)
 
     # calls into model and index replicas ---------------------------------------------
     def handle(self, name: str, kind: str = "model") -> Any:
@@ -210,7 +265,7 @@ class GatewayState:
             raise
         except Exception as exc:  # replica gone (unloaded, crashed), Serve down, too large
             error = transport_failure(exc, kind, name)
-            if error.status == 503:
+            if error.code == f"{kind}_unavailable":  # a full queue keeps its handle (count)
                 self._forget(name, kind)
             raise error from None
 
@@ -244,6 +299,7 @@ class GatewayState:
             async for item in response:
                 watch.last = loop.time()
                 yield item
+                watch.last = loop.time()  # the client's own pace is not the model's silence
             if watch.fired:  # cancelled between two items: the generator just ends
                 raise EngineError(504, "stream_idle_timeout", self._idle_message(name))
         except (RayTaskError, EngineError) as exc:
@@ -255,8 +311,9 @@ class GatewayState:
                 raise EngineError(504, "stream_idle_timeout", self._idle_message(name)) from None
             if isinstance(exc, asyncio.CancelledError):  # the client went away
                 raise
-            self._forget(name, "model")  # the replica died (crashed, deleted)
             error = transport_failure(exc, "model", name)
+            if error.code == "model_unavailable":  # the replica died (crashed, deleted)
+                self._forget(name, "model")
             raise EngineError(error.status, error.code, error.message) from None
         finally:
             watch.stop()
@@ -279,8 +336,9 @@ class GatewayState:
         try:
             await self.dashboard.put_applications(render_serve_config(state, options))
         except RayUnavailable as exc:
-            raise ApiError(503, str(exc), "ray_unavailable") from None
-        self._wake.set()
+            log.warning("applying the Serve config failed: %s", exc)
+            raise _unreachable("Ray Serve", "ray_unavailable", " to apply the change") from None
+        self.refresh_soon()
 
     async def load(self, model: DifyModel) -> None:
         """Local: store + apply. Cluster: write the DifyModel; the operator applies it."""
@@ -328,4 +386,11 @@ class GatewayState:
         try:
             return await call
         except KubernetesUnavailable as exc:
-            raise ApiError(503, str(exc), "kubernetes_unavailable") from None
+            log.warning("Kubernetes API call failed: %s", exc)
+            raise _unreachable("the Kubernetes API", "kubernetes_unavailable") from None
+
+
+def _unreachable(what: str, code: str, purpose: str = "") -> ApiError:
+    """A control plane is down: a fixed text (its address and error are in the log)."""
+    message = f"{what} cannot be reached{purpose}; retry shortly"
+    return ApiError(503, message, code, headers={"Retry-After": "2"})

@@ -42,6 +42,9 @@ class QdrantServerStore(_Store):
     it searches exactly and has no payload indexes, so those settings are not sent there.
     """
 
+    #: Calls wait on the network with the GIL released: worth a thread off the event loop.
+    blocking_io = True
+
     def __init__(self, client: Any, name: str, spec: DifyIndexSpec) -> None:
         super().__init__(name, spec)
         self.client = client

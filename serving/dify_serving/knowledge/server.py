@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import IO, Any
 
 from ray import serve
+from ray.serve.exceptions import BackPressureError
 
-from dify_serving.engines.base import EngineError
+from dify_serving.engines.base import EngineError, inline_or_thread
 from dify_serving.knowledge.chunking import Chunker
 from dify_serving.knowledge.cleaning import clean_text, dedupe
 from dify_serving.knowledge.stores import (
@@ -42,7 +43,7 @@ from dify_serving.knowledge.stores import (
 )
 from dify_serving.options import ModelSourceOptions
 from dify_serving.render import model_app_name
-from dify_serving.specs import DifyIndexSpec, DifyModelSpec
+from dify_serving.specs import DifyIndexSpec, DifyModelSpec, store_address
 
 log = logging.getLogger("dify_serving.index")
 
@@ -56,8 +57,6 @@ EMBED_SLICE = 64
 #: threads busy, few enough that a 10 MB document (thousands of chunks) does not fill
 #: the model's bounded queue and crowd out everyone else.
 EMBED_IN_FLIGHT = 8
-#: Characters of a query tokenized on the event loop; longer ones go to a thread.
-INLINE_CHARS = 4096
 
 
 class IndexServer:
@@ -91,8 +90,8 @@ class IndexServer:
             max_tokens=min(self.spec.chunking.max_tokens, self.token_limit),
             overlap=self.spec.chunking.overlap,
         )
-        embedded = self.spec.store.type == "embedded" and not qdrant_url
-        self._lock_file = _take_shard_lock(Path(home), self.collection) if embedded else None
+        on_disk = store_address(self.spec, qdrant_url) is None
+        self._lock_file = _take_shard_lock(Path(home), self.collection) if on_disk else None
         self.store = open_store(name, self.spec, Path(home), qdrant_url)
         self.mismatch: DimensionMismatch | None = None
         try:
@@ -133,6 +132,10 @@ class IndexServer:
                 parts = [await embedder.embed_tokens.remote(rows)] if rows else []
             else:
                 parts = await _sliced(embedder, rows)
+        except BackPressureError:  # the model's queue at this caller is full: busy, not down
+            raise EngineError(
+                503, "overloaded", f"embedding model {self.model_name!r} is busy; retry shortly"
+            ) from None
         except Exception as exc:
             self._embedder = None
             cause = getattr(exc, "cause", None)
@@ -221,10 +224,7 @@ class IndexServer:
         tokens = 0
         if vector is None:
             query = request["query"]
-            if len(query) <= INLINE_CHARS:
-                row = self._query_ids(query)
-            else:
-                row = await asyncio.to_thread(self._query_ids, query)
+            row = await inline_or_thread(len(query), self._query_ids, query)
             tokens = len(row)
             vector = (await self._embed([row]))[0]
         elif len(vector) != self.dimension:
@@ -233,9 +233,11 @@ class IndexServer:
                 "invalid_request",
                 f"vector: has {len(vector)} dimensions; index {self.name!r} holds {self.dimension}",
             )
-        hits = await asyncio.to_thread(  # a server round trip, or an exact scan: not on the loop
-            self.store.search, vector, request.get("top_k", 10), flt, request.get("score_threshold")
-        )
+        args = (vector, request.get("top_k", 10), flt, request.get("score_threshold"))
+        if self.store.blocking_io:  # a server round trip: the loop serves others meanwhile
+            hits = await asyncio.to_thread(self.store.search, *args)
+        else:  # an Edge call holds the GIL throughout: a thread would free nothing
+            hits = self.store.search(*args)
         return {
             "hits": [
                 {
@@ -328,14 +330,23 @@ class IndexServer:
 
 
 async def _sliced(embedder: Any, rows: list[list[int]]) -> list[Any]:
-    """Vectors for `rows` in slices, at most EMBED_IN_FLIGHT calls at a time, in order."""
+    """Vectors for `rows` in slices, at most EMBED_IN_FLIGHT calls at a time, in order.
+
+    The first failed slice cancels the others (queued or in flight): the request fails
+    anyway, and the model should not keep embedding for nobody.
+    """
     gate = asyncio.Semaphore(EMBED_IN_FLIGHT)
 
     async def one(start: int) -> Any:
         async with gate:
             return await embedder.embed_tokens.remote(rows[start : start + EMBED_SLICE])
 
-    return list(await asyncio.gather(*(one(i) for i in range(0, len(rows), EMBED_SLICE))))
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(one(i)) for i in range(0, len(rows), EMBED_SLICE)]
+    except BaseExceptionGroup as failed:
+        raise failed.exceptions[0] from None
+    return [task.result() for task in tasks]
 
 
 def _take_shard_lock(home: Path, collection: str) -> IO[str]:

@@ -46,7 +46,7 @@ from dify_serving.knowledge.filters import (
     payload_key,
     point_id,
 )
-from dify_serving.specs import DifyIndexSpec, Quantization, is_name
+from dify_serving.specs import DifyIndexSpec, Quantization, is_name, store_address
 
 if TYPE_CHECKING:
     from dify_serving.knowledge.edge import EdgeStore
@@ -97,6 +97,10 @@ class VectorStore(Protocol):
     name: str
     allowed_fields: frozenset[str]
     """Fields a search filter may name: the point fields and the spec's filterable ones."""
+    blocking_io: bool
+    """Whether a call waits on I/O with the GIL released (a server): then a thread lets
+    the event loop serve others meanwhile; an in-process engine holding the GIL gains
+    nothing from one."""
 
     @property
     def dimension(self) -> int | None: ...
@@ -131,6 +135,8 @@ class VectorStore(Protocol):
 
 class _Store:
     """What both backends share; they supply the engine calls (`_upsert`, `_query`, …)."""
+
+    blocking_io = False
 
     def __init__(self, name: str, spec: DifyIndexSpec) -> None:
         self.name = name
@@ -354,7 +360,8 @@ def open_store(
     """The store an index's spec asks for.
 
     `store.type: qdrant` uses `store.url`; an embedded index uses the `qdrant_url` setting
-    when one is given, else a Qdrant Edge shard under `home/indexes/<collection>`.
+    when one is given, else a Qdrant Edge shard under `home/indexes/<collection>`
+    (`specs.store_address`, which the collection clash check and reclaim follow too).
     `client` injects a ready `QdrantClient` (tests: local mode).
     """
     from dify_serving.knowledge.edge import EdgeStore
@@ -363,7 +370,7 @@ def open_store(
     collection = spec.store.collection or index_name
     if not is_name(collection):  # it becomes a folder name: never `..` or a path
         raise ValueError(f"collection {collection[:80]!r} is not a lower-case RFC 1123 name")
-    url = spec.store.url if spec.store.type == "qdrant" else qdrant_url
+    url = store_address(spec, qdrant_url)
     if client is None and url:
         from qdrant_client import QdrantClient
 

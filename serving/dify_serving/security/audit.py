@@ -125,6 +125,7 @@ __all__ = [
     "CheckpointPlaces",
     "Head",
     "VerifyReport",
+    "home_chain",
 ]
 
 log = logging.getLogger(__name__)
@@ -251,14 +252,10 @@ class AuditLog:
         configmap: str | None = None,
         **kw: Any,
     ) -> AuditLog:
-        """The shared database when configured, else `home/audit.db`; the home's key and
-        checkpoint places (its file, Redis when given, the ConfigMap in a cluster)."""
-        return cls(
-            database_url(home, configured, "audit"),
-            key=audit_key(home, key_pepper(home)),
-            checkpoints=CheckpointPlaces.detect(home, redis_url, configmap),
-            **kw,
-        )
+        """The shared database when configured, else `home/audit.db`; the home's chain
+        key and checkpoint places (`home_chain`)."""
+        key, checkpoints = home_chain(home, redis_url=redis_url, configmap=configmap)
+        return cls(database_url(home, configured, "audit"), key=key, checkpoints=checkpoints, **kw)
 
     @property
     def dropped(self) -> int:
@@ -535,6 +532,20 @@ class AuditLog:
                 conn.execution_options(isolation_level="REPEATABLE READ")
             with conn.begin():
                 yield conn
+
+
+def home_chain(
+    home: Path,
+    *,
+    pepper: bytes | None = None,
+    redis_url: str | None = None,
+    configmap: str | None = None,
+) -> tuple[bytes, CheckpointPlaces]:
+    """The chain's HMAC key (its own secret, else derived from the pepper) and the places
+    its head is checkpointed (the home's file, Redis when given, the ConfigMap in a
+    cluster): the same for the gateway's writer and the CLI that verifies."""
+    key = audit_key(home, pepper if pepper is not None else key_pepper(home))
+    return key, CheckpointPlaces.detect(home, redis_url, configmap)
 
 
 def encode_cursor(seq: int) -> str:

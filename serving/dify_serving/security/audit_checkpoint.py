@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -38,15 +37,15 @@ import redis
 
 from dify_serving.security.audit_chain import Checkpoint
 from dify_serving.security.secrets import write_private
+from dify_serving.specs import is_name
+from dify_serving.store.kubernetes import KubernetesUnavailable, cluster_access
 
 FILE_NAME = "audit-checkpoint.json"
 REDIS_PREFIX = "dm:audit:checkpoint:"
 CONFIGMAP = "dify-mirror-audit-checkpoint"
 CONFIGMAP_KEY = "checkpoint"
 CONFIGMAP_VARIABLE = "DIFY_MIRROR_AUDIT_CONFIGMAP"
-_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 TIMEOUT_S = 2.0
-SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 
 #: Gets the current checkpoint (None: none yet), returns the next (None: leave it).
 Step = Callable[[Checkpoint | None], Checkpoint | None]
@@ -145,19 +144,13 @@ class ConfigMapCheckpoint:
     def __init__(
         self, api: str, namespace: str, name: str = CONFIGMAP, token: str | None = None
     ) -> None:
-        for what, value in (("namespace", namespace), ("ConfigMap name", name)):
-            if not _DNS_LABEL.fullmatch(value):
-                raise ValueError(f"the audit checkpoint's {what} must be a DNS label: {value!r}")
-        self.source = f"configmap {namespace}/{name}"
-        self.url = f"{api.rstrip('/')}/api/v1/namespaces/{namespace}/configmaps/{name}"
-        token = (
-            token or os.environ.get("DIFY_MIRROR_KUBE_TOKEN") or _read(SERVICE_ACCOUNT / "token")
-        )
-        ca = SERVICE_ACCOUNT / "ca.crt"
+        if not is_name(name):
+            raise ValueError(f"the audit checkpoint's ConfigMap name must be a DNS label: {name!r}")
+        access = cluster_access(api, token, namespace)  # the namespace is checked there
+        self.source = f"configmap {access.namespace}/{name}"
+        self.url = f"{access.api}/api/v1/namespaces/{access.namespace}/configmaps/{name}"
         self._client = httpx.Client(
-            timeout=TIMEOUT_S,
-            headers={"Authorization": f"Bearer {token}"} if token else {},
-            verify=str(ca) if ca.is_file() else True,
+            timeout=TIMEOUT_S, headers=access.headers(), verify=access.verify
         )
 
     def read(self) -> Checkpoint | None:
@@ -229,20 +222,14 @@ class CheckpointPlaces:
         places = cls(file=str(Path(home) / FILE_NAME), redis_url=redis_url)
         if not configmap:
             return places
-        host = os.environ.get("KUBERNETES_SERVICE_HOST")
-        port = os.environ.get("KUBERNETES_SERVICE_PORT", "443")
-        api = os.environ.get("DIFY_MIRROR_KUBE_API") or (f"https://{host}:{port}" if host else None)
-        if api is None:
+        try:
+            access = cluster_access()
+        except KubernetesUnavailable:
             raise ValueError(
                 f"{CONFIGMAP_VARIABLE} is set but no Kubernetes API is known "
                 "(not in a pod, and DIFY_MIRROR_KUBE_API is unset)"
-            )
-        namespace = (
-            os.environ.get("DIFY_MIRROR_NAMESPACE")
-            or _read(SERVICE_ACCOUNT / "namespace")
-            or "default"
-        )
-        return replace(places, configmap=configmap, kube_api=api, namespace=namespace)
+            ) from None
+        return replace(places, configmap=configmap, kube_api=access.api, namespace=access.namespace)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -282,10 +269,3 @@ def _parse(raw: str | bytes, source: str) -> Checkpoint:
         return Checkpoint.from_json(raw, source)
     except ValueError as err:
         raise CheckpointError(str(err)) from None
-
-
-def _read(path: Path) -> str | None:
-    try:
-        return path.read_text().strip()
-    except OSError:
-        return None

@@ -30,8 +30,13 @@ import threading
 from pathlib import Path
 from typing import IO, Any
 
-from dify_serving.security.audit import FIELDS, AuditEntry, AuditLog, CheckpointPlaces
-from dify_serving.security.secrets import audit_key, key_pepper
+from dify_serving.security.audit import (
+    FIELDS,
+    AuditEntry,
+    AuditLog,
+    CheckpointPlaces,
+    home_chain,
+)
 
 log = logging.getLogger("dify_serving.audit")
 
@@ -80,13 +85,9 @@ class AuditShipper:
         configmap: str | None = None,
         **options: Any,
     ) -> AuditShipper:
-        """The home's chain key and checkpoint places (file, Redis when given, ConfigMap)."""
-        return cls(
-            url,
-            key=audit_key(home, pepper if pepper is not None else key_pepper(home)),
-            checkpoints=CheckpointPlaces.detect(home, redis_url, configmap),
-            **options,
-        )
+        """The home's chain key and checkpoint places (`audit.home_chain`)."""
+        key, checkpoints = home_chain(home, pepper=pepper, redis_url=redis_url, configmap=configmap)
+        return cls(url, key=key, checkpoints=checkpoints, **options)
 
     def _spawn(self) -> None:
         """Start the writer; its secrets go through stdin, never argv."""

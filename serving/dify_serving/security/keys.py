@@ -52,10 +52,9 @@ from sqlalchemy.engine import Dialect
 
 from dify_serving.security.db import create_engine
 from dify_serving.security.network import parse_cidrs
-from dify_serving.security.secrets import write_private
+from dify_serving.security.secrets import KEY_SHAPE, KEY_SHAPE_TEXT, write_private
 from dify_serving.security.totp import new_secret as new_totp_secret
 from dify_serving.security.totp import provisioning_uri
-from dify_serving.settings import KEY_SHAPE, KEY_SHAPE_TEXT
 
 log = logging.getLogger(__name__)
 

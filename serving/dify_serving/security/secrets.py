@@ -19,14 +19,18 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import re
 import secrets
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dify_serving.settings import KEY_SHAPE, KEY_SHAPE_TEXT, SECRET_NAMES
-
 SECRETS_DIR = "secrets"
+#: Secrets a process may read: never in options, the Serve config, argv or logs.
+SECRET_NAMES = ("database_url", "redis_url", "key_pepper", "bootstrap_key", "audit_key")
+#: `dm_<12 lowercase letters or digits>_<secret>`: the shape of every API key.
+KEY_SHAPE = re.compile(r"dm_([a-z0-9]{12})_([A-Za-z0-9_-]{32,256})")
+KEY_SHAPE_TEXT = "dm_<12 lowercase letters or digits>_<32+ characters>"
 
 
 class SecretError(RuntimeError):
@@ -93,13 +97,25 @@ def write_secret(home: Path, name: str, value: str) -> Path:
 
 
 def key_pepper(home: Path) -> bytes:
-    """The pepper: configured, or generated once for this state folder."""
+    """The pepper: configured, or generated once for this state folder.
+
+    An empty one is refused, never used: HMACs keyed by nothing protect nothing, and a
+    pepper generated in its place would silently orphan every stored key.
+    """
     value = read_secret("key_pepper", home)
     if value:
         return value.encode()
+    if os.environ.get("DIFY_MIRROR_KEY_PEPPER_FILE"):
+        raise SecretError("DIFY_MIRROR_KEY_PEPPER_FILE names an empty file")
     path = secrets_dir(home) / "key_pepper"
     write_private(path, secrets.token_urlsafe(32) + "\n", replace=False)
-    return path.read_bytes().strip()
+    pepper = path.read_bytes().strip()
+    if not pepper:
+        raise SecretError(
+            f"the key pepper file {path} is empty: restore it from a backup (keys created "
+            "with the old pepper need it), or remove it to generate a new one"
+        )
+    return pepper
 
 
 def bootstrap_key(home: Path) -> str | None:

@@ -12,6 +12,14 @@ about 330,000 guesses on average. So wrong codes are counted per key in the same
 `LOCK_S` (every code refused, right or wrong, until then), which leaves an attacker who
 holds the key but not the authenticator about 480 guesses a day (Vault's TOTP MFA
 allows five attempts by default; pam_faillock locks accounts the same way).
+
+Guesses sent in parallel must not outrun the count: a guess reserves an attempt before
+its code is compared, in one atomic step that also refuses while the key is locked, so
+at most `MAX_WRONG_CODES` codes are ever being compared or counted in a window however
+many arrive at once. A right code gives its attempt back (using the second factor is
+not guessing); a wrong one keeps it and is counted, and the one that reaches the limit
+sets the lock in the same step. Claiming a counter refuses while the lock exists, so a
+right code that raced a locking burst is refused too.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import pyotp
 import redis
@@ -40,6 +48,8 @@ CLAIM_TTL_S = 3 * STEP_S
 MAX_WRONG_CODES = 5
 WRONG_CODES_WINDOW_S = 300
 LOCK_S = 900
+#: Retry-After while `MAX_WRONG_CODES` guesses are still being compared (not yet locked).
+BUSY_S = 1.0
 
 _CODE = re.compile(r"[0-9]{6}")
 
@@ -84,33 +94,78 @@ class OtpLocked(Exception):
 
 
 class ReplayStore(Protocol):
-    def claim(self, key_id: str, counter: int) -> bool:
-        """Atomically record `counter` for `key_id`; False if it or a later one was used."""
+    """Per key: used counters, attempts being compared, wrong codes and the lock.
+
+    Each method is one atomic step and raises `OtpLocked` while the key is locked.
+    """
+
+    def reserve(self, key_id: str, attempt: str) -> None:
+        """Take one of the key's `MAX_WRONG_CODES` attempts before a code is compared.
+
+        Raises OtpLocked while locked, or (for `BUSY_S`) while every attempt is taken.
+        """
         ...
 
-    def locked_for(self, key_id: str) -> float:
-        """Seconds the key's second factor stays locked (0: not locked)."""
+    def wrong(self, key_id: str, attempt: str) -> None:
+        """Count `attempt`'s code as wrong; raises OtpLocked (new) when it locks the key."""
         ...
 
-    def wrong(self, key_id: str) -> float:
-        """Count a wrong code; the lock's length when this one locked the key, else 0."""
+    def claim(self, key_id: str, counter: int, attempt: str) -> bool:
+        """Give `attempt` back and record `counter`; False if it or a later one was used."""
         ...
 
 
 class MemoryReplayStore:
-    """Last accepted counter per key, for one process (tests, single-replica edge setups)."""
+    """The same state for one process (tests, single-replica edge setups), under one lock."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._last: dict[str, tuple[int, float]] = {}
+        self._tries: dict[str, dict[str, float]] = {}  # key → attempt → when it was taken
         self._wrong: dict[str, list[float]] = {}  # key → times of recent wrong codes
         self._locked: dict[str, float] = {}  # key → time its lock ends
         self._lock = threading.Lock()
         self._prune_at = 1024
 
-    def claim(self, key_id: str, counter: int) -> bool:
+    def _refuse_if_locked(self, key_id: str, now: float) -> None:
+        left = self._locked.get(key_id, 0.0) - now
+        if left > 0:
+            raise OtpLocked(left, new=False)
+
+    def reserve(self, key_id: str, attempt: str) -> None:
         now = self._clock()
         with self._lock:
+            self._refuse_if_locked(key_id, now)
+            since = now - WRONG_CODES_WINDOW_S
+            tries = {a: t for a, t in self._tries.get(key_id, {}).items() if t > since}
+            if len(tries) >= MAX_WRONG_CODES:
+                raise OtpLocked(BUSY_S, new=False)
+            tries[attempt] = now
+            self._tries[key_id] = tries
+
+    def wrong(self, key_id: str, attempt: str) -> None:
+        now = self._clock()
+        with self._lock:
+            self._refuse_if_locked(key_id, now)
+            recent = [t for t in self._wrong.get(key_id, []) if t > now - WRONG_CODES_WINDOW_S]
+            recent.append(now)
+            if len(recent) < MAX_WRONG_CODES:
+                self._wrong[key_id] = recent
+                return
+            self._wrong.pop(key_id, None)
+            self._tries.pop(key_id, None)
+            self._locked[key_id] = now + LOCK_S
+            if len(self._locked) > self._prune_at:
+                self._locked = {k: v for k, v in self._locked.items() if v > now}
+            raise OtpLocked(float(LOCK_S), new=True)
+
+    def claim(self, key_id: str, counter: int, attempt: str) -> bool:
+        now = self._clock()
+        with self._lock:
+            tries = self._tries.get(key_id)
+            if tries is not None:
+                tries.pop(attempt, None)
+            self._refuse_if_locked(key_id, now)
             last = self._last.get(key_id)
             if last is not None and last[1] > now and counter <= last[0]:
                 return False
@@ -120,79 +175,93 @@ class MemoryReplayStore:
                 self._prune_at = max(1024, 2 * len(self._last))
             return True
 
-    def locked_for(self, key_id: str) -> float:
-        with self._lock:
-            return max(0.0, self._locked.get(key_id, 0.0) - self._clock())
 
-    def wrong(self, key_id: str) -> float:
-        now = self._clock()
-        with self._lock:
-            recent = [t for t in self._wrong.get(key_id, []) if t > now - WRONG_CODES_WINDOW_S]
-            recent.append(now)
-            if len(recent) < MAX_WRONG_CODES:
-                self._wrong[key_id] = recent
-                return 0.0
-            self._wrong.pop(key_id, None)
-            self._locked[key_id] = now + LOCK_S
-            if len(self._locked) > self._prune_at:
-                self._locked = {k: v for k, v in self._locked.items() if v > now}
-            return float(LOCK_S)
-
-
-_CLAIM_LUA = """
-local last = tonumber(redis.call('GET', KEYS[2]))
-if last and tonumber(ARGV[1]) <= last then return 0 end
-if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[2]) then return 0 end
-redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2])
-return 1
+# Each script is one step of ReplayStore; the lock's PTTL (ms) is returned while it exists.
+# KEYS: attempts (sorted set), lock. ARGV: max, window s, attempt. -1: every attempt taken.
+_RESERVE_LUA = """
+local left = redis.call('PTTL', KEYS[2])
+if left > 0 then return left end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return -1 end
+redis.call('ZADD', KEYS[1], now, ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return 0
 """
 
-# KEYS: the key's wrong-code times (sorted set), its lock. ARGV: max, window s, lock s, id.
+# KEYS: wrong-code times (sorted set), lock, attempts. ARGV: max, window s, lock s, attempt.
+# Returns {lock ms left, 1 when this code set the lock}.
 _WRONG_LUA = """
+local left = redis.call('PTTL', KEYS[2])
+if left > 0 then return {left, 0} end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))
 redis.call('ZADD', KEYS[1], now, ARGV[4])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
-if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[1]) then return 0 end
-redis.call('DEL', KEYS[1])
+if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[1]) then return {0, 0} end
+redis.call('DEL', KEYS[1], KEYS[3])
 redis.call('SET', KEYS[2], '1', 'EX', ARGV[3])
-return tonumber(ARGV[3])
+return {tonumber(ARGV[3]) * 1000, 1}
+"""
+
+# KEYS: the counter, the last counter, lock, attempts. ARGV: counter, ttl s, attempt.
+# Returns {1 accepted / 0 used before, lock ms left}.
+_CLAIM_LUA = """
+redis.call('ZREM', KEYS[4], ARGV[3])
+local left = redis.call('PTTL', KEYS[3])
+if left > 0 then return {0, left} end
+local last = tonumber(redis.call('GET', KEYS[2]))
+if last and tonumber(ARGV[1]) <= last then return {0, 0} end
+if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[2]) then return {0, 0} end
+redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2])
+return {1, 0}
 """
 
 
 class RedisReplayStore:
-    """Claims shared by every replica: `SET NX EX` on the counter plus the last counter."""
+    """The same state shared by every replica: one Lua script per step."""
 
     def __init__(
         self, redis_url: str, prefix: str = "dify-mirror:", timeout_s: float = 0.2
     ) -> None:
         self.prefix = prefix
         self._redis = quick_redis(redis_url, timeout_s)
-        self._script = self._redis.register_script(_CLAIM_LUA)
+        self._reserve_script = self._redis.register_script(_RESERVE_LUA)
         self._wrong_script = self._redis.register_script(_WRONG_LUA)
+        self._claim_script = self._redis.register_script(_CLAIM_LUA)
 
-    def claim(self, key_id: str, counter: int) -> bool:
-        keys = [f"{self.prefix}otp:{key_id}:{counter}", f"{self.prefix}otp:{key_id}:last"]
+    def _run(self, script: Any, keys: list[str], args: list[Any]) -> Any:
         try:
-            return bool(self._script(keys=keys, args=[counter, CLAIM_TTL_S]))
+            return script(keys=keys, args=args)
         except redis.RedisError as exc:
-            raise OtpUnavailable(f"OTP replay store unreachable: {exc}") from exc
+            raise OtpUnavailable("the second factor's store is unreachable") from exc
 
-    def locked_for(self, key_id: str) -> float:
-        try:
-            left_ms = int(self._redis.pttl(f"{self.prefix}otp:{key_id}:lock"))
-        except redis.RedisError as exc:
-            raise OtpUnavailable(f"OTP replay store unreachable: {exc}") from exc
-        return max(0.0, left_ms / 1000)
+    def reserve(self, key_id: str, attempt: str) -> None:
+        base = f"{self.prefix}otp:{key_id}"
+        args = [MAX_WRONG_CODES, WRONG_CODES_WINDOW_S, attempt]
+        left = int(self._run(self._reserve_script, [f"{base}:tries", f"{base}:lock"], args))
+        if left > 0:
+            raise OtpLocked(left / 1000, new=False)
+        if left == -1:
+            raise OtpLocked(BUSY_S, new=False)
 
-    def wrong(self, key_id: str) -> float:
-        keys = [f"{self.prefix}otp:{key_id}:wrong", f"{self.prefix}otp:{key_id}:lock"]
-        args: list[int | str] = [MAX_WRONG_CODES, WRONG_CODES_WINDOW_S, LOCK_S, uuid.uuid4().hex]
-        try:
-            return float(self._wrong_script(keys=keys, args=args))
-        except redis.RedisError as exc:
-            raise OtpUnavailable(f"OTP replay store unreachable: {exc}") from exc
+    def wrong(self, key_id: str, attempt: str) -> None:
+        base = f"{self.prefix}otp:{key_id}"
+        keys = [f"{base}:wrong", f"{base}:lock", f"{base}:tries"]
+        args = [MAX_WRONG_CODES, WRONG_CODES_WINDOW_S, LOCK_S, attempt]
+        left, new = self._run(self._wrong_script, keys, args)
+        if int(left) > 0:
+            raise OtpLocked(int(left) / 1000, new=bool(new))
+
+    def claim(self, key_id: str, counter: int, attempt: str) -> bool:
+        base = f"{self.prefix}otp:{key_id}"
+        keys = [f"{base}:{counter}", f"{base}:last", f"{base}:lock", f"{base}:tries"]
+        accepted, left = self._run(self._claim_script, keys, [counter, CLAIM_TTL_S, attempt])
+        if int(left) > 0:
+            raise OtpLocked(int(left) / 1000, new=False)
+        return bool(accepted)
 
     def close(self) -> None:
         self._redis.close()
@@ -220,18 +289,16 @@ class OtpGuard:
     def check(self, key_id: str, secret: str, code: str) -> bool:
         """True once per valid code; False for a wrong, stale or replayed code.
 
-        Raises OtpLocked while the key is locked, and for the wrong code that locks it.
+        Raises OtpLocked while the key is locked (or its attempts are all being
+        compared), and for the wrong code that locks it.
         """
-        left = self.store.locked_for(key_id)
-        if left > 0:
-            raise OtpLocked(left, new=False)
+        attempt = uuid.uuid4().hex
+        self.store.reserve(key_id, attempt)
         counter = verify(secret, code, now=self._clock(), window=self.window)
         if counter is None:
-            locked = self.store.wrong(key_id)
-            if locked > 0:
-                raise OtpLocked(locked, new=True)
+            self.store.wrong(key_id, attempt)
             return False
-        return self.store.claim(key_id, counter)
+        return self.store.claim(key_id, counter, attempt)
 
     async def acheck(self, key_id: str, secret: str, code: str) -> bool:
         """`check` off the event loop (the Redis store does blocking I/O)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,58 @@ class InvalidName(ValueError):
     """A name that must not become part of a Kubernetes API path."""
 
 
+@dataclass(frozen=True)
+class ClusterAccess:
+    """How this process reaches its Kubernetes API server."""
+
+    api: str
+    namespace: str
+    token: str | None = field(default=None, repr=False)
+    verify: str | bool = True
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+
+def cluster_access(
+    api: str | None = None,
+    token: str | None = None,
+    namespace: str | None = None,
+    verify: str | bool | None = None,
+) -> ClusterAccess:
+    """The API server, token, namespace and CA of this pod (what is not given).
+
+    In a pod: `KUBERNETES_SERVICE_*` and the mounted service account; elsewhere (tests,
+    tools) `DIFY_MIRROR_KUBE_API`, `DIFY_MIRROR_KUBE_TOKEN` and `DIFY_MIRROR_NAMESPACE`.
+    The namespace becomes part of API paths, so it must be an RFC 1123 label (else
+    InvalidName). Raises KubernetesUnavailable when no API server is known.
+    """
+    host = os.environ.get("KUBERNETES_SERVICE_HOST")
+    port = os.environ.get("KUBERNETES_SERVICE_PORT", "443")
+    found = (
+        api or os.environ.get("DIFY_MIRROR_KUBE_API") or (f"https://{host}:{port}" if host else "")
+    ).rstrip("/")
+    if not found:
+        raise KubernetesUnavailable(
+            "no Kubernetes API: not in a pod, and DIFY_MIRROR_KUBE_API is unset"
+        )
+    namespace = (
+        namespace
+        or os.environ.get("DIFY_MIRROR_NAMESPACE")
+        or _read(SERVICE_ACCOUNT / "namespace")
+        or "default"
+    )
+    if not is_name(namespace):
+        raise InvalidName(
+            f"the namespace {namespace[:80]!r} is not a lower-case RFC 1123 name (a DNS label)"
+        )
+    token = token or os.environ.get("DIFY_MIRROR_KUBE_TOKEN") or _read(SERVICE_ACCOUNT / "token")
+    if verify is None:
+        ca = SERVICE_ACCOUNT / "ca.crt"
+        verify = str(ca) if ca.is_file() else True
+    return ClusterAccess(found, namespace, token, verify)
+
+
 class KubernetesModelStore:
     def __init__(
         self,
@@ -37,34 +90,9 @@ class KubernetesModelStore:
         verify: str | bool | None = None,
         cache_s: float = 2.0,
     ) -> None:
-        host, port = (
-            os.environ.get("KUBERNETES_SERVICE_HOST"),
-            os.environ.get("KUBERNETES_SERVICE_PORT", "443"),
-        )
-        self.api = (
-            api
-            or os.environ.get("DIFY_MIRROR_KUBE_API")
-            or (f"https://{host}:{port}" if host else "")
-        ).rstrip("/")
-        if not self.api:
-            raise KubernetesUnavailable("no Kubernetes API: not in a cluster and no KUBE_API")
-        token = (
-            token or os.environ.get("DIFY_MIRROR_KUBE_TOKEN") or _read(SERVICE_ACCOUNT / "token")
-        )
-        self.namespace = (
-            namespace
-            or os.environ.get("DIFY_MIRROR_NAMESPACE")
-            or _read(SERVICE_ACCOUNT / "namespace")
-            or "default"
-        )
-        if not is_name(self.namespace):
-            raise KubernetesUnavailable("the namespace is not a lower-case RFC 1123 name")
-        ca = SERVICE_ACCOUNT / "ca.crt"
-        self._client = httpx.AsyncClient(
-            timeout=10,
-            headers={"Authorization": f"Bearer {token}"} if token else {},
-            verify=verify if verify is not None else (str(ca) if ca.is_file() else True),
-        )
+        access = cluster_access(api, token, namespace, verify)
+        self.api, self.namespace = access.api, access.namespace
+        self._client = httpx.AsyncClient(timeout=10, headers=access.headers(), verify=access.verify)
         self.cache_s = cache_s
         self._cache: dict[str, DifyModel] = {}
         self._indexes: dict[str, DifyIndex] = {}
@@ -131,9 +159,11 @@ class KubernetesModelStore:
 
     async def delete(self, name: str) -> bool:
         """Delete the object; False when it did not exist (or cannot, by its name)."""
-        if not is_name(name):
+        try:
+            url = self._object(name)
+        except InvalidName:
             return False
-        response = await self._call("DELETE", self._object(name))
+        response = await self._call("DELETE", url)
         if response.status_code == 404:
             return False
         if response.status_code >= 300:

@@ -7,7 +7,6 @@ own replica does the work, so one index's load never blocks another's.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -21,7 +20,13 @@ from pydantic import ValidationError
 
 from dify_serving.gateway import access, dataplane, retrieval
 from dify_serving.gateway.errors import ApiError, describe_validation, request_id
-from dify_serving.gateway.limits import check_call_size, utf8_size
+from dify_serving.gateway.limits import (
+    call_budget,
+    check_call_bytes,
+    check_call_size,
+    json_size,
+    utf8_size,
+)
 from dify_serving.gateway.notes import TEXT_CHARS, note, note_text
 from dify_serving.gateway.routers.models import StateDep
 from dify_serving.gateway.schemas import (
@@ -34,7 +39,7 @@ from dify_serving.gateway.schemas import (
     UpsertRequest,
 )
 from dify_serving.gateway.state import GatewayState
-from dify_serving.specs import Cleaning, Task
+from dify_serving.specs import Cleaning, DifyIndex, Task
 
 router = APIRouter(prefix="/v1", tags=["data"])
 
@@ -78,7 +83,13 @@ async def embed(body: EmbedRequest, state: StateDep) -> dict[str, Any]:
     }
 
 
-def _check_documents(body: UpsertRequest, limit: int, most: int) -> None:
+def _check_documents(body: UpsertRequest, limit: int, most: int, body_bytes: int | None) -> None:
+    """Counts, sizes and ids of an upsert's documents, each text measured once.
+
+    What the call to the index carries is bounded by the request body itself (its JSON
+    holds every text, id and metadata at least as long), so the call's budget is summed
+    only when the body is larger than the budget, or of unknown length (chunked).
+    """
     if not body.documents:
         raise ApiError(422, "documents: give at least one document")
     if len(body.documents) > most:
@@ -88,7 +99,10 @@ def _check_documents(body: UpsertRequest, limit: int, most: int) -> None:
             "(DIFY_MIRROR_MAX_DOCUMENTS). Use bulk ingestion (POST /v1/data/ingest, coming "
             "with async tasks) or split the request",
         )
+    budget = call_budget()
+    measure = budget is not None and (body_bytes is None or body_bytes > budget)
     seen: set[str] = set()
+    total = 0
     for position, doc in enumerate(body.documents):
         size = utf8_size(doc.text)
         if size > limit:
@@ -96,29 +110,30 @@ def _check_documents(body: UpsertRequest, limit: int, most: int) -> None:
                 413,
                 f"documents.{position} ({doc.id!r}) is {size} bytes; the limit is {limit} bytes",
             )
-        if not doc.text.strip():
+        if not doc.text or doc.text.isspace():
             raise ApiError(422, f"documents.{position}.text ({doc.id!r}): must not be empty")
         if doc.id in seen:
             raise ApiError(422, f"documents.{position}.id: {doc.id!r} appears twice")
         seen.add(doc.id)
-    check_call_size(
-        "documents",
-        (part for doc in body.documents for part in (doc.text, doc.id, _metadata_json(doc))),
-        f"index {body.index!r}",
-    )
+        if measure:
+            total += size + utf8_size(doc.id) + (json_size(doc.metadata) if doc.metadata else 0)
+    if measure and budget is not None:
+        check_call_bytes("documents", total, f"index {body.index!r}", budget)
 
 
-def _metadata_json(doc: Document) -> str:
-    return json.dumps(doc.metadata, ensure_ascii=False) if doc.metadata else ""
+def _documents_text(documents: list[Document]) -> str:
+    return "\n\n".join(f"[{d.id}] {d.text[:TEXT_CHARS]}" for d in documents)
 
 
 @router.post("/data/upsert", summary="Clean, chunk, embed and store documents (replace by id)")
-async def upsert(body: UpsertRequest, state: StateDep) -> dict[str, Any]:
+async def upsert(body: UpsertRequest, request: Request, state: StateDep) -> dict[str, Any]:
     state.index(body.index)
     limits = state.options.limits
-    _check_documents(body, limits.max_document_bytes, limits.max_documents)
+    length = request.headers.get("content-length", "")
+    body_bytes = int(length) if length.isdigit() else None
+    _check_documents(body, limits.max_document_bytes, limits.max_documents, body_bytes)
     docs = [doc.model_dump() for doc in body.documents]
-    note_text("\n\n".join(f"[{d.id}] {d.text[:TEXT_CHARS]}" for d in body.documents))
+    note_text(lambda: _documents_text(body.documents))
     result: dict[str, Any] = await state.call_index(body.index, "upsert", docs)
     return result
 
@@ -149,9 +164,14 @@ async def delete(body: DeleteRequest, state: StateDep) -> dict[str, Any]:
             raise ApiError(422, "document_ids: give at least one id")
         targets = [state.index(body.index).name]
     else:
-        # every index this key may write (admin: all of them), and the receipt says which
-        targets = [body.index] if body.index else access.visible_indexes(sorted(state.indexes()))
-        targets = [n for n in targets if not _never_stored(state, n)]
+        # the named index (403 unless the key may write it), or every index this key may
+        # write (admin: all of them); the receipt says which
+        if body.index:
+            indexes = [state.index(body.index)]
+        else:
+            known = state.indexes()
+            indexes = [known[n] for n in access.visible_indexes(sorted(known))]
+        targets = [i.name for i in indexes if not _never_stored(state, i)]
     outcomes = await asyncio.gather(
         *(state.call_index(n, "delete", body.document_ids, body.subject_id) for n in targets),
         return_exceptions=True,
@@ -194,9 +214,9 @@ async def delete(body: DeleteRequest, state: StateDep) -> dict[str, Any]:
     }
 
 
-def _never_stored(state: GatewayState, name: str) -> bool:
+def _never_stored(state: GatewayState, index: DifyIndex) -> bool:
     """An index that never ran here has nothing to erase (its shard was never created)."""
-    index = state.index(name)
+    name = index.name
     if state.options.control != "local" or index.spec.store.type != "embedded":
         return False
     if state.store.load()[1].qdrant_url:  # "embedded" indexes then live on that server

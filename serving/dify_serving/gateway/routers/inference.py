@@ -57,6 +57,7 @@ async def inference(body: InferenceRequest, request: Request, state: StateDep) -
         raise ApiError(422, "input: required for this model", "invalid_request")
     batch = inputs if isinstance(inputs, list) else [inputs]
     if task == Task.FEATURE_EXTRACTION:
+        dataplane.check_text_chars("input", batch)
         result = await dataplane.embed(state, model, batch, body.truncate)
         vectors = result["vectors"].tolist()
         return InferenceResponse(

@@ -15,7 +15,13 @@ from dify_serving.gateway import access
 from dify_serving.gateway.errors import ApiError, describe_validation
 from dify_serving.gateway.schemas import LoadRequest, ModelCard, ModelList, UnloadRequest
 from dify_serving.gateway.state import GatewayState
-from dify_serving.specs import DifyModel, DifyModelSpec, ObjectMeta, name_from_model_id
+from dify_serving.specs import (
+    DifyModel,
+    DifyModelSpec,
+    ObjectMeta,
+    is_local_model_id,
+    name_from_model_id,
+)
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -81,7 +87,7 @@ def parse_load(body: dict[str, Any], roots: list[Path] | None = None) -> DifyMod
     name = body.pop("name", None)
     try:
         spec = DifyModelSpec.model_validate(body)
-        if roots is not None and weights.is_local(spec.model_id):
+        if roots is not None and is_local_model_id(spec.model_id):
             weights.check_local(spec.model_id, roots, follow_links=False)
         name = name or name_from_model_id(spec.model_id)
         return DifyModel(metadata=ObjectMeta(name=name), spec=spec)
