@@ -82,29 +82,6 @@ def test_model_app_options_follow_the_spec() -> None:
     assert apps["model-fixed"]["deployments"][0]["num_replicas"] == 3
 
 
-def test_a_model_queue_is_bounded_by_serve_and_its_refusal_is_a_503() -> None:
-    """Serve admits max_concurrent_requests per replica, so the bound on what waits is
-    Serve's own `max_queued_requests` (an engine never sees a queue); past it the handle
-    raises BackPressureError, which the gateway answers as 503 overloaded + Retry-After."""
-    from ray.serve.exceptions import BackPressureError
-    from ray.serve.schema import ServeDeploySchema
-
-    from dify_serving.gateway.transport import transport_failure
-    from dify_serving.render import QUEUED_PER_SLOT
-
-    state = parse_documents([_model("m", batching={"maxConcurrentRequests": 8})])
-    config = render_serve_config(state, ServeOptions())
-    deployment = {a["name"]: a for a in config["applications"]}["model-m"]["deployments"][0]
-    assert deployment["max_ongoing_requests"] == 8
-    assert deployment["max_queued_requests"] == QUEUED_PER_SLOT * 8
-    parsed = ServeDeploySchema.parse_obj(config)  # Ray's own schema takes the field
-    model_app = next(a for a in parsed.applications if a.name == "model-m")
-    assert model_app.deployments[0].max_queued_requests == QUEUED_PER_SLOT * 8
-    error = transport_failure(BackPressureError(32, 32), "model", "m")
-    assert (error.status, error.code, error.headers) == (503, "overloaded", {"Retry-After": "1"})
-    assert "backpressure" not in error.message and "num_queued" not in error.message
-
-
 def test_gateway_options_reach_the_gateway_app() -> None:
     opts = ServeOptions(gateway=GatewayOptions(modules=["inference"], default_model="x"))
     gateway = render_serve_config(parse_documents([]), opts)["applications"][0]

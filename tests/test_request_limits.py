@@ -514,3 +514,53 @@ def test_clean_takes_no_more_than_one_document(tmp_path: Path) -> None:
         r = http.post("/v1/data/clean", json={"text": "é" * 501})
         _error(r, 413, "text", "1002 bytes", "1000")
         assert http.post("/v1/data/clean", json={"text": "é" * 500}).status_code == 200
+
+
+def test_calls_in_flight_to_a_model_are_bounded_with_retry_after(tmp_path: Path) -> None:
+    """Serve queues at the caller without end; the gateway refuses past its bound instead
+    (2 replicas × 2 slots × (1 + QUEUED_PER_SLOT) calls), and frees the slots after."""
+    from dify_serving.gateway import inflight
+
+    small = model_doc("small", "builtin:demo-llm", "text-generation", replicas=2)
+    small["spec"]["batching"] = {"maxConcurrentRequests": 2}
+    options = GatewayOptions(home=str(tmp_path), security=SecurityOptions(enabled=False))
+    state = GatewayState(options)
+    state.store.save(parse_documents([small]), ServeOptions(gateway=options))
+    bound = (1 + inflight.QUEUED_PER_SLOT) * 2 * 2
+
+    class Replica:  # stands in for a Serve handle: every call waits until released
+        def __init__(self) -> None:
+            self.release = asyncio.Event()
+            self.started = 0
+
+        def __getattr__(self, method: str) -> Any:
+            return self
+
+        def remote(self, *args: Any) -> Any:
+            self.started += 1
+            return self._answer()
+
+        async def _answer(self) -> str:
+            await self.release.wait()
+            return "done"
+
+    async def scenario() -> tuple[list[Any], int, str]:
+        replica = Replica()
+        state._handles["model-small"] = replica
+        calls = [asyncio.ensure_future(state.call("small", "generate", {})) for _ in range(bound)]
+        await asyncio.sleep(0)
+        with pytest.raises(ApiError) as refused:
+            await state.call("small", "generate", {})
+        error = refused.value
+        assert (error.status, error.code, error.headers) == (
+            503,
+            "overloaded",
+            {"Retry-After": "1"},
+        )
+        replica.release.set()
+        answers = await asyncio.gather(*calls)
+        again = await state.call("small", "generate", {})  # the slots are free again
+        return answers, replica.started, again
+
+    answers, started, again = asyncio.run(scenario())
+    assert answers == ["done"] * bound and started == bound + 1 and again == "done"

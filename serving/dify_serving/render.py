@@ -18,12 +18,8 @@ MODEL_APP_PREFIX = "model-"
 INDEX_APP_PREFIX = "index-"
 #: Seconds a replica waits for in-flight requests when its model is unloaded.
 GRACEFUL_SHUTDOWN_S = 3.0
-#: Requests that may wait at each caller (a gateway or index replica) per request a
-#: model replica admits (`max_concurrent_requests`); past it Serve refuses at once
-#: (BackPressureError, a 503 with Retry-After) instead of queueing without end. Serve
-#: admits no more than max_ongoing_requests per replica, so this is the only queue bound
-#: that takes effect.
-QUEUED_PER_SLOT = 4
+#: Requests one index replica runs at once (`max_ongoing_requests`).
+INDEX_MAX_ONGOING = 256
 
 
 def model_app_name(name: str) -> str:
@@ -62,7 +58,6 @@ def model_app(model: DifyModel, home: str, sources: ModelSourceOptions) -> dict[
     deployment: dict[str, Any] = {
         "name": "ModelServer",
         "max_ongoing_requests": spec.batching.max_concurrent_requests,
-        "max_queued_requests": QUEUED_PER_SLOT * spec.batching.max_concurrent_requests,
         "graceful_shutdown_timeout_s": GRACEFUL_SHUTDOWN_S,
         "graceful_shutdown_wait_loop_s": 0.5,
         "health_check_period_s": 5,
@@ -118,7 +113,7 @@ def index_app(
             {
                 "name": "IndexServer",
                 "num_replicas": 1,
-                "max_ongoing_requests": 256,
+                "max_ongoing_requests": INDEX_MAX_ONGOING,
                 "graceful_shutdown_timeout_s": GRACEFUL_SHUTDOWN_S,
                 "graceful_shutdown_wait_loop_s": 0.5,
                 "health_check_period_s": 5,

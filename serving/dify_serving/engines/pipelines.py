@@ -39,8 +39,8 @@ class PipelineEngine(Engine):
     def __init__(self, name: str, spec: DifyModelSpec, path: str) -> None:
         super().__init__(name, spec, path)
         self.task = Task(spec.task)
-        # Serve admits at most max_concurrent_requests calls per replica (the rest wait
-        # at the caller, `max_queued_requests`): this worker's queue is bounded by that.
+        # Serve admits at most max_concurrent_requests calls per replica (callers bound
+        # what waits, gateway/inflight.py): this worker's queue is bounded by that.
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"pipe-{name}")
         if self.task == Task.IMAGE_TO_TEXT:
             from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer

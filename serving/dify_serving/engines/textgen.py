@@ -171,8 +171,8 @@ class TextGenerationEngine(Engine):
     ) -> AsyncIterator[tuple[_Request, list[int], str | None]]:
         """Submit one request; yield (state, new tokens, finish reason or None).
 
-        Serve admits at most `max_concurrent_requests` calls per replica and queues the
-        rest at the caller (`max_queued_requests`, render): the engine needs no bound.
+        Serve admits at most `max_concurrent_requests` calls per replica and the rest wait
+        at the caller, which bounds them (gateway/inflight.py): the engine needs no bound.
         """
         prompt_ids = await inline_or_thread(_chars(request), self.encode, request)
         max_new = self._budget(

@@ -24,6 +24,7 @@ from dify_serving.engines.base import EngineError
 from dify_serving.gateway import access
 from dify_serving.gateway.cleaner import Cleaner
 from dify_serving.gateway.errors import ApiError
+from dify_serving.gateway.inflight import INDEX_BOUND, InFlight, model_bound
 from dify_serving.gateway.notes import note
 from dify_serving.gateway.transport import IdleWatch, replica_failure, transport_failure
 from dify_serving.manifests import DesiredState
@@ -56,6 +57,8 @@ class GatewayState:
         self.coalescers: dict[str, Any] = {}  # model → EmbedCoalescer (dataplane)
         self.cleaner = Cleaner()  # /v1/data/clean, off the event loop
         self._handles: dict[str, Any] = {}
+        self._in_flight = InFlight()  # calls per app, bounded (gateway/inflight.py)
+        self._bounds: dict[str, int] = {}  # app key → bound, until the specs may change
         self._streams: dict[str, set[Any]] = defaultdict(set)  # in-flight stream responses
         self._unloaded: set[Any] = set()  # streams cancelled because their model went
         self._refresher: asyncio.Task[None] | None = None
@@ -192,6 +195,7 @@ class GatewayState:
 
             self.cluster_gpus = float(ray.cluster_resources().get("GPU", 0))
         models = self.models()
+        self._bounds = {}  # the specs may have changed: bounds are worked out again
         self.statuses = {
             name: model_status(name, m.spec, apps, self.cluster_gpus) for name, m in models.items()
         }
@@ -243,10 +247,22 @@ class GatewayState:
             self._handles[app] = handle
         return handle
 
+    def _take(self, name: str, kind: str) -> str:
+        """Count a call to `name` against its bound (503 overloaded past it); its key."""
+        key = f"{kind}/{name}"
+        bound = self._bounds.get(key)
+        if bound is None:
+            model = self.models().get(name) if kind == "model" else None
+            bound = self._bounds[key] = model_bound(model.spec) if model else INDEX_BOUND
+        self._in_flight.take(key, bound)
+        return key
+
     async def call(self, name: str, method: str, *args: Any, kind: str = "model") -> Any:
-        """Call a replica; bounded in time (a deleted app's handle can otherwise hang)."""
+        """Call a replica; bounded in time (a deleted app's handle can otherwise hang)
+        and in number (`inflight.py`)."""
         self.require_serving(name, kind)
         note(**{kind: name})
+        key = self._take(name, kind)
         try:
             return await asyncio.wait_for(
                 getattr(self.handle(name, kind), method).remote(*args),
@@ -265,9 +281,11 @@ class GatewayState:
             raise
         except Exception as exc:  # replica gone (unloaded, crashed), Serve down, too large
             error = transport_failure(exc, kind, name)
-            if error.code == f"{kind}_unavailable":  # a full queue keeps its handle (count)
+            if error.code == f"{kind}_unavailable":
                 self._forget(name, kind)
             raise error from None
+        finally:
+            self._in_flight.give_back(key)
 
     async def info(self, name: str, kind: str = "model") -> dict[str, Any]:
         """The replica's `info()` when it is serving, else {} (never an error, ≤ 5 s)."""
@@ -285,13 +303,19 @@ class GatewayState:
 
     def _forget(self, name: str, kind: str) -> None:
         self._handles.pop(model_app_name(name) if kind == "model" else index_app_name(name), None)
+        self._bounds.pop(f"{kind}/{name}", None)
 
     async def stream(self, name: str, method: str, *args: Any) -> AsyncIterator[dict[str, Any]]:
         """Stream from a replica; ends with an EngineError if the model is unloaded, or
         sends nothing for `limits.stream_idle_timeout_s` (the replica call is cancelled)."""
         self.require_serving(name)
         note(model=name)
-        response = getattr(self.handle(name).options(stream=True), method).remote(*args)
+        key = self._take(name, "model")
+        try:
+            response = getattr(self.handle(name).options(stream=True), method).remote(*args)
+        except BaseException:
+            self._in_flight.give_back(key)
+            raise
         self._streams[name].add(response)
         loop = asyncio.get_running_loop()
         watch = IdleWatch(loop, self.options.limits.stream_idle_timeout_s, response)
@@ -316,6 +340,7 @@ class GatewayState:
                 self._forget(name, "model")
             raise EngineError(error.status, error.code, error.message) from None
         finally:
+            self._in_flight.give_back(key)
             watch.stop()
             self._streams[name].discard(response)
             self._unloaded.discard(response)

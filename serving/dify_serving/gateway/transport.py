@@ -4,9 +4,7 @@ Clients get documented codes, never a transport's own text (`AioRpcError`, Ray e
 reprs, tracebacks: they name internal addresses and say nothing a client can act on);
 the details go to the gateway's log. A message over gRPC's limit between deployments
 (RESOURCE_EXHAUSTED) is the one transport failure a client can fix, so it is a 413 that
-names the limit; a full queue at this caller (Serve's BackPressureError, past the
-model's `max_queued_requests`) is a 503 "overloaded"; every other one is a 503 "<kind>
-unavailable"; both 503s carry Retry-After.
+names the limit; every other one is a 503 "<kind> unavailable" with Retry-After.
 """
 
 from __future__ import annotations
@@ -16,7 +14,6 @@ import logging
 from typing import Any
 
 from ray.exceptions import RayTaskError
-from ray.serve.exceptions import BackPressureError
 
 from dify_serving.engines.base import EngineError
 from dify_serving.gateway.errors import ApiError
@@ -56,14 +53,6 @@ def transport_failure(exc: BaseException, kind: str, name: str) -> ApiError:
     Never the transport's own text (`AioRpcError`, Ray exception reprs): it names
     internal addresses and says nothing a client can act on.
     """
-    if isinstance(exc, BackPressureError):
-        log.info("%s %s: %s", kind, name, exc)
-        return ApiError(
-            503,
-            f"{kind} {name!r} has as many requests waiting as it queues; retry shortly",
-            "overloaded",
-            headers={"Retry-After": "1"},
-        )
     if _too_large_for_transport(exc):
         limit = replica_message_bytes() or GRPC_DEFAULT_BYTES
         log.warning("%s %s: message over the transport limit: %s", kind, name, _first_line(exc))

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import IO, Any
 
 from ray import serve
-from ray.serve.exceptions import BackPressureError
 
 from dify_serving.engines.base import EngineError, inline_or_thread
 from dify_serving.knowledge.chunking import Chunker
@@ -132,10 +131,6 @@ class IndexServer:
                 parts = [await embedder.embed_tokens.remote(rows)] if rows else []
             else:
                 parts = await _sliced(embedder, rows)
-        except BackPressureError:  # the model's queue at this caller is full: busy, not down
-            raise EngineError(
-                503, "overloaded", f"embedding model {self.model_name!r} is busy; retry shortly"
-            ) from None
         except Exception as exc:
             self._embedder = None
             cause = getattr(exc, "cause", None)
