@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -564,3 +565,34 @@ def test_calls_in_flight_to_a_model_are_bounded_with_retry_after(tmp_path: Path)
 
     answers, started, again = asyncio.run(scenario())
     assert answers == ["done"] * bound and started == bound + 1 and again == "done"
+
+
+def test_the_cleaning_process_leaves_with_the_gateway(tmp_path: Path) -> None:
+    """A replica is killed rather than closed: its cleaning child must not outlive it."""
+    script = (
+        "import asyncio, os\n"
+        "from dify_serving.gateway.cleaner import Cleaner\n"
+        "from dify_serving.specs import Cleaning\n"
+        "cleaner = Cleaner()\n"
+        "asyncio.run(cleaner.clean('<p>x</p>' * 40000, Cleaning()))\n"
+        "print(list(cleaner._pool._processes)[0], flush=True)\n"
+        "os._exit(0)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    child = int(out.stdout.strip().splitlines()[-1])
+
+    def gone() -> bool:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+    deadline = time.monotonic() + 10
+    while not gone() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if not gone():
+        os.kill(child, 9)
+        pytest.fail("the cleaning process outlived its gateway")

@@ -5,8 +5,9 @@ text of a parsed tree and frees the tree in single C calls that hold the GIL for
 ms each (3 MB, measured here), and the event loop waits for the GIL like any thread, so
 every other request on the replica would wait too. Texts over `PROCESS_CHARS` are
 cleaned in a child process instead (spawned on first use, then reused), at the cost of
-copying the text there and back (a few milliseconds per megabyte). The index replicas
-clean in a thread: they serve no latency-sensitive routes of their own.
+copying the text there and back (a few milliseconds per megabyte). The child exits
+when the gateway does, however the gateway ends (a replica is often killed, not closed).
+The index replicas clean in a thread: they serve no latency-sensitive routes of their own.
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import os
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
@@ -49,7 +53,12 @@ class Cleaner:
         self._waiting += 1
         if self._pool is None:  # spawn: a fork of a threaded server may inherit held locks
             context = multiprocessing.get_context("spawn")
-            self._pool = ProcessPoolExecutor(max_workers=1, mp_context=context)
+            self._pool = ProcessPoolExecutor(
+                max_workers=1,
+                mp_context=context,
+                initializer=_exit_with_parent,
+                initargs=(os.getpid(),),
+            )
         pool = self._pool
         try:
             loop = asyncio.get_running_loop()
@@ -71,3 +80,14 @@ class Cleaner:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
+
+
+def _exit_with_parent(parent: int) -> None:
+    """In the child: leave as soon as the gateway process is gone (checked every second)."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
