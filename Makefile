@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install run test lint crds bench clean
+.PHONY: install run test test-unit test-services test-stack test-operator lint crds bench clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -26,6 +26,14 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# One group of tests/ each (see tests/conftest.py); test-unit needs nothing running and
+# spreads over two processes (CPU-bound: in-process gateways, CLI subprocesses).
+test-unit: $(STAMP)
+	$(PY) -m pytest tests/unit -m unit -n 2
+
+test-services test-stack test-operator: test-%: $(STAMP)
+	$(PY) -m pytest tests/$* -m $*
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check serving operator tests bench e2e

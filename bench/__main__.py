@@ -204,21 +204,7 @@ def main(argv: list[str]) -> int:
     load.HEADERS["Authorization"] = f"Bearer {key}"
     home = Path(tempfile.mkdtemp(prefix="dify-bench-"))
     settings = Settings(home=home, port=free_port(), ray_num_cpus=4, ray_dashboard_port=free_port())
-    docs = [
-        model_doc(
-            "demo-llm",
-            "builtin:demo-llm",
-            "text-generation",
-            generation={"maxNewTokens": MAX_NEW, "temperature": 0},
-            batching={"maxConcurrentRequests": 128},
-        ),
-        model_doc(
-            "minilm",
-            "sentence-transformers/all-MiniLM-L6-v2",
-            "feature-extraction",
-            batching={"maxBatchSize": 32, "batchWaitTimeoutMs": 10, "maxConcurrentRequests": 128},
-        ),
-    ]
+    docs = bench_models()
     vectors = None
     if "knowledge" in sections:
         vectors = knowledge.corpus_vectors()
@@ -251,6 +237,25 @@ def main(argv: list[str]) -> int:
         stack.stop()
     write_report(rows)
     return 0
+
+
+def bench_models() -> list[dict]:
+    """demo-llm and MiniLM as every HTTP figure serves them."""
+    return [
+        model_doc(
+            "demo-llm",
+            "builtin:demo-llm",
+            "text-generation",
+            generation={"maxNewTokens": MAX_NEW, "temperature": 0},
+            batching={"maxConcurrentRequests": 128},
+        ),
+        model_doc(
+            "minilm",
+            "sentence-transformers/all-MiniLM-L6-v2",
+            "feature-extraction",
+            batching={"maxBatchSize": 32, "batchWaitTimeoutMs": 10, "maxConcurrentRequests": 128},
+        ),
+    ]
 
 
 def generation_rows(base: str, llm_path: str) -> list[tuple[str, str, str, str]]:

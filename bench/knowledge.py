@@ -106,11 +106,12 @@ def index_doc(name: str, **spec: Any) -> dict[str, Any]:
 
 def build_shard(home: Path, doc: dict[str, Any], vectors: np.ndarray) -> float:
     """Write the corpus into the index's embedded shard with the platform's store code."""
-    from dify_serving.knowledge.stores import ChunkPoint, open_store, point_id
+    from dify_serving.knowledge.backends import open_backend
+    from dify_serving.knowledge.points import ChunkPoint, point_id
     from dify_serving.specs import DifyIndexSpec
 
     index, spec = doc["metadata"]["name"], DifyIndexSpec.model_validate(doc["spec"])
-    store = open_store(index, spec, home)
+    store = open_backend(index, spec, home)
     store.ensure(vectors.shape[1])
     t0 = time.perf_counter()
     for start in range(0, len(vectors), 100 * CHUNKS_PER_DOC):

@@ -1,7 +1,7 @@
 """
 A Kubernetes API for tests: kmock's emulator made realistic enough for kopf.
 
-Pieces (all importable; the pytest fixtures are at the bottom):
+Pieces (all importable; the `kube` fixture is in tests/operator/conftest.py):
 
 * ``RealisticEmulator`` -- kmock.KubernetesEmulator + what kopf>=1.44 needs:
   metadata.resourceVersion bumped on every write, generation/uid/
@@ -12,6 +12,8 @@ Pieces (all importable; the pytest fixtures are at the bottom):
 * ``KubeClient`` -- tiny aiohttp client (create/get/patch/delete/list/wait_for).
 * ``OperatorThread`` -- runs ``kopf.operator(...)`` in its own thread & event loop,
   logging in via ``@kopf.on.login``; ``await op.stop()`` stops it cleanly.
+* ``start_operator()`` -- ``dify_operator`` itself (the global registry) in such a
+  thread; ``model()``, ``index()`` and ``condition()`` write and read its resources.
 
 Why a thread per operator (and not an asyncio task in the test's loop):
 ``kopf.operator()`` -> ``run_tasks()`` cancels *every task created in the loop
@@ -33,7 +35,7 @@ import secrets
 import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import attrs
@@ -44,6 +46,9 @@ import kopf
 import yaml
 from kmock._internal import dicts as kmock_dicts
 from kmock._internal import parsing as kmock_parsing
+
+if TYPE_CHECKING:
+    from dify_operator.settings import OperatorSettings
 
 CRD_DIR = pathlib.Path(__file__).resolve().parents[1] / "crds"
 CRD_FILES = [CRD_DIR / "difymodels.yaml", CRD_DIR / "difyindexes.yaml"]
@@ -592,3 +597,82 @@ class OperatorThread:
         self.thread = None
         if self.exception is not None:
             raise self.exception
+
+
+# --------------------------------------------------------------------------------------
+# The dify operator against the emulator, and its resources
+# --------------------------------------------------------------------------------------
+
+
+#: The namespace the resources below are created in.
+NS = "default"
+
+
+def model(name: str, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "difymirror.dev/v1alpha1",
+        "kind": "DifyModel",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {"modelId": "builtin:demo-llm", **spec},
+    }
+
+
+def index(name: str, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "difymirror.dev/v1alpha1",
+        "kind": "DifyIndex",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": spec,
+    }
+
+
+def condition(obj: dict[str, Any] | None, kind: str) -> dict[str, Any]:
+    for c in (obj or {}).get("status", {}).get("conditions", []):
+        if c["type"] == kind:
+            return dict(c)
+    return {}
+
+
+class Operator:
+    """Runs `dify_operator` (the global kopf registry) in a thread, against one emulator."""
+
+    url: str | None = None
+    _login_added = False
+
+    @classmethod
+    def ensure_login(cls) -> None:
+        if cls._login_added:
+            return
+
+        @kopf.on.login()
+        def login_to_emulator(**_: Any) -> kopf.ConnectionInfo:
+            assert cls.url is not None
+            return kopf.ConnectionInfo(server=cls.url, insecure=True, scheme="Bearer", token="t")
+
+        cls._login_added = True
+
+
+async def start_operator(
+    url: str, config: OperatorSettings, peering: tuple[str, str, int] | None = None
+) -> OperatorThread:
+    """`dify_operator` on the global registry, with `config` as its memo; standalone, or
+    one of several peers with `peering`."""
+    from dify_operator import handlers  # noqa: F401  (registers the handlers)
+
+    Operator.ensure_login()
+    Operator.url = url
+    op = OperatorThread.__new__(OperatorThread)
+    op.registry = kopf.get_default_registry()
+    op.settings = make_settings()
+    op.operator_kwargs = {"clusterwide": True, "standalone": True, "memo": kopf.Memo(config=config)}
+    if peering:
+        name, identity, priority = peering
+        op.operator_kwargs |= {
+            "standalone": False,
+            "peering_name": name,
+            "identity": identity,
+            "priority": priority,
+        }
+    op.stop_flag, op.ready_flag = threading.Event(), threading.Event()
+    op.exception, op.thread = None, None
+    return await op.start()

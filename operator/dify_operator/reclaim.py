@@ -1,8 +1,8 @@
 """Reclaim an index's vectors when it is deleted with `reclaimPolicy: Delete`.
 
 The vectors are where the index replica opened them (`specs.store_address`, the rule
-`open_store` follows): a collection of a Qdrant server, its own `store.url` or the
-deployment's `DIFY_MIRROR_QDRANT_URL`, else a shard folder under `home/indexes`. The
+`open_backend` follows): a collection of a Qdrant server, its own `store.url` or the
+deployment's `DIFY_MIRROR_QDRANT_URL`, else a shard folder (`layout.index_shard_dir`). The
 collection name becomes a folder or a segment of a Qdrant URL, so it is checked again
 here, whatever validated it before: a name that is not an RFC 1123 label, or a folder
 that would not sit directly under `home/indexes`, is refused for good rather than removed.
@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 import httpx
 import kopf
 
+from dify_serving.layout import index_shard_dir, index_shards_root
 from dify_serving.specs import DifyIndexSpec, is_name, qdrant_server, store_address
 
 
@@ -33,8 +34,8 @@ def reclaim_index(
     url = store_address(spec, qdrant_url)
     if url is not None or spec.store.type == "qdrant":
         return _drop_collection(url or "", collection)
-    root = Path(os.path.abspath(Path(home) / "indexes"))
-    shard = Path(os.path.normpath(root / collection))
+    root = Path(os.path.abspath(index_shards_root(home)))
+    shard = Path(os.path.abspath(index_shard_dir(home, collection)))
     if shard.parent != root:
         raise kopf.PermanentError(f"not reclaimed: {collection!r} is not a folder of {root}")
     if shard.is_symlink():  # the link goes, never what it points to

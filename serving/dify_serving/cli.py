@@ -11,8 +11,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from dify_serving import security_cli
 from dify_serving.manifests import ManifestError, check_collections, load_file
-from dify_serving.security import cli as security_cli
 from dify_serving.settings import Settings
 
 
@@ -59,9 +59,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
+    from dify_serving.catalog.files import LocalStateStore
     from dify_serving.control import RayDashboard
     from dify_serving.render import render_serve_config
-    from dify_serving.store import LocalStateStore
 
     settings = Settings()
     incoming = load_file(args.file)
@@ -89,9 +89,9 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from dify_serving.catalog.files import LocalStateStore
     from dify_serving.control import RayDashboard
     from dify_serving.status import index_status, model_status
-    from dify_serving.store import LocalStateStore
 
     store = LocalStateStore(Settings().state_dir)
     state, options = store.load()

@@ -8,13 +8,22 @@ uses) and `GET` for status. Ray ≥ 2.59 turns token auth on; the token goes in 
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import httpx
 
-from dify_serving.settings import ray_auth_token
-
 _PATH = "/api/serve/applications/"
+
+
+def ray_auth_token() -> str | None:
+    """The Ray auth token: `RAY_AUTH_TOKEN`, else the file Ray writes on first start."""
+    token = os.environ.get("RAY_AUTH_TOKEN")
+    if token:
+        return token.strip()
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
+    return path.read_text().strip() if path.is_file() else None
 
 
 class RayUnavailable(RuntimeError):

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dify_serving.catalog.files import LocalStateStore
 from dify_serving.control import RayDashboard
 from dify_serving.manifests import DesiredState, check_collections
 from dify_serving.options import ServeOptions
@@ -21,7 +22,6 @@ from dify_serving.security.secrets import SECRET_NAMES
 from dify_serving.settings import Settings
 from dify_serving.specs import Phase
 from dify_serving.status import index_status, model_status
-from dify_serving.store import LocalStateStore
 
 #: Largest message between deployments on the local stack (Ray Serve's own default: 4 MiB).
 TRANSPORT_BYTES = 64 * 1024 * 1024
@@ -156,7 +156,7 @@ def _gateway_phase(status: str | None) -> str:
 
 
 def _token() -> str | None:
-    from dify_serving.settings import ray_auth_token
+    from dify_serving.control import ray_auth_token
 
     token = ray_auth_token()
     if token:

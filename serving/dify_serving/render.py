@@ -100,7 +100,7 @@ def index_app(
     return {
         "name": index_app_name(index.name),
         "route_prefix": None,
-        "import_path": "dify_serving.knowledge.server:build_index_app",
+        "import_path": "dify_serving.knowledge.deployment:build_index_app",
         "args": {
             "name": index.name,
             "spec": index.spec.wire(),

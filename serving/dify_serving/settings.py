@@ -13,7 +13,6 @@ Secret), or `$DIFY_MIRROR_HOME/secrets/<name>` (mode 0600), see `security/secret
 
 from __future__ import annotations
 
-import os
 from copy import copy
 from pathlib import Path
 from typing import Annotated, Any
@@ -250,12 +249,3 @@ class Settings(BaseSettings):
     @property
     def state_dir(self) -> Path:
         return self.home.resolve()
-
-
-def ray_auth_token() -> str | None:
-    """The Ray auth token: `RAY_AUTH_TOKEN`, else the file Ray writes on first start."""
-    token = os.environ.get("RAY_AUTH_TOKEN")
-    if token:
-        return token.strip()
-    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
-    return path.read_text().strip() if path.is_file() else None

@@ -422,7 +422,7 @@ def store_address(spec: DifyIndexSpec, qdrant_url: str | None = None) -> str | N
     """The Qdrant server URL an index opens, or None for a shard on the replica's disk.
 
     `store.type: qdrant` uses its `store.url`; an embedded index goes to the `qdrant_url`
-    setting (`DIFY_MIRROR_QDRANT_URL`) when one is set. `open_store`, the collection clash
+    setting (`DIFY_MIRROR_QDRANT_URL`) when one is set. `open_backend`, the collection clash
     check and reclaim all follow this one rule.
     """
     if spec.store.type == "qdrant":

@@ -1,9 +1,5 @@
-"""Engines: one interface, one implementation per task.
+"""Engines: typed capability contracts (`protocol`), one engine per task (`registry`).
 
 `load_engine(spec, home)` picks the engine by `spec.task`. Each engine owns its model and
-exposes async methods the Serve replica calls; none of them know about HTTP.
+implements the Protocols of its capabilities; none of them know about HTTP or Ray.
 """
-
-from dify_serving.engines.base import Engine, EngineError, InputTooLong, load_engine
-
-__all__ = ["Engine", "EngineError", "InputTooLong", "load_engine"]

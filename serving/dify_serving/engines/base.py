@@ -1,4 +1,8 @@
-"""The engine interface and what every engine shares (device, dtype, threads, info)."""
+"""What every engine shares: device and precision checks, pinned threads, `info()`.
+
+An engine subclasses `Engine` and implements the Protocols of its capabilities
+(`protocol.py`); `registry.py` says which engine serves which task.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +10,10 @@ import asyncio
 import os
 import resource
 from abc import ABC
-from collections.abc import AsyncIterator, Callable
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any, TypeVar
 
-from dify_serving.options import ModelSourceOptions
+from dify_serving.engines.protocol import EngineError
 from dify_serving.specs import DifyModelSpec, Task
 
 #: Characters of text tokenized (or cleaned) on the event loop; more go to a thread. A
@@ -26,28 +29,6 @@ async def inline_or_thread(chars: int, work: Callable[..., _T], *args: Any) -> _
     if chars <= INLINE_CHARS:
         return work(*args)
     return await asyncio.to_thread(work, *args)
-
-
-class EngineError(Exception):
-    """A request or model the engine refuses; carries the HTTP status and error code.
-
-    Only plain arguments, so Ray can carry it from a replica to the gateway.
-    """
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(status, code, message)
-        self.status = status
-        self.code = code
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
-
-
-class InputTooLong(EngineError):
-    def __init__(self, message: str) -> None:
-        super().__init__(413, "input_too_long", message)
-        self.args = (message,)
 
 
 def _torch_setup(spec: DifyModelSpec) -> tuple[str, Any]:
@@ -68,7 +49,7 @@ def _torch_setup(spec: DifyModelSpec) -> tuple[str, Any]:
 
 
 class Engine(ABC):
-    """A loaded model. Subclasses implement the methods of their task."""
+    """A loaded model. Subclasses implement the capability Protocols of their task."""
 
     task: Task
 
@@ -106,25 +87,6 @@ class Engine(ABC):
             info["gpus"] = _gpu_info()
         return info
 
-    # Task methods; an engine implements those of its task.
-    async def generate(self, request: dict[str, Any]) -> dict[str, Any]:
-        raise EngineError(400, "unsupported_task", f"{self.name} does not generate text")
-
-    def generate_stream(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        raise EngineError(400, "unsupported_task", f"{self.name} does not generate text")
-
-    async def embed(self, texts: list[str], truncate: bool = False) -> dict[str, Any]:
-        raise EngineError(400, "unsupported_task", f"{self.name} is not an embedding model")
-
-    async def embed_each(self, requests: list[tuple[list[str], bool]]) -> list[dict[str, Any]]:
-        raise EngineError(400, "unsupported_task", f"{self.name} is not an embedding model")
-
-    async def embed_tokens(self, rows: list[list[int]]) -> Any:
-        raise EngineError(400, "unsupported_task", f"{self.name} is not an embedding model")
-
-    async def predict(self, inputs: list[Any], options: dict[str, Any]) -> list[Any]:
-        raise EngineError(400, "unsupported_task", f"{self.name} does not classify")
-
 
 def _rss_bytes() -> int:
     try:
@@ -152,23 +114,3 @@ def _gpu_info() -> list[dict[str, Any]]:
             entry["utilization_percent"] = None
         out.append(entry)
     return out
-
-
-def load_engine(
-    name: str, spec: DifyModelSpec, home: Path, sources: ModelSourceOptions | None = None
-) -> Engine:
-    """Resolve the weights (under the allowed roots) and build the engine for `spec.task`."""
-    from dify_serving.engines import weights
-
-    path = weights.resolve(spec.model_id, home, sources, spec.revision)
-    if spec.task == Task.TEXT_GENERATION:
-        from dify_serving.engines.textgen import TextGenerationEngine
-
-        return TextGenerationEngine(name, spec, path)
-    if spec.task == Task.FEATURE_EXTRACTION:
-        from dify_serving.engines.embeddings import EmbeddingEngine
-
-        return EmbeddingEngine(name, spec, path)
-    from dify_serving.engines.pipelines import PipelineEngine
-
-    return PipelineEngine(name, spec, path)

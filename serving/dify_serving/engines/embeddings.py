@@ -23,7 +23,13 @@ from typing import Any
 
 import numpy as np
 
-from dify_serving.engines.base import Engine, EngineError, InputTooLong, inline_or_thread
+from dify_serving.engines.base import Engine, inline_or_thread
+from dify_serving.engines.protocol import (
+    Embeddings,
+    EmbedRequest,
+    EngineError,
+    InputTooLong,
+)
 from dify_serving.specs import DifyModelSpec, Task
 
 # Padded tokens (rows x longest row) one batch may hold, per row of max_batch_size:
@@ -116,42 +122,38 @@ class EmbeddingEngine(Engine):
                 ids[position] = row[: self.max_tokens - 1] + row[-1:]
         return ids
 
-    async def embed(self, texts: list[str], truncate: bool = False) -> dict[str, Any]:
+    async def embed(self, texts: list[str], truncate: bool = False) -> Embeddings:
         ids = await inline_or_thread(sum(map(len, texts)), self.tokenize, texts, truncate)
         tokens = sum(map(len, ids))
-        vectors = await self._vectors(ids, tokens)
-        return {"vectors": vectors, "prompt_tokens": tokens}
+        return Embeddings(await self._vectors(ids, tokens), tokens)
 
-    async def embed_each(self, requests: list[tuple[Any, ...]]) -> list[dict[str, Any]]:
-        """Several requests' texts in one call (the gateway coalesces); errors stay per request.
-
-        Each request is (texts, truncate) or (texts, truncate, offset): a slice of a larger
-        request, whose positions in error messages start at `offset`.
-        """
-        chars = sum(len(t) for texts, *_ in requests for t in texts)
-        out, rows = await inline_or_thread(chars, self._tokenize_each, requests)
-        vectors = await self._vectors(rows, sum(r.get("prompt_tokens", 0) for r in out))
-        for result in out:
-            if "span" in result:
-                start, end = result.pop("span")
-                result["vectors"] = vectors[start:end]
-        return out
+    async def embed_each(self, requests: list[EmbedRequest]) -> list[Embeddings | EngineError]:
+        """Several requests' texts in one call (the gateway coalesces); an over-long input
+        fails only its own request (positions in its message start at its `offset`)."""
+        chars = sum(len(t) for request in requests for t in request.texts)
+        spans, rows = await inline_or_thread(chars, self._tokenize_each, requests)
+        tokens = sum(span[2] for span in spans if isinstance(span, tuple))
+        vectors = await self._vectors(rows, tokens)
+        return [
+            Embeddings(vectors[span[0] : span[1]], span[2]) if isinstance(span, tuple) else span
+            for span in spans
+        ]
 
     def _tokenize_each(
-        self, requests: list[tuple[Any, ...]]
-    ) -> tuple[list[dict[str, Any]], list[list[int]]]:
-        out: list[dict[str, Any]] = []
+        self, requests: list[EmbedRequest]
+    ) -> tuple[list[tuple[int, int, int] | EngineError], list[list[int]]]:
+        """Per request (first row, end row, tokens) or its error; all requests' rows."""
+        spans: list[tuple[int, int, int] | EngineError] = []
         rows: list[list[int]] = []
-        for texts, truncate, *rest in requests:
+        for request in requests:
             try:
-                ids = self.tokenize(texts, truncate, rest[0] if rest else 0)
+                ids = self.tokenize(request.texts, request.truncate, request.offset)
             except InputTooLong as exc:
-                out.append({"error": (exc.status, exc.code, exc.message)})
+                spans.append(exc)
                 continue
-            span = (len(rows), len(rows) + len(ids))
-            out.append({"span": span, "prompt_tokens": sum(len(row) for row in ids)})
+            spans.append((len(rows), len(rows) + len(ids), sum(map(len, ids))))
             rows += ids
-        return out, rows
+        return spans, rows
 
     async def embed_tokens(self, rows: list[list[int]]) -> np.ndarray:
         """Vectors for token rows the caller cut (an index's chunker): no second tokenize."""

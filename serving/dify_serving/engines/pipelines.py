@@ -14,7 +14,8 @@ import io
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from dify_serving.engines.base import Engine, EngineError
+from dify_serving.engines.base import Engine
+from dify_serving.engines.protocol import EngineError, PredictionRequest
 from dify_serving.specs import DifyModelSpec, Task
 
 
@@ -63,34 +64,35 @@ class PipelineEngine(Engine):
             )
             self.model = self.pipe.model
 
-    async def predict(self, inputs: list[Any], options: dict[str, Any]) -> list[Any]:
+    async def predict(self, request: PredictionRequest) -> list[Any]:
         """Runs on the engine's worker thread, image decoding included (not on the loop)."""
+        inputs = request.inputs
         if not inputs:
             raise EngineError(422, "invalid_input", "input must not be empty")
         if self.task == Task.TEXT_CLASSIFICATION:
             if not all(isinstance(i, str) and i for i in inputs):
                 raise EngineError(422, "invalid_input", "text-classification takes strings")
-            work = lambda: self._classify_text(inputs, options)  # noqa: E731
+            work = lambda: self._classify_text(inputs, request)  # noqa: E731
         elif self.task == Task.IMAGE_CLASSIFICATION:
-            work = lambda: self._classify_images(_images(inputs), options)  # noqa: E731
+            work = lambda: self._classify_images(_images(inputs), request)  # noqa: E731
         else:
-            work = lambda: self._caption(_images(inputs), options)  # noqa: E731
+            work = lambda: self._caption(_images(inputs), request)  # noqa: E731
         return await asyncio.get_running_loop().run_in_executor(self._pool, work)
 
-    def _classify_text(self, texts: list[str], options: dict[str, Any]) -> list[Any]:
-        top_k = options.get("top_k") or 1
+    def _classify_text(self, texts: list[str], request: PredictionRequest) -> list[Any]:
+        top_k = request.top_k or 1
         out = self.pipe(texts, top_k=top_k, truncation=True)
         return [row if isinstance(row, list) else [row] for row in out]
 
-    def _classify_images(self, images: list[Any], options: dict[str, Any]) -> list[Any]:
-        top_k = options.get("top_k") or 5
+    def _classify_images(self, images: list[Any], request: PredictionRequest) -> list[Any]:
+        top_k = request.top_k or 5
         out = self.pipe(images, top_k=top_k)
         return [row if isinstance(row, list) else [row] for row in out]
 
-    def _caption(self, images: list[Any], options: dict[str, Any]) -> list[Any]:
+    def _caption(self, images: list[Any], request: PredictionRequest) -> list[Any]:
         import torch
 
-        max_new = min(int(options.get("max_tokens") or 32), self.spec.generation.max_new_tokens)
+        max_new = min(int(request.max_tokens or 32), self.spec.generation.max_new_tokens)
         pixels = self.processor(images=images, return_tensors="pt").pixel_values
         with torch.inference_mode():
             ids = self.model.generate(

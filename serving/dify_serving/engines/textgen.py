@@ -19,10 +19,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from dify_serving.engines import sampling
-from dify_serving.engines.base import Engine, EngineError, InputTooLong, inline_or_thread
+from dify_serving.engines.base import Engine, inline_or_thread
+from dify_serving.engines.protocol import (
+    EngineError,
+    Generation,
+    GenerationDelta,
+    GenerationRequest,
+    InputTooLong,
+)
 from dify_serving.specs import DifyModelSpec, Task
 
-log = logging.getLogger("dify_serving.textgen")
+log = logging.getLogger(__name__)
 
 PAGE_SIZE = 64
 
@@ -93,7 +100,7 @@ class TextGenerationEngine(Engine):
     async def start(self) -> None:
         self.manager.warmup()  # builds the cache here, so errors surface at load time
         self.manager.start()
-        async for _ in self.generate_stream({"prompt": "warm up", "max_tokens": 4}):
+        async for _ in self.generate_stream(GenerationRequest(prompt="warm up", max_tokens=4)):
             pass
 
     async def stop(self, reason: str) -> None:
@@ -110,8 +117,8 @@ class TextGenerationEngine(Engine):
         }
 
     # requests --------------------------------------------------------------------------
-    def encode(self, request: dict[str, Any]) -> list[int]:
-        messages = request.get("messages")
+    def encode(self, request: GenerationRequest) -> list[int]:
+        messages = request.messages
         if messages:
             if self.tokenizer.chat_template:
                 chat: Any = self.tokenizer.apply_chat_template(
@@ -120,7 +127,7 @@ class TextGenerationEngine(Engine):
                 return [int(i) for i in chat]
             text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
         else:
-            text = request.get("prompt") or ""
+            text = request.prompt or ""
         if not text:
             raise EngineError(422, "invalid_request", "prompt: must not be empty")
         ids: list[int] = self.tokenizer(text, add_special_tokens=True)["input_ids"]
@@ -135,50 +142,41 @@ class TextGenerationEngine(Engine):
             )
         return min(max_tokens, room)
 
-    async def generate(self, request: dict[str, Any]) -> dict[str, Any]:
+    async def generate(self, request: GenerationRequest) -> Generation:
         """The whole answer: one output from the manager, decoded once."""
         tokens: list[int] = []
         prompt_tokens, finish = 0, None
         async for state, new_tokens, last in self._tokens(request, streaming=False):
             tokens.extend(new_tokens)
             prompt_tokens, finish = state.prompt_tokens, last
-        return {
-            "text": str(self.tokenizer.decode(tokens, skip_special_tokens=True)),
-            "finish_reason": finish,
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": len(tokens),
-        }
+        text = str(self.tokenizer.decode(tokens, skip_special_tokens=True))
+        return Generation(text, finish, prompt_tokens, len(tokens))
 
-    async def generate_stream(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """Yields {"delta"} items; the last one also has finish_reason and token counts."""
+    async def generate_stream(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
+        """Yields deltas of text; the last one also has finish_reason and token counts."""
         text, tokens = "", list[int]()
         async for state, new_tokens, finish in self._tokens(request, streaming=True):
             tokens.extend(new_tokens)
             decoded = str(self.tokenizer.decode(tokens, skip_special_tokens=True))
             delta, text = decoded[len(text) :], decoded
             if finish:
-                yield {
-                    "delta": delta,
-                    "finish_reason": finish,
-                    "prompt_tokens": state.prompt_tokens,
-                    "completion_tokens": len(tokens),
-                }
+                yield GenerationDelta(delta, finish, state.prompt_tokens, len(tokens))
             elif delta:
-                yield {"delta": delta}
+                yield GenerationDelta(delta)
 
     async def _tokens(
-        self, request: dict[str, Any], streaming: bool
+        self, request: GenerationRequest, streaming: bool
     ) -> AsyncIterator[tuple[_Request, list[int], str | None]]:
         """Submit one request; yield (state, new tokens, finish reason or None).
 
         Serve admits at most `max_concurrent_requests` calls per replica and the rest wait
         at the caller, which bounds them (gateway/inflight.py): the engine needs no bound.
         """
-        prompt_ids = await inline_or_thread(_chars(request), self.encode, request)
+        prompt_ids = await inline_or_thread(request.chars(), self.encode, request)
         max_new = self._budget(
-            prompt_ids, int(request.get("max_tokens") or self.spec.generation.max_new_tokens)
+            prompt_ids, int(request.max_tokens or self.spec.generation.max_new_tokens)
         )
-        seed = request.get("seed")
+        seed = request.seed
         request_id = uuid.uuid4().hex
         state = _Request(asyncio.Queue(), self.eos, len(prompt_ids))
         self._requests[request_id] = state
@@ -191,8 +189,8 @@ class TextGenerationEngine(Engine):
             max_new_tokens=max_new,
             streaming=streaming,
             eos_token_id=sorted(self.eos) or -1,
-            temperature=float(request.get("temperature") or 0.0),
-            top_p=float(request.get("top_p") or 1.0),
+            temperature=float(request.temperature or 0.0),
+            top_p=float(request.top_p or 1.0),
             top_k=0,
             seed=int(seed if seed is not None else secrets.randbits(62)),
         )
@@ -243,10 +241,3 @@ class TextGenerationEngine(Engine):
         router = self.manager.output_router
         with router._lock:  # a cancelled request never gets a final output
             router.result_handlers.pop(request_id, None)
-
-
-def _chars(request: dict[str, Any]) -> int:
-    messages = request.get("messages")
-    if messages:
-        return sum(len(str(m.get("content") or "")) for m in messages)
-    return len(request.get("prompt") or "")

@@ -4,9 +4,10 @@ The policy table (`policy.py`) decides per route before any work is done; some r
 depend on the body instead: a chat completion that names an `index` retrieves chunk
 text, so it needs `data:read` as `/v1/data/search` does, and a key confined to
 `support-*` may only name models and indexes that fit. The security middleware puts the
-admitted key in `KEY` (a context variable, like `notes.NOTES`, so the data plane checks
-it without threading the request through every call); the gateway state and the routers
-ask this module. With security off there is no key and everything is allowed.
+admitted key in the request's context (`notes.REQUEST`, a context variable, so the data
+plane checks it without threading the request through every call); the gateway state
+and the routers ask this module. With security off there is no key and everything is
+allowed.
 
 A refused resource is named in a 403 before its existence is looked up, so a confined
 key cannot probe which names exist outside its patterns (as Kubernetes RBAC answers
@@ -18,41 +19,39 @@ on the server.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from contextvars import ContextVar
 
 from dify_serving.gateway.errors import ApiError
-from dify_serving.gateway.notes import note
-from dify_serving.security.keys import ADMIN, KeyRecord, allows, matches
+from dify_serving.gateway.notes import REQUEST, note
+from dify_serving.security.grants import ADMIN, KeyRecord, allows, matches
 from dify_serving.specs import is_local_model_id
-
-KEY: ContextVar[KeyRecord | None] = ContextVar("dify_access_key", default=None)
 
 
 def current() -> KeyRecord | None:
     """The key of the request being served; None when security is off."""
-    return KEY.get()
+    request = REQUEST.get()
+    return None if request is None else request.key
 
 
 def is_admin() -> bool:
-    key = KEY.get()
+    key = current()
     return key is None or ADMIN in key.scopes
 
 
 def require_scope(scope: str) -> None:
     """403 naming `scope` unless the key holds it (the middleware's refusal, from a body)."""
-    key = KEY.get()
+    key = current()
     if key is not None and not allows(key, scope):
         note(detail=f"forbidden: lacks scope {scope}")
-        raise ApiError(403, f"key {key.id} lacks scope {scope} for this request", "forbidden")
+        raise ApiError(403, "forbidden", f"key {key.id} lacks scope {scope} for this request")
 
 
 def may_use_model(name: str) -> bool:
-    key = KEY.get()
+    key = current()
     return key is None or ADMIN in key.scopes or matches(key.models, name)
 
 
 def may_use_index(name: str) -> bool:
-    key = KEY.get()
+    key = current()
     return key is None or ADMIN in key.scopes or matches(key.indexes, name)
 
 
@@ -87,7 +86,7 @@ def without_path(text: str | None, model_id: str) -> str | None:
 
 
 def _refuse(kind: str, name: str) -> None:
-    key = KEY.get()
+    key = current()
     assert key is not None
     note(detail=f"forbidden: {kind} {name}")
-    raise ApiError(403, f"key {key.id} may not use {kind} {name[:80]!r}", "forbidden")
+    raise ApiError(403, "forbidden", f"key {key.id} may not use {kind} {name[:80]!r}")

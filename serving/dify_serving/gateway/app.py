@@ -15,7 +15,7 @@ from typing import Any
 from fastapi import FastAPI
 from ray import serve
 
-from dify_serving.gateway import errors, openapi, routers
+from dify_serving.gateway import errors, openapi, policy, routers
 from dify_serving.gateway.limits import BodyLimit
 from dify_serving.gateway.security import Guard, SecurityMiddleware
 from dify_serving.gateway.state import GatewayState
@@ -45,6 +45,7 @@ def create_app(state: GatewayState, secrets: Secrets | None = None) -> FastAPI:
     errors.install(app)
     routers.register(app, state.options.modules)
     openapi.serve_docs(app)
+    policy.install(app)  # refuses a /v1 route that declares no rule
     if security.enabled:
         openapi.declare_security(app)
     return app

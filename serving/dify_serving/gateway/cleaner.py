@@ -25,7 +25,7 @@ from dify_serving.gateway.errors import ApiError
 from dify_serving.knowledge.cleaning import clean_text
 from dify_serving.specs import Cleaning
 
-log = logging.getLogger("dify_serving.gateway")
+log = logging.getLogger(__name__)
 
 #: Characters cleaned in a thread; longer texts go to the child process.
 PROCESS_CHARS = 256 * 1024
@@ -46,8 +46,8 @@ class Cleaner:
         if self._waiting >= MAX_WAITING:
             raise ApiError(
                 503,
-                f"{self._waiting} large texts are being cleaned; retry shortly",
                 "overloaded",
+                f"{self._waiting} large texts are being cleaned; retry shortly",
                 headers={"Retry-After": "1"},
             )
         self._waiting += 1
@@ -69,8 +69,8 @@ class Cleaner:
                 self._pool = None
             raise ApiError(
                 503,
-                "the cleaning process stopped; retry shortly",
                 "cleaner_unavailable",
+                "the cleaning process stopped; retry shortly",
                 headers={"Retry-After": "1"},
             ) from None
         finally:

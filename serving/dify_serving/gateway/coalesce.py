@@ -26,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from dify_serving.engines.base import EngineError
+from dify_serving.engines.protocol import Embeddings, EmbedRequest
+from dify_serving.errors import DifyError
 from dify_serving.gateway.errors import ApiError
 from dify_serving.gateway.limits import GRPC_DEFAULT_BYTES, replica_message_bytes
 
@@ -49,7 +50,7 @@ class _Part:
         self, texts: list[str], truncate: bool, offset: int, chars: int, future: Any
     ) -> None:
         self.texts, self.truncate, self.offset, self.chars = texts, truncate, offset, chars
-        self.future: asyncio.Future[dict[str, Any]] = future
+        self.future: asyncio.Future[Embeddings] = future
 
 
 def call_budgets() -> tuple[int, int]:
@@ -61,7 +62,7 @@ def call_budgets() -> tuple[int, int]:
 
 class EmbedCoalescer:
     def __init__(self, call: Any, name: str = "") -> None:
-        self._call = call  # async (requests) -> list of results
+        self._call = call  # async (list[EmbedRequest]) -> list[Embeddings | EngineError]
         self._name = name
         self.reply_bytes, self.call_chars = call_budgets()  # per model, once per process
         self._pending: deque[_Part] = deque()
@@ -74,13 +75,13 @@ class EmbedCoalescer:
     def max_rows(self) -> int:
         return max(1, min(MAX_CALL_ROWS, self.reply_bytes // self.row_bytes))
 
-    async def embed(self, texts: list[str], truncate: bool) -> dict[str, Any]:
+    async def embed(self, texts: list[str], truncate: bool) -> Embeddings:
         if self._pending_rows + len(texts) > MAX_PENDING_ROWS:
             raise ApiError(
                 503,
+                "overloaded",
                 f"model {self._name!r} has {self._pending_rows} texts waiting to be embedded "
                 f"(at most {MAX_PENDING_ROWS}); retry shortly",
-                "overloaded",
                 headers={"Retry-After": "1"},
             )
         loop = asyncio.get_running_loop()
@@ -100,11 +101,10 @@ class EmbedCoalescer:
         for result in results:
             if isinstance(result, BaseException):
                 raise result
-        done: list[dict[str, Any]] = results  # type: ignore[assignment]
-        return {
-            "vectors": np.concatenate([r["vectors"] for r in done]),
-            "prompt_tokens": sum(r["prompt_tokens"] for r in done),
-        }
+        done: list[Embeddings] = results  # type: ignore[assignment]
+        return Embeddings(
+            np.concatenate([r.vectors for r in done]), sum(r.prompt_tokens for r in done)
+        )
 
     def _slices(self, texts: list[str]) -> list[tuple[list[str], int, int]]:
         """(texts, offset, characters) per call: within the row and character budgets."""
@@ -146,7 +146,9 @@ class EmbedCoalescer:
                 if not batch:
                     continue
                 try:
-                    results = await self._call([(p.texts, p.truncate, p.offset) for p in batch])
+                    results = await self._call(
+                        [EmbedRequest(p.texts, p.truncate, p.offset) for p in batch]
+                    )
                 except BaseException as exc:
                     for part in batch:
                         if not part.future.done():
@@ -157,11 +159,11 @@ class EmbedCoalescer:
                 for part, result in zip(batch, results, strict=True):
                     if part.future.done():
                         continue
-                    if "error" in result:
-                        part.future.set_exception(EngineError(*result["error"]))
+                    if isinstance(result, DifyError):
+                        part.future.set_exception(result)
                     else:
                         part.future.set_result(result)
-                        vectors = result["vectors"]
+                        vectors = result.vectors
                         if len(vectors):
                             self.row_bytes = vectors.shape[1] * vectors.itemsize
         finally:

@@ -18,10 +18,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from dify_serving.engines.base import EngineError
+from dify_serving.errors import DifyError
 from dify_serving.specs import NAME_PATTERN
 
-log = logging.getLogger("dify_serving.gateway")
+log = logging.getLogger(__name__)
 
 _STATUS_CODES = {
     400: "bad_request",
@@ -37,19 +37,8 @@ _STATUS_CODES = {
 }
 
 
-class ApiError(Exception):
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        code: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code or _STATUS_CODES.get(status, "error")
-        self.message = message
-        self.headers = headers
+class ApiError(DifyError):
+    """An error the gateway itself raises (the request, not a replica, is at fault)."""
 
 
 def request_id(request: Request) -> str:
@@ -148,14 +137,12 @@ class RequestIdMiddleware:
 def install(app: FastAPI) -> None:
     app.add_middleware(RequestIdMiddleware)
 
-    @app.exception_handler(ApiError)
-    async def _api(request: Request, exc: ApiError) -> JSONResponse:
-        return error_response(request, exc.status, exc.code, exc.message, exc.headers)
-
-    @app.exception_handler(EngineError)
-    async def _engine(request: Request, exc: EngineError) -> JSONResponse:
-        retry = {"Retry-After": "1"} if exc.status == 503 else None  # busy or restarting
-        return error_response(request, exc.status, exc.code, exc.message, retry)
+    @app.exception_handler(DifyError)
+    async def _dify(request: Request, exc: DifyError) -> JSONResponse:
+        headers = exc.headers
+        if headers is None and exc.status == 503:  # busy or restarting: worth a retry
+            headers = {"Retry-After": "1"}
+        return error_response(request, exc.status, exc.code, exc.message, headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -29,26 +29,26 @@ INDEX_BOUND = (1 + QUEUED_PER_SLOT) * INDEX_MAX_ONGOING  # one replica per index
 
 
 class InFlight:
-    """Counts calls per app key (`model/<name>`, `index/<name>`) against their bounds."""
+    """Counts calls per app of one kind (models or indexes) against their bounds."""
 
-    def __init__(self) -> None:
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
         self._held: dict[str, int] = {}
 
-    def take(self, key: str, bound: int) -> None:
-        held = self._held.get(key, 0)
+    def take(self, name: str, bound: int) -> None:
+        held = self._held.get(name, 0)
         if held >= bound:
-            kind, _, name = key.partition("/")
             raise ApiError(
                 503,
-                f"{kind} {name!r} has {held} requests in flight from this gateway (at most "
-                f"{bound}); retry shortly",
                 "overloaded",
+                f"{self.kind} {name!r} has {held} requests in flight from this gateway (at "
+                f"most {bound}); retry shortly",
                 headers={"Retry-After": "1"},
             )
-        self._held[key] = held + 1
+        self._held[name] = held + 1
 
-    def give_back(self, key: str) -> None:
-        self._held[key] -= 1
+    def give_back(self, name: str) -> None:
+        self._held[name] -= 1
 
-    def held(self, key: str) -> int:
-        return self._held.get(key, 0)
+    def held(self, name: str) -> int:
+        return self._held.get(name, 0)

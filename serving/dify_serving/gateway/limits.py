@@ -127,6 +127,7 @@ def check_call_bytes(field: str, size: int, what: str, budget: int) -> None:
     if size > budget:
         raise ApiError(
             413,
+            "payload_too_large",
             f"{field}: {size} bytes in all; one call to {what} carries at most {budget} "
             f"(3/4 of RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH); split the request",
         )

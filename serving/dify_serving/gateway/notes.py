@@ -1,9 +1,14 @@
-"""What a request touched (model, index, tokens), noted for its audit row.
+"""The request being served: the key the guard admitted, and what the request touched.
 
-The security middleware puts a fresh dict in `NOTES` for each request; code deep in the
-data plane adds to it without threading the request through every call. A streaming
-response runs in a child task that shares the same dict, so a stream's final token
-counts land in the row too.
+The security middleware puts one `RequestContext` in `REQUEST` for each request it
+guards; code deep in the data plane reads the key (`access.py`) and notes the model,
+index, tokens and text for the audit row (below) without threading the request through
+every call. A streaming response runs in a child task that shares the same object, so a
+stream's final token counts land in the row too. With security off there is no context:
+every check allows and every note is dropped.
+
+One slots object rather than a dict per concern: the middleware allocates it once, and
+builds the audit entry from its attributes by name.
 """
 
 from __future__ import annotations
@@ -12,19 +17,65 @@ from collections.abc import Callable
 from contextvars import ContextVar
 from typing import Any
 
-NOTES: ContextVar[dict[str, Any] | None] = ContextVar("dify_audit_notes", default=None)
-
-
-def note(**fields: Any) -> None:
-    notes = NOTES.get()
-    if notes is not None:
-        notes.update(fields)
-
+from dify_serving.security.grants import KeyRecord
 
 #: Characters of request text an audit row keeps, when the setting asks for text at all.
 TEXT_CHARS = 4096
-#: Set in a request's notes by the security middleware when its audit keeps request text.
-WANTS_TEXT = "wants_text"
+#: What `note` may set: the audit row's fields the data plane knows (never the key).
+NOTE_FIELDS = frozenset(("model", "index", "prompt_tokens", "completion_tokens", "detail"))
+
+
+class RequestContext:
+    """One guarded request: its admitted `key` (None until admitted) and its audit notes."""
+
+    __slots__ = (
+        "anonymous",
+        "completion_tokens",
+        "detail",
+        "index",
+        "key",
+        "key_id",
+        "model",
+        "prompt_tokens",
+        "text",
+        "wants_text",
+    )
+
+    def __init__(self, key: KeyRecord | None = None, *, wants_text: bool = False) -> None:
+        self.key = key
+        #: The audit row may keep the request's text (`note_text`).
+        self.wants_text = wants_text
+        #: The presented key id when authentication failed (the row still names it).
+        self.key_id: str | None = None
+        #: Refused before a key was known: the row is aggregated per address.
+        self.anonymous = False
+        self.model: str | None = None
+        self.index: str | None = None
+        self.prompt_tokens: int | None = None
+        self.completion_tokens: int | None = None
+        self.detail: str | None = None
+        self.text: str | None = None
+
+    def audit_detail(self) -> str | None:
+        """Operational detail, then the request's text when the audit keeps it."""
+        detail, text = self.detail, self.text
+        if not text:
+            return detail or None
+        return f"{detail}; {text}" if detail else text
+
+
+REQUEST: ContextVar[RequestContext | None] = ContextVar("dify_request", default=None)
+
+
+def note(**fields: Any) -> None:
+    """Set audit fields of the current request (`NOTE_FIELDS`); no-op without security."""
+    request = REQUEST.get()
+    if request is None:
+        return
+    for name, value in fields.items():
+        if name not in NOTE_FIELDS:
+            raise TypeError(f"note() takes only {', '.join(sorted(NOTE_FIELDS))}, not {name!r}")
+        setattr(request, name, value)
 
 
 def note_text(text: str | Callable[[], str] | None) -> None:
@@ -33,12 +84,12 @@ def note_text(text: str | Callable[[], str] | None) -> None:
     Pass a callable when the text must be built (joined, serialised): it is called only
     when the text is kept, so the common case pays for neither.
     """
-    notes = NOTES.get()
-    if notes is None or not notes.get(WANTS_TEXT) or not text:
+    request = REQUEST.get()
+    if request is None or not request.wants_text or not text:
         return
     value = text() if callable(text) else text
     if value:
-        notes["text"] = value[:TEXT_CHARS]
+        request.text = value[:TEXT_CHARS]
 
 
 def note_usage(result: dict[str, Any]) -> None:

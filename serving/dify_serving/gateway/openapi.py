@@ -64,7 +64,7 @@ def serve_docs(app: FastAPI) -> None:
     async def asset(name: str) -> FileResponse:
         media = _ASSET_TYPES.get(name)
         if media is None:  # a fixed list: no path from the request reaches the disk
-            raise ApiError(404, f"no asset {name[:64]!r}")
+            raise ApiError(404, "not_found", f"no asset {name[:64]!r}")
         return FileResponse(_assets() / name, media_type=media, headers=_CACHE)
 
 
@@ -75,7 +75,9 @@ _CACHE = {"Cache-Control": "public, max-age=86400"}
 def _assets() -> Path:
     spec = importlib.util.find_spec("swagger_ui")  # its files only; never imported
     if spec is None or not spec.submodule_search_locations:
-        raise ApiError(503, "Swagger UI is not installed (pip package swagger-ui-py)")
+        raise ApiError(
+            503, "unavailable", "Swagger UI is not installed (pip package swagger-ui-py)"
+        )
     return Path(next(iter(spec.submodule_search_locations))) / "static"
 
 

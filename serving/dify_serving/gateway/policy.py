@@ -1,14 +1,13 @@
-"""Which scope each route needs, and which routes are sensitive (a second factor).
+"""Which scope each route needs, declared at the route, enforced before the route runs.
 
-One table, read top to bottom, first match wins. It is the whole authorization policy
-of the HTTP API, kept apart from the mechanism (`gateway/security.py`) so that a review
-of "who may call what" reads one page. Routes not listed under `/v1` need a valid key
-and no particular scope (they answer 404 anyway); routes outside `/v1` are public
-(probes, docs). Every `/v1` route has exactly one rule here and every rule a route
-(`gaps`, checked by a test against the app with all modules), so a new route cannot
-slip in needing no scope. Rights that depend on the body (an `index` in a chat
-completion, the models and indexes a key may name) are checked in the data plane
-(`access.py`).
+Every `/v1` route says who may call it in its decorator: `openapi_extra=needs(SCOPE,
+sensitive=..., generates=...)`. `install(app)` collects the declarations into the table
+the security middleware reads (`rule_for`), and refuses to build an app with a `/v1`
+route that declares none, so a route cannot exist without its rule. The OpenAPI document
+shows each route's rule (`x-dify-rule`), so "who may call what" is one grep of the
+routers and one look at `/docs`. Routes outside `/v1` are public (probes, docs). Rights
+that depend on the body (an `index` in a chat completion, the models and indexes a key
+may name) are checked in the data plane (`access.py`).
 """
 
 from __future__ import annotations
@@ -16,15 +15,13 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
-from dify_serving.security.keys import (
-    ADMIN,
-    AUDIT_READ,
-    DATA_READ,
-    DATA_WRITE,
-    INFERENCE,
-    MODELS_ADMIN,
-)
+from fastapi import FastAPI
+from fastapi.routing import APIRoute, iter_route_contexts
+
+#: The `openapi_extra` key that carries a route's rule.
+RULE_KEY = "x-dify-rule"
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,41 +33,57 @@ class Rule:
     generates: bool = False  # counts against tokens/minute
 
 
-def _rule(method: str, path: str, *scopes: str, **flags: bool) -> tuple[str, re.Pattern[str], Rule]:
-    pattern = re.compile("^" + re.sub(r"\{[^}]+\}", "[^/]+", path) + "$")
-    return method, pattern, Rule(path, scopes, **flags)
+def needs(*scopes: str, sensitive: bool = False, generates: bool = False) -> dict[str, Any]:
+    """A route's rule, as the `openapi_extra` of its decorator: the scopes it needs (all
+    of them), whether keys with a second factor must give a code, whether it counts
+    tokens against the key's tokens/minute."""
+    return {RULE_KEY: {"scopes": list(scopes), "sensitive": sensitive, "generates": generates}}
 
 
-RULES = [
-    _rule("GET", "/healthz", public=True),
-    _rule("GET", "/readyz", public=True),
-    _rule("GET", "/docs", public=True),
-    _rule("GET", "/docs/oauth2-redirect", public=True),
-    _rule("GET", "/openapi.json", public=True),
-    _rule("GET", "/v1/models", INFERENCE),
-    _rule("GET", "/v1/models/status", INFERENCE),
-    _rule("POST", "/v1/models/load", MODELS_ADMIN, sensitive=True),
-    _rule("POST", "/v1/models/unload", MODELS_ADMIN, sensitive=True),
-    _rule("POST", "/v1/inference", INFERENCE, generates=True),
-    _rule("POST", "/v1/chat/completions", INFERENCE, generates=True),
-    _rule("POST", "/v1/completions", INFERENCE, generates=True),
-    _rule("POST", "/v1/embeddings", INFERENCE),
-    _rule("POST", "/v1/chat", INFERENCE, DATA_READ, generates=True),
-    _rule("POST", "/v1/data/clean", DATA_READ),
-    _rule("POST", "/v1/data/embed", DATA_READ),
-    _rule("POST", "/v1/data/search", DATA_READ),
-    _rule("GET", "/v1/indexes", DATA_READ),
-    _rule("POST", "/v1/data/upsert", DATA_WRITE),
-    _rule("POST", "/v1/data/delete", DATA_WRITE, sensitive=True),
-    _rule("GET", "/v1/audit/logs", AUDIT_READ),
-    _rule("GET", "/v1/audit/export", AUDIT_READ, sensitive=True),
-    _rule("POST", "/v1/admin/keys", ADMIN, sensitive=True),
-    _rule("GET", "/v1/admin/keys", ADMIN, sensitive=True),
-    _rule("DELETE", "/v1/admin/keys/{id}", ADMIN, sensitive=True),
-]
+class MissingRule(RuntimeError):
+    """A `/v1` route declares no rule: the app is not built."""
+
 
 _PUBLIC_OTHER = Rule("(public)", public=True)
-_EXACT = {(m, r.template): r for m, _, r in reversed(RULES) if "{" not in r.template}
+_EXACT: dict[tuple[str, str], Rule] = {}
+_PATTERNS: list[tuple[str, re.Pattern[str], Rule]] = []
+
+
+def rules_of(routes: Iterable[Any]) -> list[tuple[str, Rule]]:
+    """(method, rule) of every API route; MissingRule for a `/v1` route without one."""
+    out = []
+    for context in iter_route_contexts(list(routes)):  # included routers, with prefixes
+        route, path = context.original_route, context.path or ""
+        if not isinstance(route, APIRoute):
+            continue
+        declared = (route.openapi_extra or {}).get(RULE_KEY)
+        if path == "/v1" or path.startswith("/v1/"):
+            if declared is None:
+                raise MissingRule(
+                    f"{sorted(context.methods or ())} {path} declares no rule: add "
+                    "openapi_extra=policy.needs(...) to its decorator"
+                )
+            rule = Rule(
+                path,
+                tuple(declared["scopes"]),
+                sensitive=declared["sensitive"],
+                generates=declared["generates"],
+            )
+        else:
+            rule = Rule(path, public=True)
+        out += [(method, rule) for method in sorted(context.methods or ())]
+    return out
+
+
+def install(app: FastAPI) -> None:
+    """Add the rules of `app`'s routes to the table (the same routes give the same rules)."""
+    for method, rule in rules_of(app.routes):
+        if "{" in rule.template:
+            pattern = re.compile("^" + re.sub(r"\{[^}]+\}", "[^/]+", rule.template) + "$")
+            if not any(m == method and r == rule for m, _, r in _PATTERNS):
+                _PATTERNS.append((method, pattern, rule))
+        else:
+            _EXACT[(method, rule.template)] = rule
 
 
 def rule_for(method: str, path: str) -> Rule:
@@ -79,26 +92,9 @@ def rule_for(method: str, path: str) -> Rule:
     exact = _EXACT.get((head, path))
     if exact is not None:
         return exact
-    for rule_method, pattern, rule in RULES:
+    for rule_method, pattern, rule in _PATTERNS:
         if rule_method == head and pattern.match(path):
             return rule
     if path == "/v1" or path.startswith("/v1/"):
         return Rule(path if len(path) < 200 else path[:200])
     return _PUBLIC_OTHER
-
-
-def _shape(path: str) -> str:
-    return re.sub(r"\{[^}]+\}", "{}", path)
-
-
-def gaps(routes: Iterable[tuple[str, str]]) -> tuple[list[str], list[str]]:
-    """(`/v1` routes with no rule, rules with no route) for `(method, path)` pairs.
-
-    Parameter names may differ (`{id}` here, `{key_id}` in the router); HEAD rides on GET.
-    """
-    served = {(m, _shape(p)) for m, p in routes if p.startswith("/v1") and m != "HEAD"}
-    ruled = {(m, _shape(r.template)) for m, _, r in RULES if r.template.startswith("/v1")}
-    return (
-        sorted(f"{m} {p}" for m, p in served - ruled),
-        sorted(f"{m} {p}" for m, p in ruled - served),
-    )

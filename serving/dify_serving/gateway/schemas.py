@@ -251,6 +251,79 @@ class EmbeddingRequest(BaseModel):
         return _texts(value, MAX_INPUTS, MAX_TEXT_CHARS)
 
 
+class OpenAIUsage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class Citation(BaseModel):
+    """A retrieved chunk the answer was given (`index` extension), numbered as cited."""
+
+    ref: int
+    document_id: str
+    chunk_index: int
+    score: float
+    text: str
+    metadata: dict[str, Any] = {}
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: OpenAIUsage
+    citations: list[Citation] | None = Field(None, exclude_if=lambda value: value is None)
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: OpenAIUsage
+
+
+class EmbeddingItem(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str  # str: base64 of little-endian float32
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingItem]
+    model: str
+    usage: EmbeddingUsage
+
+
 # ---- data ----------------------------------------------------------------------------
 class CleanRequest(_Body):
     text: str = Field(..., min_length=1, description="Raw text or HTML (an upsert's limits).")

@@ -7,10 +7,11 @@ every reason, the reason only in the audit row; 429 once the address has failed 
 often) → the key's own allowlist (403) → scope (403 naming it) → second factor for
 sensitive routes (401/403; 429 while locked after wrong codes) → route and key rate
 limits (429 with Retry-After and X-RateLimit-*; a request under its limits carries no
-extra headers, which keeps the common path lean). The admitted key goes into
-`access.KEY` for the checks that depend on the body (models, indexes, retrieval). The
-data plane notes the model, index and token counts (`gateway/notes.py`); the row is
-written when the response ends, so a stream's tokens are counted. Generated tokens are
+extra headers, which keeps the common path lean). Each guarded request gets one
+`RequestContext` (`gateway/notes.py`): the admitted key goes there for the checks that
+depend on the body (models, indexes, retrieval, `access.py`), and the data plane notes
+the model, index and token counts there. The audit entry is built from it by field name
+when the response ends, so a stream's tokens are counted. Generated tokens are
 charged to the key's tokens/minute bucket afterwards (a request may overdraw it; the
 next ones wait). Refusals before a key is known are counted per address and their rows
 aggregated per second (`security/failures.py`). WebSocket connections are closed
@@ -33,15 +34,15 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from dify_serving.gateway.access import KEY
-from dify_serving.gateway.errors import send_error
-from dify_serving.gateway.notes import NOTES, WANTS_TEXT
+from dify_serving.gateway.errors import ApiError, send_error
+from dify_serving.gateway.notes import REQUEST, RequestContext, note
 from dify_serving.gateway.policy import Rule, rule_for
 from dify_serving.options import SecurityOptions
-from dify_serving.security.audit_ship import AuditShipper
+from dify_serving.security.audit import AuditEntry, AuditShipper, AuditTrail
 from dify_serving.security.db import database_url
-from dify_serving.security.failures import AddressFailures, RefusalLog, audit_row, retry_after
-from dify_serving.security.keys import AuthError, KeyRecord, KeyStore, allows
+from dify_serving.security.failures import AddressFailures, RefusalLog, retry_after
+from dify_serving.security.grants import KeyRecord, allows
+from dify_serving.security.keys import AuthError, KeyStore
 from dify_serving.security.network import Allowlist, client_ip, parse_cidrs
 from dify_serving.security.ratelimit import (
     Decision,
@@ -53,7 +54,7 @@ from dify_serving.security.ratelimit import (
 from dify_serving.security.secrets import Secrets, bootstrap_key, key_pepper
 from dify_serving.security.totp import MAX_WRONG_CODES, OtpGuard, OtpLocked, OtpUnavailable
 
-log = logging.getLogger("dify_serving.security")
+log = logging.getLogger(__name__)
 
 #: Seconds a verified Authorization header is trusted without looking again; a key
 #: revoked on another replica stops working within the key store's 5 s cache anyway.
@@ -64,12 +65,8 @@ PURGE_EVERY_S = 24 * 3600
 _WANTED = frozenset((b"authorization", b"x-forwarded-for", b"x-dify-otp", b"content-length"))
 
 
-class _Refusal(Exception):
-    def __init__(
-        self, status: int, code: str, message: str, headers: dict[str, str] | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message, self.headers = status, code, message, headers
+class Refusal(ApiError):
+    """The guard's answer before routing: sent by the middleware itself, and audited."""
 
 
 class Guard:
@@ -84,7 +81,7 @@ class Guard:
         pepper = key_pepper(home)
         self.keys = KeyStore(database_url(home, database, "keys"), pepper)
         self.keys.ensure_bootstrap(bootstrap_key(home), home / "bootstrap.key")
-        self.audit = AuditShipper.for_home(
+        self.audit: AuditTrail = AuditShipper.for_home(
             database_url(home, database, "audit"),
             home,
             pepper=pepper,
@@ -101,7 +98,7 @@ class Guard:
         )
         self.route_limits = RouteLimits(self.limiter, config.route_limits)
         self.failures = AddressFailures(self.limiter)
-        self.refusals = RefusalLog(lambda row: self.audit.record_values(row))
+        self.refusals = RefusalLog(self.audit.record)
         self._purger: asyncio.Task[None] | None = None
         # header → (key, until): skips parsing, hashing and the store's cache for a second
         self._recent: dict[bytes, tuple[KeyRecord, float]] = {}
@@ -170,7 +167,7 @@ class Guard:
     async def second_factor(self, key: KeyRecord, headers: dict[bytes, bytes]) -> None:
         if key.totp_secret is None:
             if self.config.require_totp_for_admin:
-                raise _Refusal(
+                raise Refusal(
                     403,
                     "second_factor_required",
                     "this operation needs a key with a second factor (TOTP); this key has none",
@@ -178,12 +175,12 @@ class Guard:
             return
         code = headers.get(b"x-dify-otp", b"").decode("latin-1").strip()
         if not code:
-            raise _Refusal(401, "second_factor_required", "send the TOTP code in X-Dify-OTP")
+            raise Refusal(401, "second_factor_required", "send the TOTP code in X-Dify-OTP")
         try:
             accepted = await self.otp.acheck(key.id, key.totp_secret, code)
         except OtpUnavailable as exc:
             log.warning("second factor unavailable for key %s: %s", key.id, exc.__cause__)
-            raise _Refusal(
+            raise Refusal(
                 503,
                 "second_factor_unavailable",
                 "the TOTP code cannot be checked now; retry shortly",
@@ -191,14 +188,13 @@ class Guard:
             ) from None
         except OtpLocked as locked:
             seconds = retry_after(locked.retry_after_s)
-            note = NOTES.get()
-            if note is not None:
-                note["detail"] = (
-                    f"second factor locked for {seconds} s after {MAX_WRONG_CODES} wrong codes"
-                    if locked.new
-                    else f"second factor locked ({seconds} s left)"
-                )
-            raise _Refusal(
+            detail = (
+                f"second factor locked for {seconds} s after {MAX_WRONG_CODES} wrong codes"
+                if locked.new
+                else f"second factor locked ({seconds} s left)"
+            )
+            note(detail=detail)
+            raise Refusal(
                 429,
                 "second_factor_locked",
                 f"too many wrong TOTP codes for key {key.id}; its sensitive routes are "
@@ -206,7 +202,7 @@ class Guard:
                 {"Retry-After": seconds},
             ) from None
         if not accepted:
-            raise _Refusal(401, "second_factor_invalid", "the TOTP code is wrong or was used")
+            raise Refusal(401, "second_factor_invalid", "the TOTP code is wrong or was used")
 
     async def limit(self, rule: Rule, key: KeyRecord) -> None:
         """Route cap, then the key's requests/minute and tokens/minute; 429 when over."""
@@ -214,7 +210,7 @@ class Guard:
         if bucket is not None:
             d = await self._check(*bucket)
             if not d.allowed:
-                raise _Refusal(
+                raise Refusal(
                     429, "rate_limited", f"{rule.template} is at its limit", _limit_headers(d)
                 )
         limits = key.rate_limit or {}
@@ -222,7 +218,7 @@ class Guard:
         if rpm:
             decision = await self._check(f"key:{key.id}:req", rpm, rpm / 60)
             if not decision.allowed:
-                raise _Refusal(
+                raise Refusal(
                     429,
                     "rate_limited",
                     f"key {key.id} is over its limit of {rpm} requests per minute",
@@ -232,7 +228,7 @@ class Guard:
         if tpm and rule.generates:
             tokens = await self._check(f"key:{key.id}:tok", tpm, tpm / 60, cost=0)
             if tokens.remaining <= 0:
-                raise _Refusal(
+                raise Refusal(
                     429,
                     "rate_limited",
                     f"key {key.id} is over its limit of {tpm} tokens per minute",
@@ -253,7 +249,7 @@ class Guard:
             return decision
         except LimiterUnavailable as exc:
             log.warning("rate limiter unavailable for bucket %s: %s", bucket, exc)
-            raise _Refusal(
+            raise Refusal(
                 503,
                 "rate_limiter_unavailable",
                 "rate limiting is unavailable; retry shortly",
@@ -261,8 +257,8 @@ class Guard:
             ) from None
 
 
-def _too_many_failures(ip: str | None, wait_s: float) -> _Refusal:
-    return _Refusal(
+def _too_many_failures(ip: str | None, wait_s: float) -> Refusal:
+    return Refusal(
         429,
         "too_many_failures",
         f"too many failed authentications from {ip}; retry later",
@@ -308,8 +304,8 @@ class SecurityMiddleware:
             await self.app(scope, receive, send)
             return
         state = scope.setdefault("state", {})
-        note: dict[str, Any] = {WANTS_TEXT: True} if self.guard.config.record_text else {}
-        NOTES.set(note)
+        request = RequestContext(wants_text=self.guard.config.record_text)
+        REQUEST.set(request)
         headers = {k: v for k, v in scope["headers"] if k in _WANTED}
         ip = self._client_ip(scope, headers)
         length = headers.get(b"content-length", b"0")
@@ -324,37 +320,37 @@ class SecurityMiddleware:
             await send(message)
 
         try:
-            key = await self._admit(rule, headers, ip, note)
+            key = await self._admit(rule, headers, ip, request)
             await self.guard.limit(rule, key)
-            KEY.set(key)
+            request.key = key
             await self.app(scope, receive, counting_send)
-        except _Refusal as r:
+        except Refusal as r:
             rid = state.get("request_id", "")
             await send_error(counting_send, r.status, r.code, r.message, rid, r.headers)
         finally:
             if key is not None and rule.generates:
-                await self.guard.charge_tokens(key, int(note.get("completion_tokens") or 0))
-            row = (  # AuditEntry's fields, in order
-                time.time(),
-                state.get("request_id", ""),
-                key.id if key else note.get("key_id"),
-                ip,
-                scope["method"],
-                rule.template,
-                counts["status"],
-                (time.perf_counter() - started) * 1000,
-                note.get("model"),
-                note.get("index"),
-                note.get("prompt_tokens"),
-                note.get("completion_tokens"),
-                counts["in"],
-                counts["out"],
-                _detail(note) if note else None,
+                await self.guard.charge_tokens(key, int(request.completion_tokens or 0))
+            entry = AuditEntry(
+                time=time.time(),
+                request_id=state.get("request_id", ""),
+                key_id=key.id if key else request.key_id,
+                client_ip=ip,
+                method=scope["method"],
+                route=rule.template,
+                status=counts["status"],
+                latency_ms=(time.perf_counter() - started) * 1000,
+                model=request.model,
+                index=request.index,
+                prompt_tokens=request.prompt_tokens,
+                completion_tokens=request.completion_tokens,
+                bytes_in=counts["in"],
+                bytes_out=counts["out"],
+                detail=request.audit_detail(),
             )
-            if note.get("anonymous"):  # refused before a key was known: bounded rows
-                self.guard.refusals.add(ip, row)
+            if request.anonymous:  # refused before a key was known: bounded rows
+                self.guard.refusals.add(ip, entry)
             else:
-                self.guard.audit.record_values(row)
+                self.guard.audit.record(entry)
 
     def _client_ip(self, scope: Scope, headers: dict[bytes, bytes]) -> str | None:
         peer = scope["client"][0] if scope.get("client") else None
@@ -368,9 +364,10 @@ class SecurityMiddleware:
         await send({"type": "websocket.close", "code": 1008})
         headers = {k: v for k, v in scope["headers"] if k in _WANTED}
         ip = self._client_ip(scope, headers)
-        row = audit_row(
+        entry = AuditEntry(
             time=time.time(),
             request_id=uuid.uuid4().hex,
+            key_id=None,
             client_ip=ip,
             method="WEBSOCKET",
             route=scope.get("path", "")[:200],
@@ -378,47 +375,41 @@ class SecurityMiddleware:
             latency_ms=0.0,
             detail="websocket refused: the API has no WebSocket routes",
         )
-        self.guard.refusals.add(ip, row)
+        self.guard.refusals.add(ip, entry)
 
     async def _admit(
-        self, rule: Rule, headers: dict[bytes, bytes], ip: str | None, note: dict[str, Any]
+        self, rule: Rule, headers: dict[bytes, bytes], ip: str | None, request: RequestContext
     ) -> KeyRecord:
         if not self.guard.allowlist.allows(ip):
-            note["anonymous"] = True
-            raise _Refusal(403, "address_not_allowed", f"client address {ip} is not allowed")
+            request.anonymous = True
+            raise Refusal(403, "address_not_allowed", f"client address {ip} is not allowed")
         try:
             key = await self.guard.authenticate(headers, ip)
-        except _Refusal:  # the address failed too often: refused before the key store
-            note["anonymous"] = True
-            note["detail"] = "auth: address blocked after repeated failures"
+        except Refusal:  # the address failed too often: refused before the key store
+            request.anonymous = True
+            request.detail = "auth: address blocked after repeated failures"
             raise
         except AuthError as exc:
-            note["anonymous"] = True
-            note["detail"] = f"auth: {exc}"
-            note["key_id"] = getattr(exc, "key_id", None)
+            request.anonymous = True
+            request.detail = f"auth: {exc}"
+            request.key_id = exc.key_id
             wait = await self.guard.failures.failed(ip)
             if wait:
                 raise _too_many_failures(ip, wait) from None
-            raise _Refusal(
+            raise Refusal(
                 401,
                 "unauthorized",
                 "missing or invalid API key (Authorization: Bearer dm_...)",
                 {"WWW-Authenticate": "Bearer"},
             ) from None
-        note["key_id"] = key.id  # a refusal from here on is still the key's row
+        request.key_id = key.id  # a refusal from here on is still the key's row
         if key.ip_allowlist and not _key_allowlist(key.ip_allowlist).allows(ip):
-            raise _Refusal(403, "address_not_allowed", f"key {key.id} may not be used from {ip}")
+            raise Refusal(403, "address_not_allowed", f"key {key.id} may not be used from {ip}")
         missing = [s for s in rule.scopes if not allows(key, s)]
         if missing:
-            raise _Refusal(
+            raise Refusal(
                 403, "forbidden", f"key {key.id} lacks scope {', '.join(missing)} for this route"
             )
         if rule.sensitive:
             await self.guard.second_factor(key, headers)
         return key
-
-
-def _detail(note: dict[str, Any]) -> str | None:
-    """Operational detail, and the request's text when the audit keeps it (`WANTS_TEXT`)."""
-    parts = [note.get("detail"), note.get("text")]
-    return "; ".join(str(p) for p in parts if p) or None

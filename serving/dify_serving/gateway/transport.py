@@ -15,16 +15,16 @@ from typing import Any
 
 from ray.exceptions import RayTaskError
 
-from dify_serving.engines.base import EngineError
+from dify_serving.errors import DifyError
 from dify_serving.gateway.errors import ApiError
 from dify_serving.gateway.limits import GRPC_DEFAULT_BYTES, replica_message_bytes
 
-log = logging.getLogger("dify_serving.gateway")
+log = logging.getLogger(__name__)
 
 
 def unwrap(exc: BaseException) -> BaseException:
     """The replica's own exception out of Ray's wrapper."""
-    if isinstance(exc, RayTaskError) and isinstance(exc.cause, EngineError):
+    if isinstance(exc, RayTaskError) and isinstance(exc.cause, DifyError):
         return exc.cause
     return exc
 
@@ -58,28 +58,28 @@ def transport_failure(exc: BaseException, kind: str, name: str) -> ApiError:
         log.warning("%s %s: message over the transport limit: %s", kind, name, _first_line(exc))
         return ApiError(
             413,
+            "payload_too_large",
             f"the call to {kind} {name!r} or its answer is larger than one call between "
             f"deployments carries ({limit} bytes, RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH); "
             "send or ask for less per request (fewer texts, smaller documents, a lower top_k)",
-            "payload_too_large",
         )
     log.warning("%s %s unavailable: %s: %s", kind, name, type(exc).__name__, _first_line(exc))
     return ApiError(
         503,
-        f"{kind} {name!r} is unavailable; retry shortly",
         f"{kind}_unavailable",
+        f"{kind} {name!r} is unavailable; retry shortly",
         headers={"Retry-After": "2"},
     )
 
 
 def replica_failure(exc: BaseException, kind: str, name: str) -> Exception:
-    """The replica's own refusal (EngineError), or a 500 that keeps its traceback in the log."""
+    """The replica's own refusal (a DifyError), or a 500 that keeps its traceback in the log."""
     cause = unwrap(exc)
-    if isinstance(cause, EngineError):
+    if isinstance(cause, DifyError):
         return cause
     log.error("%s %s failed: %s", kind, name, exc)
     return ApiError(
-        500, f"{kind} {name!r} failed on this request; see the server logs", f"{kind}_error"
+        500, f"{kind}_error", f"{kind} {name!r} failed on this request; see the server logs"
     )
 
 

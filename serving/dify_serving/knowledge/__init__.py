@@ -1,1 +1,1 @@
-"""Knowledge: cleaning, chunking, vector stores and the index deployment."""
+"""Knowledge: cleaning, chunking, vector backends and the index deployment (docs/knowledge.md)."""

@@ -1,7 +1,4 @@
-"""What the stores exchange with their callers: points, hits, errors and filters.
-
-Kept apart from the backends so the API edge can validate a filter (`build_filter`) and
-build points (`point_id`, `ChunkPoint`) without loading a Qdrant binding.
+"""The filter language of a search, validated once into a backend-neutral `StoreFilter`.
 
 Filter language (JSON, several keys = AND):
     {"lang": "en"}                 exact match (string, integer or boolean)
@@ -9,97 +6,25 @@ Filter language (JSON, several keys = AND):
     {"year": {"gte": 2020, "lt": 2024}}   range (gt/gte/lt/lte, numbers)
 `document_id` and `subject_id` address the point's own fields; every other name must be
 one of the index's `filterableFields` and addresses the user's metadata, i.e. the
-payload key `metadata.<name>`. `build_filter` validates the JSON once, at the API edge,
-into a backend-neutral `StoreFilter`; each backend translates that with `translate`.
+payload key `metadata.<name>`. `build_filter` validates the JSON once into a
+`StoreFilter`, which each backend translates with `translate`: a filter is refused the
+same way whichever backend holds the index, and no Qdrant binding is loaded to refuse it.
 """
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
+from dify_serving.knowledge.errors import InvalidFilter, UnknownFilterField
 
 #: Fields of every point that filters may address directly (not under `metadata`).
 POINT_FIELDS = ("document_id", "subject_id")
 
-_ID_NAMESPACE = uuid.UUID("5b0c7f0e-3d55-4a8e-9a52-6a2f4d1c9e17")
 _RANGE_OPS = ("gt", "gte", "lt", "lte")
 
 
-# ---- errors -----------------------------------------------------------------------------
-class StoreError(Exception):
-    """A vector store refused or failed an operation."""
-
-
-class DimensionMismatch(StoreError):
-    """Vectors of one size met a collection holding another."""
-
-    def __init__(self, collection: str, existing: int, requested: int) -> None:
-        super().__init__(
-            f"collection {collection!r} holds {existing}-dimensional vectors; "
-            f"got {requested}-dimensional ones"
-        )
-        self.existing = existing
-        self.requested = requested
-
-
-class UnknownFilterField(StoreError):
-    """A filter names a field that is not filterable."""
-
-    def __init__(self, field: str, allowed: set[str] | frozenset[str]) -> None:
-        super().__init__(
-            f"unknown filter field {field!r}; filterable fields: {', '.join(sorted(allowed))}"
-        )
-        self.field = field
-        self.allowed = frozenset(allowed)
-
-
-class InvalidFilter(StoreError):
-    """A filter value is malformed."""
-
-
-# ---- points and hits --------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class ChunkPoint:
-    """One chunk to store: id from `point_id`, a 1-D vector, its payload.
-
-    The payload has document_id, chunk_index, text, start, end, subject_id (or None),
-    metadata (dict) and version (str).
-    """
-
-    id: str
-    vector: Sequence[float] | np.ndarray
-    payload: dict[str, Any]
-
-
-@dataclass(frozen=True, slots=True)
-class Hit:
-    id: str
-    score: float
-    payload: dict[str, Any]
-
-
-@dataclass(frozen=True, slots=True)
-class StoreInfo:
-    points: int
-    indexed: int
-    segments: int
-
-    @property
-    def unindexed(self) -> int:
-        """Points searched exactly because no HNSW graph covers them yet."""
-        return max(0, self.points - self.indexed)
-
-
-def point_id(index: str, document_id: str, chunk_index: int) -> str:
-    """The stable point id of a document's chunk (uuid5): re-upserting overwrites in place."""
-    return str(uuid.uuid5(_ID_NAMESPACE, f"{index}\x1f{document_id}\x1f{chunk_index}"))
-
-
-# ---- filters ----------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class Match:
     key: str
@@ -190,8 +115,9 @@ def build_filter(
 ) -> StoreFilter | None:
     """Validate the user's JSON filter against `allowed` fields; None when empty.
 
-    Raises `UnknownFilterField` for a name outside `allowed`, `InvalidFilter` for a
-    malformed value.
+    Raises:
+        UnknownFilterField: a name outside `allowed`.
+        InvalidFilter: a malformed value (both are 422 `invalid_filter`).
     """
     if filter is None:
         return None

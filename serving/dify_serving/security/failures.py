@@ -20,6 +20,7 @@ nothing:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import logging
 import math
@@ -27,12 +28,11 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
-from dify_serving.security.audit_entry import FIELDS
+from dify_serving.security.audit.entry import AuditEntry
 from dify_serving.security.ratelimit import Limiter, LimiterUnavailable
 
-log = logging.getLogger("dify_serving.security")
+log = logging.getLogger(__name__)
 
 #: Failed authentications an address may make at once, and how fast it earns more.
 AUTH_FAILURE_BURST = 20
@@ -103,13 +103,7 @@ class _Window:
     start: float
     more: int = 0
     bytes_in: int = 0
-    last: tuple[Any, ...] = ()
-
-
-_TIME, _REQUEST_ID, _KEY_ID, _STATUS, _LATENCY, _BYTES_IN, _DETAIL = (
-    FIELDS.index(name)
-    for name in ("time", "request_id", "key_id", "status", "latency_ms", "bytes_in", "detail")
-)
+    last: AuditEntry | None = None
 
 
 class RefusalLog:
@@ -117,7 +111,7 @@ class RefusalLog:
 
     def __init__(
         self,
-        record: Callable[[tuple[Any, ...]], None],
+        record: Callable[[AuditEntry], None],
         *,
         window_s: float = REFUSAL_WINDOW_S,
         clock: Callable[[], float] = time.time,
@@ -129,21 +123,21 @@ class RefusalLog:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_loop: asyncio.AbstractEventLoop | None = None
 
-    def add(self, ip: str | None, row: tuple[Any, ...]) -> None:
-        """Record `row` (AuditEntry's fields in order), or count it into its second."""
+    def add(self, ip: str | None, entry: AuditEntry) -> None:
+        """Record `entry`, or count it into its address's second."""
         now = self._clock()
         address = ip or "unknown"
         window = self._open.get(address)
         if window is not None and now - window.start < self.window_s:
             window.more += 1
-            window.bytes_in += int(row[_BYTES_IN] or 0)
-            window.last = row
+            window.bytes_in += int(entry.bytes_in or 0)
+            window.last = entry
             return
         if window is not None:
             self._emit(self._open.pop(address))
         self.flush(due_only=True)
         self._open[address] = _Window(start=now)
-        self._record(row)
+        self._record(entry)
         self._schedule()
 
     def flush(self, due_only: bool = False) -> None:
@@ -156,20 +150,20 @@ class RefusalLog:
             self._emit(self._open.pop(address))
 
     def _emit(self, window: _Window) -> None:
-        if not window.more:
+        last = window.last
+        if not window.more or last is None:
             return
-        row = list(window.last)
-        last = row[_DETAIL] or f"status {row[_STATUS]}"
-        row[_TIME] = window.start + self.window_s
-        row[_REQUEST_ID] = uuid.uuid4().hex
-        row[_KEY_ID] = None
-        row[_LATENCY] = 0.0
-        row[_BYTES_IN] = window.bytes_in
-        row[_DETAIL] = (
-            f"auth failures: {window.more} more in {self.window_s:g}s from this address "
-            f"(last: {last})"
+        summary = dataclasses.replace(
+            last,
+            time=window.start + self.window_s,
+            request_id=uuid.uuid4().hex,
+            key_id=None,
+            latency_ms=0.0,
+            bytes_in=window.bytes_in,
+            detail=f"auth failures: {window.more} more in {self.window_s:g}s from this address "
+            f"(last: {last.detail or f'status {last.status}'})",
         )
-        self._record(tuple(row))
+        self._record(summary)
 
     def _schedule(self) -> None:
         try:
@@ -184,11 +178,6 @@ class RefusalLog:
         self.flush(due_only=True)
         if self._open:
             self._schedule()
-
-
-def audit_row(**values: Any) -> tuple[Any, ...]:
-    """An audit row (AuditEntry's fields in order) from the fields given; the rest None."""
-    return tuple(values.get(name) for name in FIELDS)
 
 
 def retry_after(seconds: float) -> str:

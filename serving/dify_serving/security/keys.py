@@ -16,11 +16,8 @@ A key's TOTP secret has to be recoverable to check codes, so it is stored encryp
 keystream derived from the pepper and the key id (each id encrypts exactly one secret).
 With an empty pepper that is only obfuscation and the database itself must be protected.
 
-A key may also be confined to models and indexes by name patterns (`support-*`): the
-gateway then refuses, and hides from listings, everything else (`gateway/access.py`). No
-patterns means every model and index, as for keys made before patterns existed; `admin`
-reaches everything, so an admin key with patterns is refused rather than misleadingly
-stored.
+What a key grants (scopes, name patterns, rate limits) and the `KeyRecord` that carries
+it are defined in `grants.py`; this module stores keys and checks the presented ones.
 
 SQLAlchemy Core keeps one schema for a SQLite file (one machine) and PostgreSQL (a cluster).
 Columns added since the first release are added to an existing table on start
@@ -30,12 +27,10 @@ Columns added since the first release are added to an existing table on start
 from __future__ import annotations
 
 import asyncio
-import fnmatch
 import hashlib
 import hmac
 import logging
 import math
-import re
 import secrets
 import string
 import threading
@@ -51,6 +46,14 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Dialect
 
 from dify_serving.security.db import create_engine
+from dify_serving.security.grants import (
+    ADMIN,
+    RATE_LIMIT_FIELDS,
+    SCOPES,
+    KeyRecord,
+    name_patterns,
+    rate_limits,
+)
 from dify_serving.security.network import parse_cidrs
 from dify_serving.security.secrets import KEY_SHAPE, KEY_SHAPE_TEXT, write_private
 from dify_serving.security.totp import new_secret as new_totp_secret
@@ -58,14 +61,6 @@ from dify_serving.security.totp import provisioning_uri
 
 log = logging.getLogger(__name__)
 
-INFERENCE = "inference"
-DATA_READ = "data:read"
-DATA_WRITE = "data:write"
-MODELS_ADMIN = "models:admin"
-AUDIT_READ = "audit:read"
-ADMIN = "admin"
-#: Every scope a key may hold; `gateway/policy.py` says which routes need which.
-SCOPES = (INFERENCE, DATA_READ, DATA_WRITE, MODELS_ADMIN, AUDIT_READ, ADMIN)
 ID_LENGTH = 12
 SECRET_LENGTH = 43  # base62: ~256 bits
 BOOTSTRAP_NAME = "bootstrap"
@@ -90,89 +85,6 @@ class AuthError(Exception):
         self.key_id = key_id
 
 
-RATE_LIMIT_FIELDS = ("requests_per_minute", "tokens_per_minute")
-#: Resource patterns: names are DNS-1123 labels, patterns add the `*` and `?` wildcards.
-MAX_PATTERNS = 32
-MAX_PATTERN_CHARS = 63
-_PATTERN = re.compile(rf"[a-z0-9*?-]{{1,{MAX_PATTERN_CHARS}}}")
-
-
-def name_patterns(value: Iterable[str] | None, field: str) -> tuple[str, ...] | None:
-    """Validated name patterns (sorted, no repeats); None means every name.
-
-    ValueError names the field and the bad pattern. An empty list is refused: leaving the
-    field out is how a key reaches everything, and "nothing" is no use for a key.
-    """
-    if value is None:
-        return None
-    if isinstance(value, str):
-        raise ValueError(f"{field}: give a list of patterns, not one string")
-    items = list(value)
-    if not items:
-        raise ValueError(f"{field}: give at least one pattern, or leave it out for every name")
-    if len(items) > MAX_PATTERNS:
-        raise ValueError(f"{field}: at most {MAX_PATTERNS} patterns, got {len(items)}")
-    for item in items:
-        if not isinstance(item, str) or not _PATTERN.fullmatch(item):
-            raise ValueError(
-                f"{field}: {str(item)[:80]!r} is not a name pattern (1 to "
-                f"{MAX_PATTERN_CHARS} of a-z, 0-9, '-', and the wildcards '*' and '?')"
-            )
-    return tuple(sorted(set(items)))
-
-
-def matches(names: tuple[str, ...] | None, name: str) -> bool:
-    """Whether `name` fits one of the patterns; None (no patterns) fits everything."""
-    return names is None or any(fnmatch.fnmatchcase(name, p) for p in names)
-
-
-def _rate_limit(value: Mapping[str, int | None] | None) -> dict[str, int] | None:
-    """The limits that are set, validated; None when there are none."""
-    if not value:
-        return None
-    unknown = sorted(set(value) - set(RATE_LIMIT_FIELDS))
-    if unknown:
-        known = ", ".join(RATE_LIMIT_FIELDS)
-        raise ValueError(f"unknown rate limit {unknown[0]!r}; known: {known}")
-    limits: dict[str, int] = {}
-    for name, limit in value.items():
-        if limit is None:
-            continue
-        if not isinstance(limit, int) or isinstance(limit, bool) or limit <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {limit!r}")
-        limits[name] = limit
-    return limits or None
-
-
-@dataclass(frozen=True, slots=True)
-class KeyRecord:
-    """What the gateway knows about a key; never the secret or its hash."""
-
-    id: str
-    name: str
-    scopes: frozenset[str]
-    created_at: datetime
-    expires_at: datetime | None
-    ip_allowlist: tuple[str, ...]
-    rate_limit: dict[str, int] | None
-    """`requests_per_minute` and/or `tokens_per_minute`, only those that are set."""
-    revoked: bool
-    revoked_at: datetime | None
-    totp_secret: str | None = field(default=None, repr=False)
-    """The TOTP seed, for `OtpGuard.check`; never serialize it into a response."""
-    models: tuple[str, ...] | None = None
-    """Model name patterns the key may use; None: every model."""
-    indexes: tuple[str, ...] | None = None
-    """Index name patterns the key may use; None: every index."""
-
-    @property
-    def totp_enabled(self) -> bool:
-        return self.totp_secret is not None
-
-    def expired(self, now: datetime) -> bool:
-        return self.expires_at is not None and now >= self.expires_at
-
-
 @dataclass(frozen=True, slots=True)
 class CreatedKey:
     """A new key: the only time its secret (and TOTP seed) can be seen."""
@@ -181,13 +93,6 @@ class CreatedKey:
     key: str = field(repr=False)
     totp_secret: str | None = field(default=None, repr=False)
     totp_uri: str | None = field(default=None, repr=False)
-
-
-def allows(record: KeyRecord, scope: str) -> bool:
-    """Whether the key grants `scope`; `admin` grants every scope."""
-    if scope not in SCOPES:
-        raise ValueError(f"unknown scope {scope!r}")
-    return ADMIN in record.scopes or scope in record.scopes
 
 
 def parse_key(presented: str | None) -> tuple[str, str] | None:
@@ -349,7 +254,7 @@ class KeyStore:
             raise ValueError("a key needs at least one scope")
         if expires_at is not None and expires_at.tzinfo is None:
             raise ValueError("expires_at must be timezone-aware")
-        limits = _rate_limit(rate_limit) or {}
+        limits = rate_limits(rate_limit) or {}
         model_patterns = name_patterns(models, "models")
         index_patterns = name_patterns(indexes, "indexes")
         if ADMIN in scope_set and (model_patterns or index_patterns):
@@ -384,7 +289,7 @@ class KeyStore:
             created_at=m["created_at"],
             expires_at=m["expires_at"],
             ip_allowlist=tuple(m["ip_allowlist"]),
-            rate_limit=_rate_limit({f: m[f] for f in RATE_LIMIT_FIELDS}),
+            rate_limit=rate_limits({f: m[f] for f in RATE_LIMIT_FIELDS}),
             revoked=bool(m["revoked"]),
             revoked_at=m["revoked_at"],
             totp_secret=self._unseal(m["id"], sealed) if sealed else None,

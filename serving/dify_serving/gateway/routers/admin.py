@@ -1,9 +1,10 @@
 """Operations: API keys (`/v1/admin/keys`) and the audit trail (`/v1/audit/*`).
 
-Scopes and the second factor are enforced by the security middleware (see `policy.py`);
-these handlers only translate. A key's secret is in the creation response and nowhere
-else, ever. An `audit:read` key without `admin` reads only its own rows: the trail names
-other keys, addresses and models, which is more than a tenant's key should learn.
+Scopes and the second factor are declared at each route and enforced by the security
+middleware (see `policy.py`); these handlers only translate. A key's secret is in the
+creation response and nowhere else, ever. An `audit:read` key without `admin` reads only
+its own rows: the trail names other keys, addresses and models, which is more than a
+tenant's key should learn.
 """
 
 from __future__ import annotations
@@ -20,8 +21,15 @@ from pydantic import BaseModel, ConfigDict, Field
 from dify_serving.gateway import access
 from dify_serving.gateway.errors import ApiError
 from dify_serving.gateway.notes import note
+from dify_serving.gateway.policy import needs
 from dify_serving.gateway.security import Guard
-from dify_serving.security.keys import MAX_PATTERN_CHARS, MAX_PATTERNS, SCOPES
+from dify_serving.security.grants import (
+    ADMIN,
+    AUDIT_READ,
+    MAX_PATTERN_CHARS,
+    MAX_PATTERNS,
+    SCOPES,
+)
 
 router = APIRouter(prefix="/v1", tags=["operations"])
 
@@ -29,7 +37,9 @@ router = APIRouter(prefix="/v1", tags=["operations"])
 async def get_guard(request: Request) -> Guard:
     guard: Guard | None = getattr(request.app.state, "guard", None)
     if guard is None:
-        raise ApiError(404, "security is switched off on this gateway (DIFY_MIRROR_AUTH=false)")
+        raise ApiError(
+            404, "not_found", "security is switched off on this gateway (DIFY_MIRROR_AUTH=false)"
+        )
     return guard
 
 
@@ -87,13 +97,18 @@ def _iso(value: datetime | None) -> str | None:
     return None if value is None else value.isoformat()
 
 
-@router.post("/admin/keys", status_code=201, summary="Create an API key (secret shown once)")
+@router.post(
+    "/admin/keys",
+    status_code=201,
+    summary="Create an API key (secret shown once)",
+    openapi_extra=needs(ADMIN, sensitive=True),
+)
 async def create_key(body: KeyCreate, guard: GuardDep) -> dict[str, Any]:
     expires = body.expires_at
     if expires is not None and expires.tzinfo is None:
         expires = expires.replace(tzinfo=UTC)
     if expires is not None and expires <= datetime.now(UTC):
-        raise ApiError(422, "expires_at: must be in the future")
+        raise ApiError(422, "invalid_request", "expires_at: must be in the future")
     try:
         created = await asyncio.to_thread(
             guard.keys.create,
@@ -107,7 +122,7 @@ async def create_key(body: KeyCreate, guard: GuardDep) -> dict[str, Any]:
             indexes=body.indexes,
         )
     except ValueError as exc:
-        raise ApiError(422, str(exc)) from None
+        raise ApiError(422, "invalid_request", str(exc)) from None
     note(detail=f"created key {created.id}")
     out: dict[str, Any] = {"id": created.id, "key": created.key}
     if body.totp:
@@ -115,18 +130,26 @@ async def create_key(body: KeyCreate, guard: GuardDep) -> dict[str, Any]:
     return out
 
 
-@router.get("/admin/keys", summary="API keys (never their secrets)")
+@router.get(
+    "/admin/keys",
+    summary="API keys (never their secrets)",
+    openapi_extra=needs(ADMIN, sensitive=True),
+)
 async def list_keys(guard: GuardDep) -> dict[str, Any]:
     records = await asyncio.to_thread(guard.keys.list)
     return {"object": "list", "data": [_public(r) for r in records]}
 
 
-@router.delete("/admin/keys/{key_id}", summary="Revoke an API key")
+@router.delete(
+    "/admin/keys/{key_id}",
+    summary="Revoke an API key",
+    openapi_extra=needs(ADMIN, sensitive=True),
+)
 async def revoke_key(key_id: str, guard: GuardDep) -> dict[str, Any]:
     revoked = await asyncio.to_thread(guard.keys.revoke, key_id)
     guard.forget_keys()  # at once on this replica (others: within the store's cache time)
     if not revoked:
-        raise ApiError(404, f"key {key_id!r} does not exist")
+        raise ApiError(404, "not_found", f"key {key_id!r} does not exist")
     note(detail=f"revoked key {key_id}")
     return {"id": key_id, "revoked": True}
 
@@ -141,7 +164,9 @@ def _time(value: str | None, name: str) -> float | None:
     try:
         stamp = datetime.fromisoformat(value)
     except ValueError:
-        raise ApiError(422, f"{name}: give an ISO time or unix seconds, not {value!r}") from None
+        raise ApiError(
+            422, "invalid_request", f"{name}: give an ISO time or unix seconds, not {value!r}"
+        ) from None
     return (stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)).timestamp()
 
 
@@ -164,7 +189,9 @@ class AuditFilters(BaseModel):
         if key is not None and not access.is_admin():
             if key_id is not None and key_id != key.id:
                 raise ApiError(
-                    403, f"key {key.id} may read only its own audit rows (key_id={key.id})"
+                    403,
+                    "forbidden",
+                    f"key {key.id} may read only its own audit rows (key_id={key.id})",
                 )
             key_id = key.id
         return {
@@ -177,7 +204,11 @@ class AuditFilters(BaseModel):
         }
 
 
-@router.get("/audit/logs", summary="Audit rows in chain order (oldest first), paged by cursor")
+@router.get(
+    "/audit/logs",
+    summary="Audit rows in chain order (oldest first), paged by cursor",
+    openapi_extra=needs(AUDIT_READ),
+)
 async def audit_logs(
     guard: GuardDep,
     filters: Annotated[AuditFilters, Query()],
@@ -190,11 +221,15 @@ async def audit_logs(
             lambda: guard.audit.query(**filters.query(), limit=limit, cursor=cursor)
         )
     except ValueError as exc:
-        raise ApiError(422, str(exc)) from None
+        raise ApiError(422, "invalid_request", str(exc)) from None
     return {"object": "list", "data": rows, "next_cursor": next_cursor}
 
 
-@router.get("/audit/export", summary="Export audit rows as JSONL or CSV (sensitive)")
+@router.get(
+    "/audit/export",
+    summary="Export audit rows as JSONL or CSV (sensitive)",
+    openapi_extra=needs(AUDIT_READ, sensitive=True),
+)
 async def audit_export(
     guard: GuardDep,
     filters: Annotated[AuditFilters, Query()],

@@ -1,7 +1,7 @@
 """Probes. Public, so they say little: a status and, when not ready, a short reason code.
 
 Readiness is what the gateway's status refresh last found: in a Serve replica a
-background loop reads Ray Serve's status every few seconds anyway (`GatewayState.start`),
+background loop reads Ray Serve's status every few seconds anyway (`StatusCache.start`),
 so a probe reads its outcome and costs no dashboard call. An app without that loop (built
 in-process, in tests) refreshes on demand, at most once per `READY_CACHE_S`, concurrent
 probes sharing one call. Not ready: the last refresh failed, or none has worked for
@@ -29,9 +29,10 @@ STALE_S = 15.0
 
 def not_ready_reason(state: GatewayState) -> str | None:
     """Why the gateway is not ready, from its last refresh; None when it is."""
-    if state.refresh_failure is not None:
-        return state.refresh_failure
-    if state.refreshed_at is None or time.monotonic() - state.refreshed_at > STALE_S:
+    status = state.status
+    if status.refresh_failure is not None:
+        return status.refresh_failure
+    if status.refreshed_at is None or time.monotonic() - status.refreshed_at > STALE_S:
         return "status_stale"
     return None
 
@@ -44,8 +45,8 @@ async def healthz() -> dict[str, str]:
 @router.get("/readyz", summary="Readiness: the gateway can reach Ray Serve")
 async def readyz(request: Request) -> Any:
     state: GatewayState = request.app.state.gateway
-    if not state.refreshing:
-        await state.refresh_if_older(READY_CACHE_S)
+    if not state.status.refreshing:
+        await state.status.refresh_if_older(READY_CACHE_S)
     reason = not_ready_reason(state)
     if reason is not None:
         return JSONResponse(
@@ -53,7 +54,7 @@ async def readyz(request: Request) -> Any:
             status_code=503,
             headers={"Retry-After": "2"},
         )
-    phases = [s.get("phase") for s in state.statuses.values()]
+    phases = [s.get("phase") for s in state.status.models.values()]
     return {
         "status": "ready",
         "models": {"total": len(phases), "ready": phases.count("Ready")},

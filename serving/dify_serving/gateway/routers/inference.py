@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from dify_serving.gateway import dataplane
+from dify_serving.engines.protocol import GenerationRequest, PredictionRequest
+from dify_serving.gateway.dataplane import inference as plane
 from dify_serving.gateway.errors import ApiError, request_id
-from dify_serving.gateway.limits import check_call_size
-from dify_serving.gateway.routers.models import StateDep
+from dify_serving.gateway.policy import needs
+from dify_serving.gateway.routers.deps import StateDep
+from dify_serving.gateway.routers.sse import sse_stream
 from dify_serving.gateway.schemas import InferenceRequest, InferenceResponse, Usage
-from dify_serving.specs import Task
+from dify_serving.gateway.state import GatewayState
+from dify_serving.security.grants import INFERENCE
+from dify_serving.specs import DifyModel, Task
 
 router = APIRouter(prefix="/v1", tags=["inference"])
 
@@ -21,6 +26,7 @@ router = APIRouter(prefix="/v1", tags=["inference"])
     "/inference",
     response_model=InferenceResponse,
     summary="Run a model: text generation (optionally streamed), embeddings, classification",
+    openapi_extra=needs(INFERENCE, generates=True),
 )
 async def inference(body: InferenceRequest, request: Request, state: StateDep) -> Any:
     model = state.model(body.model)
@@ -28,8 +34,8 @@ async def inference(body: InferenceRequest, request: Request, state: StateDep) -
     task = model.spec.task
     if task == Task.TEXT_GENERATION:
         if body.prompt is None:
-            raise ApiError(422, "prompt: required for text-generation", "invalid_request")
-        gen = dataplane.generation_request(
+            raise ApiError(422, "invalid_request", "prompt: required for text-generation")
+        gen = plane.generation_request(
             model,
             prompt=body.prompt,
             max_tokens=body.max_tokens,
@@ -39,38 +45,35 @@ async def inference(body: InferenceRequest, request: Request, state: StateDep) -
         )
         if body.stream:
             return StreamingResponse(
-                dataplane.sse_stream(_deltas(state, model, gen, rid), rid),
-                media_type="text/event-stream",
+                sse_stream(_deltas(state, model, gen, rid), rid), media_type="text/event-stream"
             )
-        result = await dataplane.generate(state, model, gen)
+        result = await plane.generate(state, model, gen)
         return InferenceResponse(
             id=rid,
             model=model.name,
-            output=result["text"],
+            output=result.text,
             usage=_usage(result),
-            finish_reason=result["finish_reason"],
+            finish_reason=result.finish_reason,
         )
     if body.stream:
-        raise ApiError(422, f"stream: {task} models do not stream", "invalid_request")
+        raise ApiError(422, "invalid_request", f"stream: {task} models do not stream")
     inputs = body.input if body.input is not None else body.prompt
     if inputs is None:
-        raise ApiError(422, "input: required for this model", "invalid_request")
+        raise ApiError(422, "invalid_request", "input: required for this model")
     batch = inputs if isinstance(inputs, list) else [inputs]
     if task == Task.FEATURE_EXTRACTION:
-        dataplane.check_text_chars("input", batch)
-        result = await dataplane.embed(state, model, batch, body.truncate)
-        vectors = result["vectors"].tolist()
+        plane.check_text_chars("input", batch)
+        embedded = await plane.embed(state, model, batch, body.truncate)
+        vectors = embedded.vectors.tolist()
+        tokens = embedded.prompt_tokens
         return InferenceResponse(
             id=rid,
             model=model.name,
             output=vectors if isinstance(inputs, list) else vectors[0],
-            usage=Usage(
-                prompt_tokens=result["prompt_tokens"], total_tokens=result["prompt_tokens"]
-            ),
+            usage=Usage(prompt_tokens=tokens, total_tokens=tokens),
         )
-    check_call_size("input", batch, f"model {model.name!r}")
-    options = {"top_k": body.top_k, "max_tokens": body.max_tokens}
-    output = await state.call(model.name, "predict", batch, options)
+    predicted = PredictionRequest(batch, top_k=body.top_k, max_tokens=body.max_tokens)
+    output = await plane.predict(state, model, predicted)
     return InferenceResponse(
         id=rid,
         model=model.name,
@@ -79,23 +82,25 @@ async def inference(body: InferenceRequest, request: Request, state: StateDep) -
     )
 
 
-def _usage(result: dict[str, Any]) -> Usage:
-    p, c = result["prompt_tokens"], result["completion_tokens"]
+def _usage(result: Any) -> Usage:
+    p, c = result.prompt_tokens, result.completion_tokens
     return Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
 
 
-async def _deltas(state: Any, model: Any, gen: dict[str, Any], rid: str) -> Any:
+async def _deltas(
+    state: GatewayState, model: DifyModel, gen: GenerationRequest, rid: str
+) -> AsyncIterator[dict[str, Any]]:
     index = 0
-    async for item in dataplane.generate_stream(state, model, gen):
-        if item.get("finish_reason"):
+    async for item in plane.generate_stream(state, model, gen):
+        if item.finish_reason:
             yield {
                 "id": rid,
                 "model": model.name,
-                "delta": item.get("delta", ""),
+                "delta": item.delta,
                 "index": index,
-                "finish_reason": item["finish_reason"],
+                "finish_reason": item.finish_reason,
                 "usage": _usage(item).model_dump(),
             }
         else:
-            yield {"id": rid, "model": model.name, "delta": item["delta"], "index": index}
+            yield {"id": rid, "model": model.name, "delta": item.delta, "index": index}
         index += 1

@@ -10,22 +10,32 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from dify_serving.gateway import dataplane, retrieval
+from dify_serving.engines.protocol import GenerationRequest
+from dify_serving.gateway.dataplane import inference as plane
+from dify_serving.gateway.dataplane import retrieval
 from dify_serving.gateway.errors import ApiError, request_id
-from dify_serving.gateway.routers.models import StateDep
+from dify_serving.gateway.policy import needs
+from dify_serving.gateway.routers.deps import StateDep
+from dify_serving.gateway.routers.sse import sse_stream
 from dify_serving.gateway.schemas import (
+    ChatCompletion,
     ChatCompletionRequest,
+    Completion,
     CompletionRequest,
+    EmbeddingList,
     EmbeddingRequest,
+    OpenAIUsage,
 )
-from dify_serving.specs import Task
+from dify_serving.gateway.state import GatewayState
+from dify_serving.security.grants import INFERENCE
+from dify_serving.specs import DifyModel, Task
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
 
-def _usage(result: dict[str, Any]) -> dict[str, int]:
-    p, c = result["prompt_tokens"], result["completion_tokens"]
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+def _usage(result: Any) -> OpenAIUsage:
+    p, c = result.prompt_tokens, result.completion_tokens
+    return OpenAIUsage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
 
 
 def _text(content: Any) -> str:
@@ -34,10 +44,15 @@ def _text(content: Any) -> str:
     return "".join(part.get("text", "") for part in content if part.get("type") == "text")
 
 
-@router.post("/chat/completions", summary="OpenAI chat completions (stream too)")
+@router.post(
+    "/chat/completions",
+    response_model=ChatCompletion,
+    summary="OpenAI chat completions (stream too)",
+    openapi_extra=needs(INFERENCE, generates=True),
+)
 async def chat_completions(body: ChatCompletionRequest, request: Request, state: StateDep) -> Any:
     model = state.model(body.model)
-    dataplane.expect_task(model, Task.TEXT_GENERATION)
+    plane.expect_task(model, Task.TEXT_GENERATION)
     messages = [{"role": m.role, "content": _text(m.content)} for m in body.messages]
     cites = None
     if body.index is not None:  # extension: answer from a knowledge index, with citations
@@ -45,7 +60,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
             state, body.index, retrieval.last_user_text(messages), body.top_k
         )
         messages, cites = retrieval.augment(messages, hits), retrieval.citations(hits)
-    gen = dataplane.generation_request(
+    gen = plane.generation_request(
         model,
         messages=messages,
         max_tokens=body.max_completion_tokens or body.max_tokens,
@@ -53,37 +68,34 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
         top_p=body.top_p,
         seed=body.seed,
     )
-    cid, created = dataplane.new_id("chatcmpl"), int(time.time())
+    cid, created = plane.new_id("chatcmpl"), int(time.time())
     base: dict[str, Any] = {"id": cid, "created": created, "model": model.name}
     if body.stream:
         usage = bool((body.stream_options or {}).get("include_usage"))
         return StreamingResponse(
-            dataplane.sse_stream(
-                _chat_chunks(state, model, gen, base, usage, cites), request_id(request)
-            ),
+            sse_stream(_chat_chunks(state, model, gen, base, usage, cites), request_id(request)),
             media_type="text/event-stream",
         )
-    result = await dataplane.generate(state, model, gen)
-    return {
+    result = await plane.generate(state, model, gen)
+    return ChatCompletion(
         **base,
-        "object": "chat.completion",
-        "choices": [
+        choices=[
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": result["text"]},
-                "finish_reason": result["finish_reason"],
+                "message": {"role": "assistant", "content": result.text},
+                "finish_reason": result.finish_reason,
                 "logprobs": None,
             }
         ],
-        "usage": _usage(result),
-        **({"citations": cites} if cites is not None else {}),
-    }
+        usage=_usage(result),
+        citations=cites,
+    )
 
 
 async def _chat_chunks(
-    state: Any,
-    model: Any,
-    gen: dict[str, Any],
+    state: GatewayState,
+    model: DifyModel,
+    gen: GenerationRequest,
     base: dict[str, Any],
     usage: bool,
     cites: list[dict[str, Any]] | None = None,
@@ -96,26 +108,31 @@ async def _chat_chunks(
         ],
         **({"citations": cites} if cites is not None else {}),
     }
-    async for item in dataplane.generate_stream(state, model, gen):
-        finish = item.get("finish_reason")
-        delta = {"content": item["delta"]} if item.get("delta") else {}
+    async for item in plane.generate_stream(state, model, gen):
+        finish = item.finish_reason
+        delta = {"content": item.delta} if item.delta else {}
         yield {**chunk, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
         if finish and usage:
-            yield {**chunk, "choices": [], "usage": _usage(item)}
+            yield {**chunk, "choices": [], "usage": _usage(item).model_dump()}
 
 
-@router.post("/completions", summary="OpenAI text completions (stream too)")
+@router.post(
+    "/completions",
+    response_model=Completion,
+    summary="OpenAI text completions (stream too)",
+    openapi_extra=needs(INFERENCE, generates=True),
+)
 async def completions(body: CompletionRequest, request: Request, state: StateDep) -> Any:
     model = state.model(body.model)
-    dataplane.expect_task(model, Task.TEXT_GENERATION)
+    plane.expect_task(model, Task.TEXT_GENERATION)
     prompt = body.prompt
     if isinstance(prompt, list):
         if len(prompt) != 1:
-            raise ApiError(422, "prompt: give one prompt per request", "invalid_request")
+            raise ApiError(422, "invalid_request", "prompt: give one prompt per request")
         prompt = prompt[0]
     if not prompt:
-        raise ApiError(422, "prompt: must not be empty", "invalid_request")
-    gen = dataplane.generation_request(
+        raise ApiError(422, "invalid_request", "prompt: must not be empty")
+    gen = plane.generation_request(
         model,
         prompt=prompt,
         max_tokens=body.max_tokens,
@@ -124,7 +141,7 @@ async def completions(body: CompletionRequest, request: Request, state: StateDep
         seed=body.seed,
     )
     base = {
-        "id": dataplane.new_id("cmpl"),
+        "id": plane.new_id("cmpl"),
         "created": int(time.time()),
         "model": model.name,
         "object": "text_completion",
@@ -132,60 +149,61 @@ async def completions(body: CompletionRequest, request: Request, state: StateDep
     if body.stream:
         usage = bool((body.stream_options or {}).get("include_usage"))
         return StreamingResponse(
-            dataplane.sse_stream(
-                _completion_chunks(state, model, gen, base, usage), request_id(request)
-            ),
+            sse_stream(_completion_chunks(state, model, gen, base, usage), request_id(request)),
             media_type="text/event-stream",
         )
-    result = await dataplane.generate(state, model, gen)
-    return {
+    result = await plane.generate(state, model, gen)
+    return Completion(
         **base,
-        "choices": [
+        choices=[
             {
                 "index": 0,
-                "text": result["text"],
+                "text": result.text,
                 "logprobs": None,
-                "finish_reason": result["finish_reason"],
+                "finish_reason": result.finish_reason,
             }
         ],
-        "usage": _usage(result),
-    }
+        usage=_usage(result),
+    )
 
 
 async def _completion_chunks(
-    state: Any, model: Any, gen: dict[str, Any], base: dict[str, Any], usage: bool
+    state: GatewayState,
+    model: DifyModel,
+    gen: GenerationRequest,
+    base: dict[str, Any],
+    usage: bool,
 ) -> AsyncIterator[dict[str, Any]]:
-    async for item in dataplane.generate_stream(state, model, gen):
-        finish = item.get("finish_reason")
+    async for item in plane.generate_stream(state, model, gen):
+        finish = item.finish_reason
         yield {
             **base,
             "choices": [
-                {
-                    "index": 0,
-                    "text": item.get("delta", ""),
-                    "logprobs": None,
-                    "finish_reason": finish,
-                }
+                {"index": 0, "text": item.delta, "logprobs": None, "finish_reason": finish}
             ],
         }
         if finish and usage:
-            yield {**base, "choices": [], "usage": _usage(item)}
+            yield {**base, "choices": [], "usage": _usage(item).model_dump()}
 
 
-@router.post("/embeddings", summary="OpenAI embeddings (float or base64)")
+@router.post(
+    "/embeddings",
+    response_model=EmbeddingList,
+    summary="OpenAI embeddings (float or base64)",
+    openapi_extra=needs(INFERENCE),
+)
 async def embeddings(body: EmbeddingRequest, state: StateDep) -> Any:
     model = state.model(body.model, Task.FEATURE_EXTRACTION)
     texts = [body.input] if isinstance(body.input, str) else body.input
-    result = await dataplane.embed(state, model, texts, body.truncate)
-    vectors = result["vectors"]
+    result = await plane.embed(state, model, texts, body.truncate)
+    vectors = result.vectors
     if body.encoding_format == "base64":
-        data = [base64.b64encode(v.astype("<f4").tobytes()).decode() for v in vectors]
+        data: list[Any] = [base64.b64encode(v.astype("<f4").tobytes()).decode() for v in vectors]
     else:
         data = vectors.tolist()
-    tokens = result["prompt_tokens"]
-    return {
-        "object": "list",
-        "data": [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(data)],
-        "model": model.name,
-        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-    }
+    tokens = result.prompt_tokens
+    return EmbeddingList(
+        data=[{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(data)],
+        model=model.name,
+        usage={"prompt_tokens": tokens, "total_tokens": tokens},
+    )

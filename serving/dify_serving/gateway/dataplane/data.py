@@ -1,0 +1,234 @@
+"""Data: cleaning, chunking, upserts, searches, erasure (GDPR) and the index list.
+
+The gateway checks the limits (sizes, counts, names) and the key's rights; each index's
+own replica does the work, so one index's load never blocks another's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from dify_serving.catalog.local import LocalCatalog
+from dify_serving.gateway import access
+from dify_serving.gateway.errors import ApiError
+from dify_serving.gateway.limits import (
+    call_budget,
+    check_call_bytes,
+    check_call_size,
+    json_size,
+    utf8_size,
+)
+from dify_serving.gateway.notes import TEXT_CHARS, note, note_text
+from dify_serving.gateway.schemas import Document
+from dify_serving.gateway.state import GatewayState
+from dify_serving.layout import index_shard_dir
+from dify_serving.specs import Cleaning, DifyIndex
+
+
+async def clean(
+    state: GatewayState, text: str, rules: Cleaning, index: str | None, chunk: bool
+) -> dict[str, Any]:
+    """`text` cleaned as an upsert would clean it; with `chunk`, cut by the index too."""
+    size, limit = utf8_size(text), state.options.limits.max_document_bytes
+    if size > limit:
+        raise ApiError(
+            413,
+            "payload_too_large",
+            f"text: {size} bytes; the limit is {limit} (as for one document)",
+        )
+    chunked = None
+    if chunk and index is not None:  # the index cleans and chunks, as on upsert
+        check_call_size("text", [text], f"index {index!r}")
+        chunked = await state.index_replicas.chunk(index, text)
+    cleaned = chunked["text"] if chunked else await state.cleaner.clean(text, rules)
+    out: dict[str, Any] = {"text": cleaned, "chars_in": len(text), "chars_out": len(cleaned)}
+    if chunked:
+        out["chunks"] = chunked["chunks"]
+    return out
+
+
+def _check_documents(
+    index: str, documents: list[Document], limit: int, most: int, body_bytes: int | None
+) -> None:
+    """Counts, sizes and ids of an upsert's documents, each text measured once.
+
+    What the call to the index carries is bounded by the request body itself (its JSON
+    holds every text, id and metadata at least as long), so the call's budget is summed
+    only when the body is larger than the budget, or of unknown length (chunked).
+    """
+    if not documents:
+        raise ApiError(422, "invalid_request", "documents: give at least one document")
+    if len(documents) > most:
+        raise ApiError(
+            413,
+            "payload_too_large",
+            f"documents: {len(documents)} in one request; the limit is {most} "
+            "(DIFY_MIRROR_MAX_DOCUMENTS). Use bulk ingestion (POST /v1/data/ingest, coming "
+            "with async tasks) or split the request",
+        )
+    budget = call_budget()
+    measure = budget is not None and (body_bytes is None or body_bytes > budget)
+    seen: set[str] = set()
+    total = 0
+    for position, doc in enumerate(documents):
+        size = utf8_size(doc.text)
+        if size > limit:
+            raise ApiError(
+                413,
+                "payload_too_large",
+                f"documents.{position} ({doc.id!r}) is {size} bytes; the limit is {limit} bytes",
+            )
+        if not doc.text or doc.text.isspace():
+            raise ApiError(
+                422, "invalid_request", f"documents.{position}.text ({doc.id!r}): must not be empty"
+            )
+        if doc.id in seen:
+            raise ApiError(
+                422, "invalid_request", f"documents.{position}.id: {doc.id!r} appears twice"
+            )
+        seen.add(doc.id)
+        if measure:
+            total += size + utf8_size(doc.id) + (json_size(doc.metadata) if doc.metadata else 0)
+    if measure and budget is not None:
+        check_call_bytes("documents", total, f"index {index!r}", budget)
+
+
+def _documents_text(documents: list[Document]) -> str:
+    return "\n\n".join(f"[{d.id}] {d.text[:TEXT_CHARS]}" for d in documents)
+
+
+async def upsert(
+    state: GatewayState, index: str, documents: list[Document], body_bytes: int | None
+) -> dict[str, Any]:
+    """Clean, chunk, embed and store `documents` (replacing any of the same id)."""
+    state.index(index)
+    limits = state.options.limits
+    _check_documents(index, documents, limits.max_document_bytes, limits.max_documents, body_bytes)
+    note_text(lambda: _documents_text(documents))
+    return await state.index_replicas.upsert(index, [doc.model_dump() for doc in documents])
+
+
+async def search(state: GatewayState, index: str, request: dict[str, Any]) -> dict[str, Any]:
+    """Nearest chunks to `request["query"]` (text) or `request["vector"]`."""
+    state.index(index)
+    if (request.get("query") is None) == (request.get("vector") is None):
+        raise ApiError(422, "invalid_request", "give exactly one of query (text) or vector")
+    started = time.perf_counter()
+    note_text(request.get("query"))
+    result = await state.index_replicas.search(index, request)
+    result["index"] = index
+    result["took_ms"] = round((time.perf_counter() - started) * 1000, 2)
+    return result
+
+
+async def erase(
+    state: GatewayState,
+    index: str | None,
+    document_ids: list[str] | None,
+    subject_id: str | None,
+) -> dict[str, Any]:
+    """Delete documents from one index, or a subject from every index the key may write.
+
+    All or an error: a failure in any index is a 503 that says what was done (deleting
+    again is harmless), and a complete erasure returns a receipt.
+    """
+    if (document_ids is None) == (subject_id is None):
+        raise ApiError(
+            422, "invalid_request", "give exactly one of document_ids (with index) or subject_id"
+        )
+    if document_ids is not None:
+        if index is None:
+            raise ApiError(422, "invalid_request", "index: required with document_ids")
+        if not document_ids:
+            raise ApiError(422, "invalid_request", "document_ids: give at least one id")
+        targets = [state.index(index).name]
+    else:
+        # the named index (403 unless the key may write it), or every index this key may
+        # write (admin: all of them); the receipt says which
+        if index:
+            indexes = [state.index(index)]
+        else:
+            known = state.catalog.indexes()
+            indexes = [known[n] for n in access.visible_indexes(sorted(known))]
+        targets = [i.name for i in indexes if not _never_stored(state, i)]
+    outcomes = await asyncio.gather(
+        *(state.index_replicas.delete(n, document_ids, subject_id) for n in targets),
+        return_exceptions=True,
+    )
+    removed = [
+        {"index": n, "points": r}
+        for n, r in zip(targets, outcomes, strict=True)
+        if isinstance(r, int)
+    ]
+    failed = [
+        f"{n}: {getattr(r, 'message', 'failed; see the server logs')}"
+        for n, r in zip(targets, outcomes, strict=True)
+        if not isinstance(r, int)
+    ]
+    if failed:  # an erasure is complete or it is an error; deleting again is harmless
+        done = ", ".join(f"{r['index']} ({r['points']} points)" for r in removed) or "none"
+        raise ApiError(
+            503,
+            "erasure_incomplete",
+            f"erasure incomplete; failed: {'; '.join(failed)}; done: {done}. Retry the request.",
+            headers={"Retry-After": "2"},
+        )
+    receipt_id = uuid.uuid4().hex
+    what = f"subject {subject_id}" if subject_id else f"{len(document_ids or [])} documents"
+    note(
+        detail=f"erasure {receipt_id}: {what}; "
+        + ", ".join(f"{r['index']}={r['points']}" for r in removed)
+    )
+    return {
+        "receipt_id": receipt_id,
+        "completed_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "subject_id": subject_id,
+        "document_ids": document_ids,
+        "removed": removed,
+        "points_removed": sum(r["points"] for r in removed),
+    }
+
+
+def _never_stored(state: GatewayState, index: DifyIndex) -> bool:
+    """An index that never ran here has nothing to erase (its shard was never created)."""
+    catalog = state.catalog
+    if not isinstance(catalog, LocalCatalog) or index.spec.store.type != "embedded":
+        return False
+    if catalog.serve_options().qdrant_url:  # "embedded" indexes then live on that server
+        return False
+    if state.status.serving(state.status.indexes, index.name):
+        return False
+    collection = index.spec.store.collection or index.name
+    return not index_shard_dir(Path(state.options.home), collection).exists()
+
+
+async def list_indexes(state: GatewayState) -> list[dict[str, Any]]:
+    """The indexes this key may see: model, store, dimension, points, status."""
+    await state.status.refresh()
+    indexes = state.catalog.indexes()
+    names = access.visible_indexes(sorted(indexes))
+    infos = await asyncio.gather(*(state.index_replicas.info(n) for n in names))
+    data = []
+    for name, info in zip(names, infos, strict=True):
+        index, status = indexes[name], state.status.indexes.get(name, {})
+        phase, message = status.get("phase", "Pending"), status.get("message")
+        if info.get("error"):
+            phase, message = "Failed", info["error"]
+        data.append(
+            {
+                "name": name,
+                "model": index.spec.embedding_model,
+                "store": index.spec.store.type,
+                "collection": index.spec.store.collection or name,
+                "dimension": info.get("dimension"),
+                "points": info.get("points"),
+                "status": phase,
+                "message": message,
+            }
+        )
+    return data

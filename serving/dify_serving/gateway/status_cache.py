@@ -1,0 +1,130 @@
+"""Which models and indexes answer now: Ray Serve's status, cached and refreshed.
+
+Refreshed in the background (fast while something is loading, slow otherwise, and at
+once after a change), so a request to a model that is not Ready gets a clear 503 at once
+instead of waiting on a replica that may never come. Readiness reads when the last
+refresh worked and why the last one failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+from dify_serving.catalog import Catalog
+from dify_serving.control import AsyncRayDashboard, RayUnavailable
+from dify_serving.specs import Phase
+from dify_serving.status import index_status, model_status
+
+log = logging.getLogger(__name__)
+
+SERVING = frozenset({Phase.READY.value, Phase.DEGRADED.value})
+
+
+class StatusCache:
+    def __init__(self, catalog: Catalog, dashboard: AsyncRayDashboard | None) -> None:
+        self.catalog = catalog
+        self.dashboard = dashboard
+        self.models: dict[str, dict[str, Any]] = {}
+        self.indexes: dict[str, dict[str, Any]] = {}
+        self.cluster_gpus: float | None = None
+        self.refreshed_at: float | None = None  # time.monotonic() of the last that worked
+        self.refresh_failure: str | None = None  # a short reason code
+        self.generation = 0  # counts refreshes that read Serve: specs may have changed
+        self._refresher: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._refresh_started = float("-inf")
+        self._on_demand: asyncio.Task[None] | None = None
+
+    def start(self, background: bool) -> None:
+        if self._refresher is None and background:
+            self._refresher = asyncio.get_running_loop().create_task(self._refresh_loop())
+
+    def close(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+
+    @property
+    def refreshing(self) -> bool:
+        """Whether the background refresh loop runs (it does in a Serve replica)."""
+        return self._refresher is not None and not self._refresher.done()
+
+    def refresh_soon(self) -> None:
+        """Wake the refresh loop now (after a change, or to see an outage sooner)."""
+        self._wake.set()
+
+    def serving(self, statuses: dict[str, dict[str, Any]], name: str) -> bool:
+        return statuses.get(name, {}).get("phase") in SERVING
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            with contextlib.suppress(Exception):  # recorded and logged; keep refreshing
+                await self.refresh()
+            busy = any(s["phase"] not in SERVING for s in self.models.values())
+            idle = self.catalog.idle_refresh_s
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), 0.5 if busy else idle)
+            self._wake.clear()
+
+    async def refresh_if_older(self, age_s: float) -> None:
+        """Refresh unless one started within `age_s`; callers meanwhile share one refresh."""
+        task = self._on_demand
+        if task is None or task.done():
+            if time.monotonic() - self._refresh_started < age_s:
+                return
+            task = self._on_demand = asyncio.get_running_loop().create_task(self._quietly())
+        await asyncio.shield(task)
+
+    async def _quietly(self) -> None:
+        with contextlib.suppress(Exception):  # recorded in refresh_failure
+            await self.refresh()
+
+    async def refresh(self) -> dict[str, dict[str, Any]]:
+        """Read Serve's status now; records when it worked or why it did not."""
+        self._refresh_started = time.monotonic()
+        try:
+            statuses = await self._read()
+        except RayUnavailable as exc:
+            self.refresh_failure = "ray_unavailable"
+            log.warning("status refresh failed: %s", exc)
+            raise
+        except Exception as exc:
+            self.refresh_failure = "status_unavailable"
+            log.warning("status refresh failed: %s: %s", type(exc).__name__, exc)
+            raise
+        self.refreshed_at, self.refresh_failure = time.monotonic(), None
+        return statuses
+
+    async def _read(self) -> dict[str, dict[str, Any]]:
+        await self.catalog.refresh()
+        if self.dashboard is None:
+            return self.models
+        apps = (await self.dashboard.get_applications()).get("applications") or {}
+        if self.cluster_gpus is None:
+            import ray
+
+            self.cluster_gpus = float(ray.cluster_resources().get("GPU", 0))
+        models = self.catalog.models()
+        self.generation += 1
+        self.models = {
+            name: model_status(name, m.spec, apps, self.cluster_gpus) for name, m in models.items()
+        }
+        self.indexes = {
+            name: index_status(name, i.spec, models, apps)
+            for name, i in self.catalog.indexes().items()
+        }
+        return self.models
+
+    def loading(self, name: str, spec: Any, phase: Phase) -> None:
+        """A model just put into the catalog: `phase` until Serve reports on it."""
+        self.models[name] = {
+            **model_status(name, spec, {}, self.cluster_gpus),
+            "phase": phase.value,
+        }
+        self.refresh_soon()
+
+    def forget(self, name: str) -> None:
+        self.models.pop(name, None)

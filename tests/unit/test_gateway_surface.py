@@ -1,0 +1,53 @@
+"""Switching modules off, and serving from a model's running replicas, in-process.
+
+Docs and health over real HTTP against the real stack are in `tests/stack`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from support import AUTH
+
+from dify_serving.gateway.app import create_app
+from dify_serving.gateway.state import GatewayState
+from dify_serving.options import GatewayOptions
+
+
+def test_switched_off_modules_have_no_routes(tmp_path) -> None:
+    state = GatewayState(GatewayOptions(modules=["inference"], home=str(tmp_path)))
+    with TestClient(create_app(state), headers=AUTH) as http:
+        for path in ("/v1/chat/completions", "/v1/embeddings", "/v1/models/load"):
+            r = http.post(path, json={})
+            assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+        assert http.get("/v1/models").status_code == 404
+        assert "/v1/chat/completions" not in http.get("/openapi.json").json()["paths"]
+        r = http.post("/v1/inference", json={"prompt": "x"})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+def test_modules_setting_is_validated() -> None:
+    import pytest
+    from pydantic import ValidationError
+
+    from dify_serving.settings import Settings
+
+    assert Settings(modules="models, inference").modules == ["models", "inference"]
+    with pytest.raises(ValidationError, match="unknown module"):
+        Settings(modules="models,teleport")
+
+
+def test_a_model_being_updated_keeps_serving_from_its_running_replicas(tmp_path: Path) -> None:
+    from dify_serving.gateway.errors import ApiError
+
+    state = GatewayState(GatewayOptions(home=str(tmp_path)))
+    state.status.models["llm"] = {"phase": "Loading", "ready_replicas": 1, "message": "updating"}
+    state.model_replicas.require_serving("llm")  # Serve redeploys it, the old replica still answers
+    state.status.models["llm"] = {"phase": "Loading", "ready_replicas": 0, "message": "Loading"}
+    with pytest.raises(ApiError, match="is loading"):
+        state.model_replicas.require_serving("llm")
+    state.status.models["llm"] = {"phase": "Failed", "ready_replicas": 1, "message": "bad weights"}
+    with pytest.raises(ApiError, match="failed to load"):
+        state.model_replicas.require_serving("llm")
