@@ -160,6 +160,20 @@ class Precision(StrEnum):
     BF16 = "bf16"
 
 
+class Runtime(StrEnum):
+    """What runs a model's forward pass (`spec.engine`)."""
+
+    AUTO = "auto"  # the fastest one installed for the task, device and precision
+    TORCH = "torch"
+    OPENVINO = "openvino"
+
+
+#: Tasks each runtime other than torch serves (torch serves every task).
+RUNTIME_TASKS = {Runtime.OPENVINO: frozenset({Task.FEATURE_EXTRACTION})}
+#: The pip extra that installs each runtime other than torch.
+RUNTIME_EXTRAS = {Runtime.OPENVINO: "openvino"}
+
+
 class Phase(StrEnum):
     PENDING = "Pending"
     LOADING = "Loading"
@@ -271,6 +285,12 @@ class DifyModelSpec(_Spec):
     precision: Precision = Field(
         Precision.FP32, description="Weights dtype: fp32, fp16 (GPU only) or bf16."
     )
+    engine: Runtime = Field(
+        Runtime.AUTO,
+        description="What runs the model: auto (the fastest installed for the task, device "
+        "and precision; the status says which), torch, or openvino (feature-extraction on "
+        "CPU; converted at load and cached under the state folder).",
+    )
     replicas: int = Field(1, ge=0, le=1000, description="Fixed replica count (no autoscaling).")
     autoscaling: Autoscaling | None = Field(
         None, description="Autoscaling bounds; replaces replicas when set."
@@ -306,6 +326,14 @@ class DifyModelSpec(_Spec):
     def _precision(self) -> DifyModelSpec:
         if self.precision == Precision.FP16 and not self.device.startswith("cuda"):
             raise ValueError("precision fp16 needs a GPU (device cuda); on CPU use bf16 or fp32")
+        tasks = RUNTIME_TASKS.get(self.engine)
+        if tasks is not None and self.task not in tasks:
+            raise ValueError(
+                f"engine {self.engine} serves {', '.join(sorted(tasks))}, not {self.task}; "
+                "use engine torch or auto"
+            )
+        if self.engine == Runtime.OPENVINO and self.uses_cuda:
+            raise ValueError("engine openvino serves device cpu here; use torch on cuda")
         return self
 
     @property

@@ -27,6 +27,13 @@ def test_status_reports_device_precision_and_memory(client: httpx.Client) -> Non
     assert llm["device"] == "cpu" and llm["precision"] == "fp32"
     assert llm["resident_memory_bytes"] > 10_000_000 and llm["parameters"] > 1_000_000
     assert llm["load_progress"] == 1.0 and llm["gpus"] == []
+    assert llm["engine"] == "torch" and llm["engine_note"] is None
+    minilm = models["minilm"]  # engine auto: OpenVINO runs embeddings on CPU
+    assert (minilm["engine"], minilm["precision"], minilm["parameters"]) == (
+        "openvino",
+        "fp32",
+        22_713_216,
+    )
     broken = models["broken"]
     assert broken["phase"] == "Failed" and "config.json not found" in broken["message"]
 

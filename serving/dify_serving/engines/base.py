@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 import os
 import resource
+import tempfile
 from abc import ABC
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 from dify_serving.engines.protocol import EngineError
@@ -53,10 +55,14 @@ class Engine(ABC):
 
     task: Task
 
-    def __init__(self, name: str, spec: DifyModelSpec, path: str) -> None:
+    def __init__(
+        self, name: str, spec: DifyModelSpec, path: str, *, home: Path | None = None
+    ) -> None:
         self.name = name
         self.spec = spec
         self.path = path
+        #: Where converted models are cached (`$DIFY_MIRROR_HOME`); None: a temp folder.
+        self.home = home if home is not None else Path(tempfile.gettempdir()) / "dify-mirror"
         self.device, self.dtype = _torch_setup(spec)
         self.model: Any = None
 
@@ -78,6 +84,7 @@ class Engine(ABC):
             "model_id": self.spec.model_id,
             "device": self.device,
             "precision": str(self.spec.precision),
+            "engine": "torch",
             "parameters": self.parameters(),
             "resident_memory_bytes": _rss_bytes(),
             "threads": torch.get_num_threads(),

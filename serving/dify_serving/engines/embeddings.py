@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,7 +32,27 @@ from dify_serving.engines.protocol import (
     EngineError,
     InputTooLong,
 )
-from dify_serving.specs import DifyModelSpec, Task
+from dify_serving.specs import RUNTIME_EXTRAS, DifyModelSpec, Precision, Runtime, Task
+
+log = logging.getLogger(__name__)
+
+
+def _runtime(spec: DifyModelSpec) -> Runtime:
+    """What runs the forward pass: OpenVINO on CPU when installed (auto), else torch."""
+    from dify_serving.engines import openvino_encoder as openvino
+
+    if spec.engine == Runtime.AUTO:
+        fits = not spec.uses_cuda and openvino.installed()
+        return Runtime.OPENVINO if fits else Runtime.TORCH
+    if spec.engine == Runtime.OPENVINO and not openvino.installed():
+        raise EngineError(422, "engine_not_installed", not_installed(Runtime.OPENVINO))
+    return Runtime(spec.engine)
+
+
+def not_installed(runtime: Runtime) -> str:
+    extra = RUNTIME_EXTRAS[runtime]
+    return f"engine {runtime} is not installed here: pip install 'dify-mirror[{extra}]'"
+
 
 # Padded tokens (rows x longest row) one batch may hold, per row of max_batch_size:
 # keeps one long text from padding a whole batch of short ones out to its length.
@@ -63,18 +85,26 @@ class _Job:
 class EmbeddingEngine(Engine):
     task = Task.FEATURE_EXTRACTION
 
-    def __init__(self, name: str, spec: DifyModelSpec, path: str) -> None:
-        super().__init__(name, spec, path)
+    def __init__(
+        self, name: str, spec: DifyModelSpec, path: str, *, home: Path | None = None
+    ) -> None:
+        super().__init__(name, spec, path, home=home)
         import torch
         from transformers import AutoModel, AutoTokenizer
 
         self._torch = torch
+        self.runtime = _runtime(spec)
+        self.runtime_note: str | None = None
+        self.encoder: Any = None  # the OpenVINO encoder, when it runs the forward pass
         self.tokenizer = AutoTokenizer.from_pretrained(path, revision=spec.revision)
-        self.model = AutoModel.from_pretrained(path, revision=spec.revision, dtype=self.dtype)
+        # OpenVINO converts fp32 weights; its precision is a compile-time hint
+        dtype = torch.float32 if self.runtime == Runtime.OPENVINO else self.dtype
+        self.model = AutoModel.from_pretrained(path, revision=spec.revision, dtype=dtype)
         self.model.to(self.device).eval()
         positions = getattr(self.model.config, "max_position_embeddings", 512)
         self.max_tokens = int(min(self.tokenizer.model_max_length, positions))
         self.dimension = int(self.model.config.hidden_size)
+        self._parameters = sum(p.numel() for p in self.model.parameters())
         self.pad_id = int(self.tokenizer.pad_token_id or 0)
         self.max_batch_size = spec.batching.max_batch_size
         self.token_budget = max(self.max_batch_size * TOKENS_PER_ROW, self.max_tokens)
@@ -89,6 +119,8 @@ class EmbeddingEngine(Engine):
             initializer=torch.set_num_threads,  # per thread: a new one starts at the default
             initargs=(per_worker,),
         )
+        if self.runtime == Runtime.OPENVINO:
+            self._open_openvino(threads)
         self._queue: deque[_Job] = deque()
         self._queued_rows = 0
         self._queued_tokens = 0
@@ -97,11 +129,41 @@ class EmbeddingEngine(Engine):
         self._timer: asyncio.TimerHandle | None = None
         self._finished_at = 0.0  # loop time the last batch finished
 
+    def _open_openvino(self, threads: int) -> None:
+        """Convert (once per weights, revision and version; cached) and compile; on a
+        failed conversion, run torch and say why in `info()`."""
+        from dify_serving.engines import openvino_encoder as openvino
+
+        folder = openvino.cache_dir(self.home, self.path, self.spec.revision)
+        try:
+            if not (folder / openvino.IR_FILE).is_file():
+                log.info("%s: converting to OpenVINO IR in %s", self.name, folder)
+                openvino.convert(self.model, folder)
+            bf16 = self.spec.precision == Precision.BF16
+            self.encoder = openvino.OpenVinoEncoder(folder, bf16, self.workers, threads)
+        except Exception as exc:  # any conversion failure: torch still serves
+            log.warning("%s: OpenVINO failed, running torch: %s", self.name, exc)
+            self.runtime = Runtime.TORCH
+            self.runtime_note = f"openvino failed ({type(exc).__name__}); running torch"
+            self.model.to(self.dtype)
+            return
+        self.runtime_note = self.encoder.note
+        self.model = None  # the IR serves; the torch weights are not needed again
+
+    def parameters(self) -> int:
+        return self._parameters
+
     async def start(self) -> None:
         await self.embed(["warm up the kernels"] * (2 * self.workers))
 
     def info(self) -> dict[str, Any]:
-        return {**super().info(), "dimension": self.dimension, "max_tokens": self.max_tokens}
+        info = {**super().info(), "dimension": self.dimension, "max_tokens": self.max_tokens}
+        info["engine"] = str(self.runtime)
+        if self.encoder is not None:
+            info["precision"] = self.encoder.precision
+        if self.runtime_note:
+            info["engine_note"] = self.runtime_note
+        return info
 
     def tokenize(self, texts: list[str], truncate: bool, offset: int = 0) -> list[list[int]]:
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
@@ -281,6 +343,11 @@ class EmbeddingEngine(Engine):
         for i, row in enumerate(rows):
             ids[i, : len(row)] = row
             mask[i, : len(row)] = 1
+        if self.encoder is not None:
+            hidden = self.encoder.forward(ids, mask)
+            weights = mask[..., None].astype(np.float32)
+            pooled = (hidden * weights).sum(1) / np.maximum(weights.sum(1), 1e-9)
+            return pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
         with torch.inference_mode():
             input_ids = torch.from_numpy(ids).to(self.device)
             attention = torch.from_numpy(mask).to(self.device)

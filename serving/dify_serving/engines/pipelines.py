@@ -12,6 +12,7 @@ import base64
 import binascii
 import io
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 from dify_serving.engines.base import Engine
@@ -37,8 +38,10 @@ def _images(items: list[Any]) -> list[Any]:
 
 
 class PipelineEngine(Engine):
-    def __init__(self, name: str, spec: DifyModelSpec, path: str) -> None:
-        super().__init__(name, spec, path)
+    def __init__(
+        self, name: str, spec: DifyModelSpec, path: str, *, home: Path | None = None
+    ) -> None:
+        super().__init__(name, spec, path, home=home)
         self.task = Task(spec.task)
         # Serve admits at most max_concurrent_requests calls per replica (callers bound
         # what waits, gateway/inflight.py): this worker's queue is bounded by that.

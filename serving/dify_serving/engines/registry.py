@@ -40,4 +40,4 @@ def load_engine(
     from dify_serving.engines import weights
 
     path = weights.resolve(spec.model_id, home, sources, spec.revision)
-    return engine_class(Task(spec.task))(name, spec, path)
+    return engine_class(Task(spec.task))(name, spec, path, home=home)

@@ -16,6 +16,7 @@ import secrets
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from dify_serving.engines import sampling
@@ -46,8 +47,10 @@ class _Request:
 class TextGenerationEngine(Engine):
     task = Task.TEXT_GENERATION
 
-    def __init__(self, name: str, spec: DifyModelSpec, path: str) -> None:
-        super().__init__(name, spec, path)
+    def __init__(
+        self, name: str, spec: DifyModelSpec, path: str, *, home: Path | None = None
+    ) -> None:
+        super().__init__(name, spec, path, home=home)
         import torch
         from transformers import (
             AutoModelForCausalLM,

@@ -1,0 +1,114 @@
+"""An encoder's forward pass on OpenVINO: converted once, cached, compiled per replica.
+
+PyTorch's CPU kernels leave most of this machine's throughput unused on small encoders
+(docs/benchmarks.md); OpenVINO's reach the fp32 peak and use AVX-512 bf16 where the CPU
+has it. The Hugging Face model is converted in memory (`openvino.convert_model`, no ONNX
+file in between) on the first load of a (weights, revision, OpenVINO version) and the IR
+is saved under `$DIFY_MIRROR_HOME/compiled/openvino/<key>/`, written to a scratch folder
+and renamed into place, so a replica that dies mid-conversion leaves nothing half-written
+and the next load reads the IR without touching torch.
+
+Precision is a compile-time hint on the same fp32 IR: `f32` runs fp32 end to end
+(vectors match torch's to 1e-6), `bf16` runs matmuls in bf16 where the CPU supports it.
+A CPU without bf16 runs fp32 and says so (`note`), never silently slower.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+IR_FILE = "model.xml"
+
+
+def installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("openvino") is not None
+
+
+def cache_dir(home: Path, weights: str, revision: str | None) -> Path:
+    """The IR's folder: keyed by the weights' real path, revision and OpenVINO version."""
+    import openvino
+
+    key = f"{os.path.realpath(weights)}|{revision or ''}|{openvino.__version__}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:24]
+    return home / "compiled" / "openvino" / digest
+
+
+def convert(model: Any, folder: Path) -> None:
+    """Convert a Hugging Face encoder (token ids, mask → last hidden state) to IR."""
+    import openvino as ov
+    import torch
+
+    example = {
+        "input_ids": torch.ones((2, 8), dtype=torch.int64),
+        "attention_mask": torch.ones((2, 8), dtype=torch.int64),
+    }
+    shapes = [
+        ("input_ids", ov.PartialShape([-1, -1]), ov.Type.i64),
+        ("attention_mask", ov.PartialShape([-1, -1]), ov.Type.i64),
+    ]
+    with torch.inference_mode(), warnings.catch_warnings():
+        # tracing notes shape checks it turns into constants; none depends on the shape
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        converted = ov.convert_model(model, example_input=example, input=shapes)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        ov.save_model(converted, scratch / IR_FILE, compress_to_fp16=False)
+        os.replace(scratch, folder)  # atomic: another replica may have won the race
+    except OSError:
+        if not (folder / IR_FILE).is_file():
+            raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+class OpenVinoEncoder:
+    """The compiled encoder; `forward` is safe to call from several threads at once (one
+    infer request per thread, `streams` of them running in parallel)."""
+
+    def __init__(self, folder: Path, bf16: bool, streams: int, threads: int) -> None:
+        import openvino as ov
+
+        core = ov.Core()
+        supported = core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+        self.precision = "bf16" if bf16 and "BF16" in supported else "fp32"
+        self.note = (
+            "bf16 asked, but this CPU has no bf16 support: running fp32"
+            if bf16 and self.precision != "bf16"
+            else None
+        )
+        if self.note:
+            log.warning("%s", self.note)
+        self.compiled = core.compile_model(
+            core.read_model(folder / IR_FILE),
+            "CPU",
+            {
+                "INFERENCE_PRECISION_HINT": "bf16" if self.precision == "bf16" else "f32",
+                "INFERENCE_NUM_THREADS": threads,
+                "NUM_STREAMS": streams,
+            },
+        )
+        self._output = self.compiled.output(0)
+        self._local = threading.local()
+
+    def forward(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """Last hidden state, float32 [batch, tokens, hidden], for padded int64 ids."""
+        request = getattr(self._local, "request", None)
+        if request is None:
+            request = self._local.request = self.compiled.create_infer_request()
+        result = request.infer({"input_ids": ids, "attention_mask": mask})
+        return np.asarray(result[self._output], dtype=np.float32)
