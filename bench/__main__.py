@@ -168,9 +168,11 @@ def http_generation(base: str, concurrency: int, total: int) -> tuple[float, flo
     return tokens / result.seconds, statistics.median(result.latencies)
 
 
-def http_embeddings(base: str, texts: list[str], concurrency: int) -> tuple[float, float]:
+def http_embeddings(
+    base: str, texts: list[str], concurrency: int, model: str = "minilm"
+) -> tuple[float, float]:
     def body(i: int) -> dict:
-        return {"model": "minilm", "input": texts[i], "encoding_format": "base64"}
+        return {"model": model, "input": texts[i], "encoding_format": "base64"}
 
     result = asyncio.run(load.run(base, "/v1/embeddings", body, len(texts), concurrency))
     assert result.errors == 0
@@ -203,7 +205,7 @@ def main(argv: list[str]) -> int:
     os.environ["DIFY_MIRROR_BOOTSTRAP_KEY"] = key
     load.HEADERS["Authorization"] = f"Bearer {key}"
     home = Path(tempfile.mkdtemp(prefix="dify-bench-"))
-    settings = Settings(home=home, port=free_port(), ray_num_cpus=4, ray_dashboard_port=free_port())
+    settings = Settings(home=home, port=free_port(), ray_num_cpus=8, ray_dashboard_port=free_port())
     docs = bench_models()
     vectors = None
     if "knowledge" in sections:
@@ -224,8 +226,9 @@ def main(argv: list[str]) -> int:
             rows += generation_rows(base, str(home.resolve() / "models" / "demo-llm"))
         if "embeddings" in sections:
             print("embeddings", flush=True)
-            rows.append(embedding_row(base, str(packaged_path("all-MiniLM-L6-v2"))))
-            print(rows[-1], flush=True)
+            for model in ("minilm", "minilm-bf16"):
+                rows.append(embedding_row(base, str(packaged_path("all-MiniLM-L6-v2")), model))
+                print(rows[-1], flush=True)
         if vectors is not None:
             print("knowledge: search", flush=True)
             rows += knowledge.search_rows(base, "bench", vectors)
@@ -253,6 +256,13 @@ def bench_models() -> list[dict]:
             "minilm",
             "sentence-transformers/all-MiniLM-L6-v2",
             "feature-extraction",
+            batching={"maxBatchSize": 32, "batchWaitTimeoutMs": 10, "maxConcurrentRequests": 128},
+        ),
+        model_doc(
+            "minilm-bf16",
+            "sentence-transformers/all-MiniLM-L6-v2",
+            "feature-extraction",
+            precision="bf16",
             batching={"maxBatchSize": 32, "batchWaitTimeoutMs": 10, "maxConcurrentRequests": 128},
         ),
     ]
@@ -305,15 +315,17 @@ def interleaved(
     return a, h, q, lat
 
 
-def embedding_row(base: str, path: str) -> tuple[str, str, str, str]:
+def embedding_row(base: str, path: str, model: str = "minilm") -> tuple[str, str, str, str]:
+    """A model's sentences/s over HTTP beside sentence-transformers fp32 in-process."""
     texts = [sentence(i) for i in range(1000)]
     anchor = EncodeAnchor(path)
-    http_embeddings(base, texts[:64], 32)  # warm
+    http_embeddings(base, texts[:64], 32, model)  # warm
     local, rate, ratio, p99 = interleaved(
-        lambda: anchor.run(texts), lambda: http_embeddings(base, texts, 32)
+        lambda: anchor.run(texts), lambda: http_embeddings(base, texts, 32, model)
     )
+    label = "" if model == "minilm" else f" ({model}: engine auto, precision bf16)"
     return (
-        "embeddings sentences/s, concurrency 32",
+        f"embeddings sentences/s, concurrency 32{label}",
         f"{rate:.0f}",
         f"sentence-transformers encode(batch_size=32) {local:.0f}",
         f"{ratio:.2f}×; p99 {p99 * 1000:.0f} ms",

@@ -47,7 +47,7 @@ from dify_serving.manifests import parse_documents
 from dify_serving.settings import Settings
 
 home, port, dashboard = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-settings = Settings(home=Path(home), port=port, ray_num_cpus=4, ray_dashboard_port=dashboard)
+settings = Settings(home=Path(home), port=port, ray_num_cpus=8, ray_dashboard_port=dashboard)
 stack = LocalStack(settings, object_store_memory=200 * 1024 * 1024)
 stack.start()
 stack.apply(parse_documents(json.loads(sys.argv[4])))
