@@ -44,7 +44,12 @@ lint: $(STAMP)
 crds: $(STAMP)
 	$(PY) -m dify_serving.crdgen crds
 
-bench: $(STAMP)
+BENCH_STAMP := $(VENV)/.bench-installed
+$(BENCH_STAMP): $(STAMP)
+	$(PIP) install --quiet -e '.[serving,operator,dev,bench]'
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
 	$(PY) -m bench
 
 clean:

@@ -2,7 +2,8 @@
 
 httpx costs more CPU per request than the server path being measured, on the same two
 cores; this client keeps one persistent connection per worker and parses only what it
-needs (status, Content-Length, or SSE until `[DONE]`).
+needs (status, Content-Length, or SSE until `[DONE]`). For a streamed answer it notes
+when the first chunk arrived: the time to first token of an SSE stream.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ class Result:
     requests: int = 0
     errors: int = 0
     latencies: list[float] = field(default_factory=list)
+    #: Seconds from sending to the first body chunk, per chunked (streamed) answer.
+    first_chunks: list[float] = field(default_factory=list)
     bodies: list[bytes] = field(default_factory=list)
 
 
@@ -34,6 +37,8 @@ class Connection:
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
         self.extra = "".join(f"{k}: {v}\r\n" for k, v in HEADERS.items())
+        #: perf_counter() when the last answer's first chunk arrived (chunked answers).
+        self.first_chunk: float | None = None
 
     async def post(self, path: str, body: bytes | None) -> tuple[int, bytes]:
         """POST `body` (JSON), or GET when `body` is None."""
@@ -71,6 +76,8 @@ class Connection:
                     await self.reader.readline()
                     return status, b"".join(parts)
                 parts.append(await self.reader.readexactly(size))
+                if self.first_chunk is None:
+                    self.first_chunk = time.perf_counter()
                 await self.reader.readline()
         return status, await self.reader.read()
 
@@ -98,9 +105,11 @@ async def run(
         for i in counter:
             made = make_body(i)
             payload = None if made is None else json.dumps(made).encode()
-            t0 = time.perf_counter()
+            conn.first_chunk, t0 = None, time.perf_counter()
             status, body = await conn.post(path, payload)
             result.latencies.append(time.perf_counter() - t0)
+            if conn.first_chunk is not None:
+                result.first_chunks.append(conn.first_chunk - t0)
             result.requests += 1
             if status != 200:
                 result.errors += 1

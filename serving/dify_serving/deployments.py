@@ -11,12 +11,14 @@ engine lacks fails in Serve, and nothing here lists tasks.
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 from typing import Any
 
 from ray import serve
 
+from dify_serving.engines import progress
 from dify_serving.engines.protocol import capability_methods
 from dify_serving.engines.registry import load_engine
 from dify_serving.options import ModelSourceOptions
@@ -33,10 +35,15 @@ class ModelServer:
         self.name = name
         self.spec = DifyModelSpec.model_validate(spec)
         allowed = ModelSourceOptions.model_validate(sources or {})
-        self.engine = load_engine(name, self.spec, Path(home), allowed)
-        for method in capability_methods(self.engine):
-            setattr(self, method, getattr(self.engine, method))
-        await self.engine.start()
+        try:
+            with progress.reporting(functools.partial(progress.publish_stage, name)):
+                self.engine = load_engine(name, self.spec, Path(home), allowed)
+                progress.report("warming up")
+            for method in capability_methods(self.engine):
+                setattr(self, method, getattr(self.engine, method))
+            await self.engine.start()
+        finally:  # loaded or failed: the stage is over either way
+            progress.clear_stage(name)
 
     async def info(self) -> dict[str, Any]:
         return self.engine.info()

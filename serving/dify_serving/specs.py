@@ -166,12 +166,32 @@ class Runtime(StrEnum):
     AUTO = "auto"  # the fastest one installed for the task, device and precision
     TORCH = "torch"
     OPENVINO = "openvino"
+    CTRANSLATE2 = "ctranslate2"
+    VLLM = "vllm"
 
 
 #: Tasks each runtime other than torch serves (torch serves every task).
-RUNTIME_TASKS = {Runtime.OPENVINO: frozenset({Task.FEATURE_EXTRACTION})}
-#: The pip extra that installs each runtime other than torch.
-RUNTIME_EXTRAS = {Runtime.OPENVINO: "openvino"}
+RUNTIME_TASKS = {
+    Runtime.OPENVINO: frozenset({Task.FEATURE_EXTRACTION}),
+    Runtime.CTRANSLATE2: frozenset({Task.TEXT_GENERATION}),
+    Runtime.VLLM: frozenset({Task.TEXT_GENERATION}),
+}
+#: The pip extra that installs each runtime other than torch (its import name too).
+RUNTIME_EXTRAS = {
+    Runtime.OPENVINO: "openvino",
+    Runtime.CTRANSLATE2: "ctranslate2",
+    Runtime.VLLM: "vllm",
+}
+#: Devices each runtime other than torch serves here ("cuda" covers cuda:N).
+RUNTIME_DEVICES = {
+    Runtime.OPENVINO: ("cpu",),
+    Runtime.CTRANSLATE2: ("cpu",),
+    Runtime.VLLM: ("cuda",),
+}
+#: Precisions each runtime other than torch runs (CTranslate2 has no bf16 kernels on CPU).
+RUNTIME_PRECISIONS = {
+    Runtime.CTRANSLATE2: (Precision.FP32,),
+}
 
 
 class Phase(StrEnum):
@@ -288,8 +308,10 @@ class DifyModelSpec(_Spec):
     engine: Runtime = Field(
         Runtime.AUTO,
         description="What runs the model: auto (the fastest installed for the task, device "
-        "and precision; the status says which), torch, or openvino (feature-extraction on "
-        "CPU; converted at load and cached under the state folder).",
+        "and precision; the status says which), torch (every task and device), openvino "
+        "(feature-extraction on CPU), ctranslate2 (text-generation on CPU, fp32) or vllm "
+        "(text-generation on CUDA). openvino and ctranslate2 convert the model at load and "
+        "cache it under the state folder.",
     )
     replicas: int = Field(1, ge=0, le=1000, description="Fixed replica count (no autoscaling).")
     autoscaling: Autoscaling | None = Field(
@@ -332,8 +354,18 @@ class DifyModelSpec(_Spec):
                 f"engine {self.engine} serves {', '.join(sorted(tasks))}, not {self.task}; "
                 "use engine torch or auto"
             )
-        if self.engine == Runtime.OPENVINO and self.uses_cuda:
-            raise ValueError("engine openvino serves device cpu here; use torch on cuda")
+        devices = RUNTIME_DEVICES.get(self.engine)
+        if devices is not None and self.device.partition(":")[0] not in devices:
+            raise ValueError(
+                f"engine {self.engine} serves device {' or '.join(devices)}, not "
+                f"{self.device}; use engine auto or torch"
+            )
+        precisions = RUNTIME_PRECISIONS.get(self.engine)
+        if precisions is not None and self.precision not in precisions:
+            raise ValueError(
+                f"engine {self.engine} runs precision {', '.join(precisions)} here, not "
+                f"{self.precision}; use engine auto or torch"
+            )
         return self
 
     @property

@@ -9,6 +9,9 @@ from typing import Any
 import httpx
 import pytest
 
+from dify_serving.engines import progress
+from dify_serving.engines.base import cpu_has_bf16
+
 
 def wait_phase(client: httpx.Client, name: str, phases: set[str], timeout: float = 240) -> dict:
     deadline = time.monotonic() + timeout
@@ -27,7 +30,8 @@ def test_status_reports_device_precision_and_memory(client: httpx.Client) -> Non
     assert llm["device"] == "cpu" and llm["precision"] == "fp32"
     assert llm["resident_memory_bytes"] > 10_000_000 and llm["parameters"] > 1_000_000
     assert llm["load_progress"] == 1.0 and llm["gpus"] == []
-    assert llm["engine"] == "torch" and llm["engine_note"] is None
+    # engine auto: CTranslate2 generates on CPU in fp32
+    assert llm["engine"] == "ctranslate2" and llm["engine_note"] is None
     minilm = models["minilm"]  # engine auto: OpenVINO runs embeddings on CPU
     assert (minilm["engine"], minilm["precision"], minilm["parameters"]) == (
         "openvino",
@@ -92,7 +96,11 @@ def test_load_serve_unload_cycle(client: httpx.Client, stack: Any) -> None:
     assert r.status_code == 202, r.text
     status = wait_phase(client, "minilm-bf16", {"Ready", "Failed"})
     assert status["phase"] == "Ready", status
-    assert status["precision"] == "bf16"
+    if cpu_has_bf16():
+        assert status["precision"] == "bf16"
+    else:  # never silently slow: fp32, and the status says why
+        assert status["precision"] == "fp32"
+        assert status["engine_note"] == "bf16 asked, but this CPU has no bf16 support: running fp32"
     r = client.post("/v1/embeddings", json={"model": "minilm-bf16", "input": "hello"})
     assert r.status_code == 200 and len(r.json()["data"][0]["embedding"]) == 384
     assert client.post("/v1/models/unload", json={"name": "minilm-bf16"}).status_code == 202
@@ -148,3 +156,13 @@ def test_unload_while_streaming_ends_streams_with_an_error(client: httpx.Client)
     assert "event: error" in lines
     assert lines[-1] == "data: [DONE]" or lines[-2] == "data: [DONE]"
     assert any("unloaded" in line for line in lines)
+
+
+def test_load_stages_travel_through_rays_key_value_store(stack: Any) -> None:
+    """What a loading replica publishes (engines/progress.py) the gateway reads back, from
+    any process of the cluster; a finished load clears it."""
+    progress.publish_stage("ghost", "converting to CTranslate2")
+    assert progress.loading_stages()["ghost"] == "converting to CTranslate2"
+    progress.clear_stage("ghost")
+    assert "ghost" not in progress.loading_stages()
+    assert progress.loading_stages() == {}  # every model of the session finished loading

@@ -17,7 +17,7 @@ import pytest
 from fastapi.testclient import TestClient
 from tiny_models import minilm_path
 
-from dify_serving.engines import embeddings, openvino_encoder
+from dify_serving.engines import openvino_encoder, runtimes
 from dify_serving.engines.embeddings import EmbeddingEngine
 from dify_serving.engines.protocol import EngineError
 from dify_serving.gateway.app import create_app
@@ -126,12 +126,13 @@ def test_a_failed_conversion_falls_back_to_torch_and_says_why(
 
 
 def test_auto_picks_openvino_on_cpu_when_installed(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert embeddings._runtime(spec()) == Runtime.OPENVINO
-    assert embeddings._runtime(spec(engine="torch")) == Runtime.TORCH
-    monkeypatch.setattr(openvino_encoder, "installed", lambda: False)
-    assert embeddings._runtime(spec()) == Runtime.TORCH
+    assert runtimes.resolve(spec()) == Runtime.OPENVINO
+    assert runtimes.resolve(spec(engine="torch")) == Runtime.TORCH
+    real = runtimes.installed
+    monkeypatch.setattr(runtimes, "installed", lambda r: r != Runtime.OPENVINO and real(r))
+    assert runtimes.resolve(spec()) == Runtime.TORCH
     with pytest.raises(EngineError) as missing:
-        embeddings._runtime(spec(engine="openvino"))
+        runtimes.resolve(spec(engine="openvino"))
     assert missing.value.status == 422 and "dify-mirror[openvino]" in missing.value.message
 
 

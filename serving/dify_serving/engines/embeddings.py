@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from dify_serving.engines import progress, runtimes
 from dify_serving.engines.base import Engine, inline_or_thread
 from dify_serving.engines.protocol import (
     Embeddings,
@@ -32,26 +33,9 @@ from dify_serving.engines.protocol import (
     EngineError,
     InputTooLong,
 )
-from dify_serving.specs import RUNTIME_EXTRAS, DifyModelSpec, Precision, Runtime, Task
+from dify_serving.specs import DifyModelSpec, Precision, Runtime, Task
 
 log = logging.getLogger(__name__)
-
-
-def _runtime(spec: DifyModelSpec) -> Runtime:
-    """What runs the forward pass: OpenVINO on CPU when installed (auto), else torch."""
-    from dify_serving.engines import openvino_encoder as openvino
-
-    if spec.engine == Runtime.AUTO:
-        fits = not spec.uses_cuda and openvino.installed()
-        return Runtime.OPENVINO if fits else Runtime.TORCH
-    if spec.engine == Runtime.OPENVINO and not openvino.installed():
-        raise EngineError(422, "engine_not_installed", not_installed(Runtime.OPENVINO))
-    return Runtime(spec.engine)
-
-
-def not_installed(runtime: Runtime) -> str:
-    extra = RUNTIME_EXTRAS[runtime]
-    return f"engine {runtime} is not installed here: pip install 'dify-mirror[{extra}]'"
 
 
 # Padded tokens (rows x longest row) one batch may hold, per row of max_batch_size:
@@ -93,8 +77,7 @@ class EmbeddingEngine(Engine):
         from transformers import AutoModel, AutoTokenizer
 
         self._torch = torch
-        self.runtime = _runtime(spec)
-        self.runtime_note: str | None = None
+        self.runtime = runtimes.resolve(spec)
         self.encoder: Any = None  # the OpenVINO encoder, when it runs the forward pass
         self.tokenizer = AutoTokenizer.from_pretrained(path, revision=spec.revision)
         # OpenVINO converts fp32 weights; its precision is a compile-time hint
@@ -137,9 +120,11 @@ class EmbeddingEngine(Engine):
         folder = openvino.cache_dir(self.home, self.path, self.spec.revision)
         try:
             if not (folder / openvino.IR_FILE).is_file():
-                log.info("%s: converting to OpenVINO IR in %s", self.name, folder)
+                progress.report(
+                    "converting to OpenVINO IR (first load of these weights; cached afterwards)"
+                )
                 openvino.convert(self.model, folder)
-            bf16 = self.spec.precision == Precision.BF16
+            bf16 = self.precision == Precision.BF16
             self.encoder = openvino.OpenVinoEncoder(folder, bf16, self.workers, threads)
         except Exception as exc:  # any conversion failure: torch still serves
             log.warning("%s: OpenVINO failed, running torch: %s", self.name, exc)
@@ -147,7 +132,7 @@ class EmbeddingEngine(Engine):
             self.runtime_note = f"openvino failed ({type(exc).__name__}); running torch"
             self.model.to(self.dtype)
             return
-        self.runtime_note = self.encoder.note
+        self.runtime_note = self.encoder.note or self.runtime_note
         self.model = None  # the IR serves; the torch weights are not needed again
 
     def parameters(self) -> int:
@@ -161,8 +146,6 @@ class EmbeddingEngine(Engine):
         info["engine"] = str(self.runtime)
         if self.encoder is not None:
             info["precision"] = self.encoder.precision
-        if self.runtime_note:
-            info["engine_note"] = self.runtime_note
         return info
 
     def tokenize(self, texts: list[str], truncate: bool, offset: int = 0) -> list[list[int]]:

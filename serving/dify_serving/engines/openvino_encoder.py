@@ -32,12 +32,6 @@ log = logging.getLogger(__name__)
 IR_FILE = "model.xml"
 
 
-def installed() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("openvino") is not None
-
-
 def cache_dir(home: Path, weights: str, revision: str | None) -> Path:
     """The IR's folder: keyed by the weights' real path, revision and OpenVINO version."""
     import openvino

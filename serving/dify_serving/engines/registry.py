@@ -8,12 +8,16 @@ heavy dependencies). A new task is one line here plus its engine.
 from __future__ import annotations
 
 import importlib
+import logging
 from pathlib import Path
 
-from dify_serving.engines.base import Engine
+from dify_serving.engines import progress, runtimes
+from dify_serving.engines.base import ConversionFailed, Engine
 from dify_serving.engines.protocol import EngineError
 from dify_serving.options import ModelSourceOptions
-from dify_serving.specs import DifyModelSpec, Task
+from dify_serving.specs import DifyModelSpec, Runtime, Task
+
+log = logging.getLogger(__name__)
 
 ENGINES: dict[Task, str] = {
     Task.TEXT_GENERATION: "dify_serving.engines.textgen:TextGenerationEngine",
@@ -23,9 +27,21 @@ ENGINES: dict[Task, str] = {
     Task.IMAGE_TO_TEXT: "dify_serving.engines.pipelines:PipelineEngine",
 }
 
+#: Engines of a task on a runtime other than its default engine's. (The embeddings
+#: engine runs OpenVINO itself: only its forward pass changes.)
+RUNTIME_ENGINES: dict[tuple[Task, Runtime], str] = {
+    (Task.TEXT_GENERATION, Runtime.CTRANSLATE2): (
+        "dify_serving.engines.ctranslate2_textgen:CTranslate2Engine"
+    ),
+    (
+        Task.TEXT_GENERATION,
+        Runtime.VLLM,
+    ): "dify_serving.engines.vllm_generator:VllmGenerationEngine",
+}
 
-def engine_class(task: Task) -> type[Engine]:
-    path = ENGINES.get(task)
+
+def engine_class(task: Task, runtime: Runtime = Runtime.TORCH) -> type[Engine]:
+    path = RUNTIME_ENGINES.get((task, runtime)) or ENGINES.get(task)
     if path is None:
         raise EngineError(422, "unsupported_task", f"no engine serves the task {task}")
     module, _, name = path.partition(":")
@@ -40,4 +56,13 @@ def load_engine(
     from dify_serving.engines import weights
 
     path = weights.resolve(spec.model_id, home, sources, spec.revision)
-    return engine_class(Task(spec.task))(name, spec, path, home=home)
+    task, runtime = Task(spec.task), runtimes.resolve(spec)
+    progress.report(f"loading {spec.model_id} on {runtime}")
+    try:
+        return engine_class(task, runtime)(name, spec, path, home=home)
+    except ConversionFailed as exc:  # the fast engine could not take the model: torch can
+        log.warning("%s: %s; running torch", name, exc)
+        progress.report(f"{exc}; loading {spec.model_id} on torch")
+        engine = engine_class(task)(name, spec, path, home=home)
+        engine.runtime_note = f"{exc}; running torch"
+        return engine

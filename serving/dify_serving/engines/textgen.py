@@ -1,4 +1,4 @@
-"""Text generation with transformers' continuous batching.
+"""Text generation: what every generator shares, and transformers' continuous batching.
 
 One warmed `ContinuousBatchingManager` per replica (a fresh one per call was 6× slower
 here) runs iteration-level scheduling on its own thread. Each request registers a result
@@ -19,18 +19,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dify_serving.engines import sampling
+from dify_serving.engines import prompts, sampling
 from dify_serving.engines.base import Engine, inline_or_thread
 from dify_serving.engines.protocol import (
     EngineError,
     Generation,
     GenerationDelta,
     GenerationRequest,
-    InputTooLong,
 )
 from dify_serving.specs import DifyModelSpec, Task
 
 log = logging.getLogger(__name__)
+
+
+def eos_ids(tokenizer: Any, *sources: Any) -> set[int]:
+    """Every end-of-sequence id the model's configs and tokenizer name."""
+    ids: set[int] = set()
+    for source in sources:
+        value = getattr(source, "eos_token_id", None)
+        ids.update([value] if isinstance(value, int) else value or [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return {i for i in ids if i is not None and i >= 0}
+
 
 PAGE_SIZE = 64
 
@@ -44,106 +55,37 @@ class _Request:
     done: bool = False
 
 
-class TextGenerationEngine(Engine):
+class TokenGenerator(Engine):
+    """What every generation engine shares: prompts and chats to token ids, the context
+    budget, and token streams to text (whole or as deltas). An engine implements
+    `_tokens`: submit one request, yield (state, new tokens, finish reason or None)."""
+
     task = Task.TEXT_GENERATION
+    tokenizer: Any
+    max_context: int
+    eos: set[int]
 
-    def __init__(
-        self, name: str, spec: DifyModelSpec, path: str, *, home: Path | None = None
-    ) -> None:
-        super().__init__(name, spec, path, home=home)
-        import torch
-        from transformers import (
-            AutoModelForCausalLM,
-            AutoTokenizer,
-            ContinuousBatchingConfig,
-            GenerationConfig,
-        )
+    def _open_tokenizer(self, config: Any, generation_config: Any = None) -> None:
+        from transformers import AutoTokenizer
 
-        logging.getLogger("ContinuousBatchingLogger").setLevel(logging.ERROR)
-        self.tokenizer = AutoTokenizer.from_pretrained(path, revision=spec.revision)
-        self.model = AutoModelForCausalLM.from_pretrained(
-            path, revision=spec.revision, dtype=self.dtype
-        ).to(self.device)  # type: ignore[arg-type]
-        self.model.eval()
-        config = self.model.config
+        self.tokenizer = AutoTokenizer.from_pretrained(self.path, revision=self.spec.revision)
         positions = int(getattr(config, "max_position_embeddings", 2048) or 2048)
-        self.max_context = min(spec.generation.max_context_tokens or positions, positions)
-        self.eos = self._eos_ids()
-        concurrent = spec.batching.max_concurrent_requests
-        blocks = max(64, -(-concurrent * min(self.max_context, 1024) // PAGE_SIZE) // 2)
-        self.manager = self.model.init_continuous_batching(
-            generation_config=GenerationConfig(
-                do_sample=False,
-                max_new_tokens=spec.generation.max_new_tokens,
-                eos_token_id=sorted(self.eos)[0] if self.eos else -1,
-                pad_token_id=self.tokenizer.pad_token_id or 0,
-            ),
-            continuous_batching_config=ContinuousBatchingConfig(
-                num_blocks=min(blocks, 4096),
-                page_size=PAGE_SIZE,
-                max_batch_tokens=1024 if self.device == "cpu" else 8192,
-                auto_switch_to_flash=False,
-                allow_block_sharing=True,
-            ),
-        )
-        sampling.install(self.manager, sampling.PerRequestSampler())
-        self._requests: dict[str, _Request] = {}
-        self._torch = torch
-
-    def _eos_ids(self) -> set[int]:
-        ids: set[int] = set()
-        for source in (self.model.generation_config, self.model.config):
-            value = getattr(source, "eos_token_id", None)
-            ids.update([value] if isinstance(value, int) else value or [])
-        if self.tokenizer.eos_token_id is not None:
-            ids.add(self.tokenizer.eos_token_id)
-        return {i for i in ids if i is not None and i >= 0}
-
-    # lifecycle -------------------------------------------------------------------------
-    async def start(self) -> None:
-        self.manager.warmup()  # builds the cache here, so errors surface at load time
-        self.manager.start()
-        async for _ in self.generate_stream(GenerationRequest(prompt="warm up", max_tokens=4)):
-            pass
-
-    async def stop(self, reason: str) -> None:
-        for request_id in list(self._requests):
-            self._finish(request_id, error=reason)
-        await asyncio.to_thread(self.manager.stop, block=True, timeout=5, hard_stop=True)
+        self.max_context = min(self.spec.generation.max_context_tokens or positions, positions)
+        self.eos = eos_ids(self.tokenizer, generation_config, config)
 
     def info(self) -> dict[str, Any]:
         return {
             **super().info(),
             "max_context_tokens": self.max_context,
             "max_new_tokens": self.spec.generation.max_new_tokens,
-            "active_requests": len(self._requests),
         }
 
     # requests --------------------------------------------------------------------------
     def encode(self, request: GenerationRequest) -> list[int]:
-        messages = request.messages
-        if messages:
-            if self.tokenizer.chat_template:
-                chat: Any = self.tokenizer.apply_chat_template(
-                    messages, add_generation_prompt=True, tokenize=True, return_dict=False
-                )
-                return [int(i) for i in chat]
-            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-        else:
-            text = request.prompt or ""
-        if not text:
-            raise EngineError(422, "invalid_request", "prompt: must not be empty")
-        ids: list[int] = self.tokenizer(text, add_special_tokens=True)["input_ids"]
-        return ids
+        return prompts.encode(self.tokenizer, request)
 
     def _budget(self, prompt_ids: list[int], max_tokens: int) -> int:
-        room = self.max_context - len(prompt_ids)
-        if room < 1:
-            raise InputTooLong(
-                f"prompt has {len(prompt_ids)} tokens; {self.name} has a context of "
-                f"{self.max_context} tokens (prompt plus completion)"
-            )
-        return min(max_tokens, room)
+        return prompts.budget(self.name, self.max_context, len(prompt_ids), max_tokens)
 
     async def generate(self, request: GenerationRequest) -> Generation:
         """The whole answer: one output from the manager, decoded once."""
@@ -166,6 +108,64 @@ class TextGenerationEngine(Engine):
                 yield GenerationDelta(delta, finish, state.prompt_tokens, len(tokens))
             elif delta:
                 yield GenerationDelta(delta)
+
+    def _tokens(
+        self, request: GenerationRequest, streaming: bool
+    ) -> AsyncIterator[tuple[Any, list[int], str | None]]:
+        raise NotImplementedError
+
+
+class TextGenerationEngine(TokenGenerator):
+    """transformers' continuous batching on torch (every device and precision)."""
+
+    def __init__(
+        self, name: str, spec: DifyModelSpec, path: str, *, home: Path | None = None
+    ) -> None:
+        super().__init__(name, spec, path, home=home)
+        import torch
+        from transformers import AutoModelForCausalLM, ContinuousBatchingConfig, GenerationConfig
+
+        logging.getLogger("ContinuousBatchingLogger").setLevel(logging.ERROR)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            path, revision=spec.revision, dtype=self.dtype
+        ).to(self.device)  # type: ignore[arg-type]
+        self.model.eval()
+        self._open_tokenizer(self.model.config, self.model.generation_config)
+        concurrent = spec.batching.max_concurrent_requests
+        blocks = max(64, -(-concurrent * min(self.max_context, 1024) // PAGE_SIZE) // 2)
+        self.manager = self.model.init_continuous_batching(
+            generation_config=GenerationConfig(
+                do_sample=False,
+                max_new_tokens=spec.generation.max_new_tokens,
+                eos_token_id=sorted(self.eos)[0] if self.eos else -1,
+                pad_token_id=self.tokenizer.pad_token_id or 0,
+            ),
+            continuous_batching_config=ContinuousBatchingConfig(
+                num_blocks=min(blocks, 4096),
+                page_size=PAGE_SIZE,
+                max_batch_tokens=1024 if self.device == "cpu" else 8192,
+                auto_switch_to_flash=False,
+                allow_block_sharing=True,
+            ),
+        )
+        sampling.install(self.manager, sampling.PerRequestSampler())
+        self._requests: dict[str, _Request] = {}
+        self._torch = torch
+
+    # lifecycle -------------------------------------------------------------------------
+    async def start(self) -> None:
+        self.manager.warmup()  # builds the cache here, so errors surface at load time
+        self.manager.start()
+        async for _ in self.generate_stream(GenerationRequest(prompt="warm up", max_tokens=4)):
+            pass
+
+    async def stop(self, reason: str) -> None:
+        for request_id in list(self._requests):
+            self._finish(request_id, error=reason)
+        await asyncio.to_thread(self.manager.stop, block=True, timeout=5, hard_stop=True)
+
+    def info(self) -> dict[str, Any]:
+        return {**super().info(), "active_requests": len(self._requests)}
 
     async def _tokens(
         self, request: GenerationRequest, streaming: bool

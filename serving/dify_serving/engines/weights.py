@@ -2,16 +2,21 @@
 
 `builtin:demo-llm` is a small Llama-shaped model the platform builds from a config with
 *random weights* (it produces gibberish, fast): it lets the whole stack run with nothing
-downloaded. It is built once into `$DIFY_MIRROR_HOME/models/` and reused.
+downloaded. `builtin:demo-llm-58m` is the same recipe at 58 M parameters (hidden 512,
+8 layers), the shape the generation benchmarks measure engines on. Each is built once
+into `$DIFY_MIRROR_HOME/models/` and reused.
 """
 
 from __future__ import annotations
 
 import fcntl
+import functools
 import importlib
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from dify_serving.options import ModelSourceOptions
 from dify_serving.specs import is_local_model_id
@@ -128,13 +133,35 @@ def cached_snapshot(model_id: str, revision: str | None = None) -> str:
     return str(Path(config).parent)
 
 
-def build_demo_llm(root: Path) -> Path:
-    """Build (once) the random-weight demo LLM; safe when replicas race to build it."""
-    target = root / "demo-llm"
+#: The built-in random-weight Llama shapes, by name (the tokenizer is MiniLM's). The
+#: 58 M one is the shape issue 12's generation targets are measured on.
+DEMO_SHAPES: dict[str, dict[str, Any]] = {
+    "demo-llm": {
+        "hidden_size": 256,
+        "intermediate_size": 704,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "tie_word_embeddings": True,
+    },
+    "demo-llm-58m": {
+        "hidden_size": 512,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 8,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 8,
+        "tie_word_embeddings": False,
+    },
+}
+
+
+def build_demo_llm(root: Path, name: str = "demo-llm") -> Path:
+    """Build (once) a random-weight demo LLM; safe when replicas race to build it."""
+    target = root / name
     if (target / "config.json").is_file():
         return target
     root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".demo-llm.lock", "w") as lock:
+    with open(root / f".{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (target / "config.json").is_file():
             return target
@@ -146,29 +173,26 @@ def build_demo_llm(root: Path) -> Path:
         tokenizer.model_input_names = ["input_ids", "attention_mask"]  # a decoder: no segments
         config = LlamaConfig(
             vocab_size=len(tokenizer),
-            hidden_size=256,
-            intermediate_size=704,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
             max_position_embeddings=2048,
             bos_token_id=tokenizer.cls_token_id,
             eos_token_id=tokenizer.sep_token_id,
             pad_token_id=tokenizer.pad_token_id,
-            tie_word_embeddings=True,
+            **DEMO_SHAPES[name],
         )
         torch.manual_seed(0)
         model = LlamaForCausalLM(config)
-        scratch = root / f".demo-llm.{os.getpid()}"
+        scratch = root / f".{name}.{os.getpid()}"
         shutil.rmtree(scratch, ignore_errors=True)
         model.save_pretrained(scratch)
         tokenizer.save_pretrained(scratch)
         (scratch / "README.md").write_text(
-            "demo-llm: random weights built by dify-mirror from a config. "
+            f"{name}: random weights built by dify-mirror from a config. "
             "It exercises the serving path; its output is gibberish.\n"
         )
         scratch.rename(target)
     return target
 
 
-BUILTIN = {"demo-llm": build_demo_llm}
+BUILTIN: dict[str, Callable[[Path], Path]] = {
+    name: functools.partial(build_demo_llm, name=name) for name in DEMO_SHAPES
+}

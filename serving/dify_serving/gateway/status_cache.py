@@ -16,8 +16,12 @@ from typing import Any
 
 from dify_serving.catalog import Catalog
 from dify_serving.control import AsyncRayDashboard, RayUnavailable
+from dify_serving.engines.progress import loading_stages
 from dify_serving.specs import Phase
 from dify_serving.status import index_status, model_status
+
+#: Phases whose status message is the loading replica's stage, when it published one.
+LOADING_PHASES = (Phase.PENDING.value, Phase.LOADING.value)
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +116,12 @@ class StatusCache:
         self.models = {
             name: model_status(name, m.spec, apps, self.cluster_gpus) for name, m in models.items()
         }
+        loading = [n for n, s in self.models.items() if s["phase"] in LOADING_PHASES]
+        if loading:  # what those replicas do now (converting, warming up), not a bare phase
+            stages = await asyncio.to_thread(loading_stages)
+            for name in loading:
+                if name in stages:
+                    self.models[name]["message"] = stages[name]
         self.indexes = {
             name: index_status(name, i.spec, models, apps)
             for name, i in self.catalog.indexes().items()

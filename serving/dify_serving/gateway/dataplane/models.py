@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
-from dify_serving.engines import weights
+from dify_serving.engines import runtimes, weights
 from dify_serving.gateway import access
 from dify_serving.gateway.errors import ApiError, describe_validation
 from dify_serving.gateway.state import GatewayState
 from dify_serving.specs import (
-    RUNTIME_EXTRAS,
     DifyModel,
     DifyModelSpec,
     ObjectMeta,
@@ -74,23 +72,12 @@ def parse_load(body: dict[str, Any], roots: list[Path] | None = None) -> DifyMod
         if roots is not None and is_local_model_id(spec.model_id):
             weights.check_local(spec.model_id, roots, follow_links=False)
         name = name or name_from_model_id(spec.model_id)
-        _check_runtime(spec)
+        runtimes.resolve(spec)  # 422 naming the extra when that engine is not installed
         return DifyModel(metadata=ObjectMeta(name=name), spec=spec)
     except ValidationError as exc:
         raise ApiError(422, "invalid_spec", describe_validation(list(exc.errors()))) from None
     except (ValueError, weights.WeightsNotFound) as exc:
         raise ApiError(422, "invalid_spec", str(exc)) from None
-
-
-def _check_runtime(spec: DifyModelSpec) -> None:
-    """422 naming the extra when the engine asked for is not installed here."""
-    extra = RUNTIME_EXTRAS.get(spec.engine)
-    if extra is not None and importlib.util.find_spec(str(spec.engine)) is None:
-        raise ApiError(
-            422,
-            "engine_not_installed",
-            f"engine {spec.engine} is not installed here: pip install 'dify-mirror[{extra}]'",
-        )
 
 
 async def load(state: GatewayState, body: dict[str, Any]) -> DifyModel:

@@ -1,0 +1,302 @@
+"""Text generation on CTranslate2 against transformers' engine (the quality guard).
+
+fp32 CTranslate2 must give transformers' greedy tokens exactly, in a shared batch as
+alone; streaming, per-request max_tokens, end-of-sequence, cancellation and seeded
+sampling behave as on the torch engine. The weights are demo-llm's (random, built from a
+config): exact token agreement on random weights is a stricter check than on a trained
+model, whose logits have wider margins.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dify_serving.engines import base, ctranslate2_textgen, progress, registry, runtimes, weights
+from dify_serving.engines.ctranslate2_textgen import CTranslate2Engine
+from dify_serving.engines.protocol import EngineError, Generation, GenerationRequest
+from dify_serving.engines.textgen import TextGenerationEngine, TokenGenerator
+from dify_serving.engines.weights import build_demo_llm
+from dify_serving.specs import DifyModelSpec, Runtime
+
+PROMPTS = [
+    "hello",
+    "the river runs past the old mill",
+    "invoice refund password router kernel vaccine tariff orbit violin harvest mortgage",
+    "a",
+    "what is the capital of the country with the longest coastline in the world, and why",
+    "glacier compiler allergy",
+]
+
+
+def spec(**fields: Any) -> DifyModelSpec:
+    return DifyModelSpec.model_validate(
+        {"modelId": "builtin:demo-llm", "task": "text-generation", **fields}
+    )
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_demo_llm(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("home")
+
+
+def run(engine: TokenGenerator, work: Any) -> Any:
+    """`work(engine)` on a fresh loop, with the engine started (warm) first."""
+
+    async def main() -> Any:
+        await engine.start()
+        try:
+            return await work(engine)
+        finally:
+            await engine.stop("test over")
+
+    return asyncio.run(main())
+
+
+async def together(engine: TokenGenerator, requests: list[GenerationRequest]) -> list[Generation]:
+    return list(await asyncio.gather(*(engine.generate(r) for r in requests)))
+
+
+@pytest.fixture(scope="module")
+def torch_answers(demo: Path) -> list[Generation]:
+    engine = TextGenerationEngine("demo", spec(engine="torch"), str(demo))
+    requests = [GenerationRequest(prompt=p, max_tokens=12) for p in PROMPTS]
+    return list(run(engine, lambda e: together(e, requests)))
+
+
+@pytest.fixture()
+def ct2(demo: Path, home: Path) -> CTranslate2Engine:
+    return CTranslate2Engine("demo", spec(engine="ctranslate2"), str(demo), home=home)
+
+
+def test_fp32_greedy_gives_transformers_tokens_in_a_shared_batch(
+    ct2: CTranslate2Engine, torch_answers: list[Generation]
+) -> None:
+    info = ct2.info()
+    assert (info["engine"], info["precision"]) == ("ctranslate2", "fp32")
+    assert info["parameters"] > 0
+    requests = [GenerationRequest(prompt=p, max_tokens=12) for p in PROMPTS]
+    got = run(ct2, lambda e: together(e, requests))
+    assert got == torch_answers
+
+
+def test_streaming_per_request_limits_and_end_of_sequence(ct2: CTranslate2Engine) -> None:
+    async def work(engine: CTranslate2Engine) -> Any:
+        whole = await engine.generate(GenerationRequest(prompt=PROMPTS[1], max_tokens=10))
+        deltas = [
+            d
+            async for d in engine.generate_stream(
+                GenerationRequest(prompt=PROMPTS[1], max_tokens=10)
+            )
+        ]
+        short, long = await together(
+            engine,
+            [
+                GenerationRequest(prompt=PROMPTS[2], max_tokens=3),
+                GenerationRequest(prompt=PROMPTS[2], max_tokens=9),
+            ],
+        )
+        # the first greedy token of this prompt made an end-of-sequence id: "stop"
+        first = (await engine.generate(GenerationRequest(prompt=PROMPTS[0], max_tokens=1))).text
+        engine.eos = engine.eos | set(engine.tokenizer.convert_tokens_to_ids(first.split()[:1]))
+        stopped = await engine.generate(GenerationRequest(prompt=PROMPTS[0], max_tokens=8))
+        return whole, deltas, short, long, stopped
+
+    whole, deltas, short, long, stopped = run(ct2, work)
+    assert "".join(d.delta for d in deltas) == whole.text
+    last = deltas[-1]
+    assert (last.finish_reason, last.completion_tokens) == ("length", 10)
+    assert last.prompt_tokens == whole.prompt_tokens > 0
+    assert (short.completion_tokens, long.completion_tokens) == (3, 9)
+    assert long.text.startswith(short.text)
+    assert (stopped.finish_reason, stopped.completion_tokens) == ("stop", 1)
+
+
+def test_a_caller_that_goes_away_frees_its_row(ct2: CTranslate2Engine) -> None:
+    async def work(engine: CTranslate2Engine) -> Any:
+        stream = engine.generate_stream(GenerationRequest(prompt=PROMPTS[4], max_tokens=200))
+        other = asyncio.ensure_future(
+            engine.generate(GenerationRequest(prompt=PROMPTS[1], max_tokens=6))
+        )
+        async for _ in stream:
+            break
+        await stream.aclose()  # what the replica does when the HTTP client disconnects
+        done = await other
+        for _ in range(100):  # the cancelled row stops at its next token
+            if engine.info()["active_requests"] == 0:
+                break
+            await asyncio.sleep(0.02)
+        return done, engine.info()["active_requests"]
+
+    done, active = run(ct2, work)
+    assert done.completion_tokens == 6 and active == 0
+
+
+def test_seeded_sampling_is_reproducible_and_matches_torch(
+    ct2: CTranslate2Engine, demo: Path
+) -> None:
+    sampled = GenerationRequest(prompt=PROMPTS[1], max_tokens=10, temperature=0.9, seed=7)
+
+    async def twice(engine: TokenGenerator) -> list[Generation]:
+        return [await engine.generate(sampled), await engine.generate(sampled)]
+
+    first, second = run(ct2, twice)
+    assert first == second
+    assert ct2.info()["engine_note"].startswith("seeded sampling runs on torch")
+    torch_engine = TextGenerationEngine("demo", spec(engine="torch"), str(demo))
+    assert run(torch_engine, twice)[0] == first
+    # unseeded sampling stays on CTranslate2 and honours the limits
+    unseeded = GenerationRequest(prompt=PROMPTS[1], max_tokens=5, temperature=0.9, top_p=0.8)
+    ct2_again = CTranslate2Engine("demo", spec(), str(demo), home=ct2.home)
+    out = run(ct2_again, lambda e: e.generate(unseeded))
+    assert out.completion_tokens == 5 and "engine_note" not in ct2_again.info()
+
+
+def test_conversion_is_cached_and_a_failed_one_runs_torch_saying_why(
+    demo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    CTranslate2Engine("a", spec(), str(demo), home=tmp_path)
+    folders = list((tmp_path / "compiled" / "ctranslate2").iterdir())
+    assert len(folders) == 1 and (folders[0] / ctranslate2_textgen.MODEL_FILE).is_file()
+    assert not [p for p in folders[0].parent.iterdir() if p.name.startswith(".")]
+
+    def broken(*_: Any) -> None:
+        raise RuntimeError("unsupported architecture")
+
+    monkeypatch.setattr(ctranslate2_textgen, "convert", broken)
+    CTranslate2Engine("b", spec(), str(demo), home=tmp_path)  # cached: no conversion
+    monkeypatch.setattr(weights, "resolve", lambda *_a, **_k: str(demo))
+    engine = registry.load_engine("c", spec(engine="ctranslate2"), tmp_path / "other")
+    info = engine.info()
+    assert isinstance(engine, TextGenerationEngine) and info["engine"] == "torch"
+    assert info["engine_note"] == "ctranslate2 conversion failed (RuntimeError); running torch"
+
+
+def test_auto_picks_by_task_device_and_precision(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert runtimes.resolve(spec()) == Runtime.CTRANSLATE2
+    monkeypatch.setattr(base, "cpu_has_bf16", lambda: True)
+    assert runtimes.resolve(spec(precision="bf16")) == Runtime.TORCH  # CT2: no CPU bf16
+    monkeypatch.setattr(base, "cpu_has_bf16", lambda: False)  # bf16 would be emulated
+    assert runtimes.resolve(spec(precision="bf16")) == Runtime.CTRANSLATE2
+    assert runtimes.resolve(spec(engine="torch")) == Runtime.TORCH
+    embed = {"modelId": "x/y", "task": "feature-extraction"}
+    assert runtimes.resolve(DifyModelSpec.model_validate(embed)) == Runtime.OPENVINO
+    cls = DifyModelSpec.model_validate(embed | {"task": "text-classification"})
+    assert runtimes.resolve(cls) == Runtime.TORCH
+    monkeypatch.setattr(runtimes, "installed", lambda r: r == Runtime.TORCH)
+    assert runtimes.resolve(spec()) == Runtime.TORCH
+    assert runtimes.resolve(spec(device="cuda")) == Runtime.TORCH  # vllm not installed
+    with pytest.raises(EngineError) as missing:
+        runtimes.resolve(spec(engine="ctranslate2"))
+    assert missing.value.status == 422 and "dify-mirror[ctranslate2]" in missing.value.message
+
+
+@pytest.mark.parametrize(
+    ("fields", "words"),
+    [
+        ({"engine": "ctranslate2", "precision": "bf16"}, "runs precision fp32 here, not bf16"),
+        ({"engine": "ctranslate2", "device": "cuda"}, "serves device cpu, not cuda"),
+        ({"engine": "vllm"}, "serves device cuda, not cpu"),
+        ({"engine": "vllm", "task": "feature-extraction"}, "serves text-generation"),
+    ],
+)
+def test_an_engine_that_cannot_serve_the_spec_is_refused_by_name(
+    fields: dict[str, str], words: str
+) -> None:
+    with pytest.raises(ValueError, match=words):
+        spec(**fields)
+
+
+def test_bf16_on_a_cpu_without_it_runs_fp32_and_says_so(
+    demo: Path, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(base, "cpu_has_bf16", lambda: False)
+    for engine in (
+        TextGenerationEngine("demo", spec(engine="torch", precision="bf16"), str(demo)),
+        CTranslate2Engine("demo", spec(precision="bf16"), str(demo), home=home),
+    ):
+        info = engine.info()
+        assert info["precision"] == "fp32", info
+        assert info["engine_note"] == "bf16 asked, but this CPU has no bf16 support: running fp32"
+    assert str(engine.dtype) == "torch.float32"
+
+
+def test_a_first_load_reports_its_conversion_as_load_progress(
+    demo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stages: list[str] = []
+    monkeypatch.setattr(weights, "resolve", lambda *_a, **_k: str(demo))
+    with progress.reporting(stages.append):
+        registry.load_engine("m", spec(), tmp_path)
+        registry.load_engine("m", spec(), tmp_path)  # cached: loads without converting
+    assert stages == [
+        "loading builtin:demo-llm on ctranslate2",
+        "converting to CTranslate2 (first load of these weights; cached afterwards)",
+        "loading builtin:demo-llm on ctranslate2",
+    ]
+    progress.report("outside any reporting block: only logged")
+    assert len(stages) == 3
+
+
+def test_the_status_of_a_loading_model_is_its_replicas_stage(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The gateway's status cache: a model Serve still deploys shows what its replica
+    published (converting, warming up) instead of Serve's bare message."""
+    from dify_serving.gateway import status_cache
+    from dify_serving.specs import DifyModel, ObjectMeta
+
+    class Catalog:
+        async def refresh(self) -> None: ...
+
+        def models(self) -> dict[str, DifyModel]:
+            return {n: DifyModel(metadata=ObjectMeta(name=n), spec=spec()) for n in ("a", "b")}
+
+        def indexes(self) -> dict[str, Any]:
+            return {}
+
+    class Dashboard:
+        async def get_applications(self) -> dict[str, Any]:
+            app = {"status": "DEPLOYING", "message": "", "deployments": {}}
+            running = [{"state": "RUNNING"}]
+            ready = {**app, "status": "RUNNING", "deployments": {"M": {"replicas": running}}}
+            return {"applications": {"model-a": app, "model-b": ready}}
+
+    monkeypatch.setattr(
+        status_cache, "loading_stages", lambda: {"a": "converting to CTranslate2", "b": "stale"}
+    )
+    cache = status_cache.StatusCache(Catalog(), Dashboard())  # type: ignore[arg-type]
+    cache.cluster_gpus = 0.0
+    models = asyncio.run(cache.refresh())
+    assert (models["a"]["phase"], models["a"]["message"]) == (
+        "Loading",
+        "converting to CTranslate2",
+    )
+    assert models["b"]["phase"] == "Ready" and models["b"]["message"] != "stale"
+
+
+def test_stopping_ends_running_and_queued_requests_with_the_reason(
+    ct2: CTranslate2Engine,
+) -> None:
+    async def work(engine: CTranslate2Engine) -> list[Any]:
+        long = GenerationRequest(prompt=PROMPTS[4], max_tokens=400)
+        calls = [asyncio.ensure_future(engine.generate(long)) for _ in range(4)]
+        await asyncio.sleep(0.2)  # two batches decode; the others wait in the queue
+        await engine.stop("model unloaded")
+        return await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 10)
+
+    async def main() -> list[Any]:
+        await ct2.start()
+        return await work(ct2)
+
+    outcomes = asyncio.run(main())
+    assert all(isinstance(o, EngineError) for o in outcomes), outcomes
+    assert {o.message for o in outcomes} == {"demo: model unloaded"}
