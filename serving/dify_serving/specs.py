@@ -158,6 +158,7 @@ class Precision(StrEnum):
     FP32 = "fp32"
     FP16 = "fp16"
     BF16 = "bf16"
+    INT8 = "int8"  # text generation on CTranslate2, where it agrees with fp32 (checked)
 
 
 class Runtime(StrEnum):
@@ -172,7 +173,7 @@ class Runtime(StrEnum):
 
 #: Tasks each runtime other than torch serves (torch serves every task).
 RUNTIME_TASKS = {
-    Runtime.OPENVINO: frozenset({Task.FEATURE_EXTRACTION}),
+    Runtime.OPENVINO: frozenset({Task.FEATURE_EXTRACTION, Task.TEXT_CLASSIFICATION}),
     Runtime.CTRANSLATE2: frozenset({Task.TEXT_GENERATION}),
     Runtime.VLLM: frozenset({Task.TEXT_GENERATION}),
 }
@@ -190,7 +191,7 @@ RUNTIME_DEVICES = {
 }
 #: Precisions each runtime other than torch runs (CTranslate2 has no bf16 kernels on CPU).
 RUNTIME_PRECISIONS = {
-    Runtime.CTRANSLATE2: (Precision.FP32,),
+    Runtime.CTRANSLATE2: (Precision.FP32, Precision.INT8),
 }
 
 
@@ -303,15 +304,17 @@ class DifyModelSpec(_Spec):
         description="cpu, cuda or cuda:N. cuda asks Ray for a GPU per replica.",
     )
     precision: Precision = Field(
-        Precision.FP32, description="Weights dtype: fp32, fp16 (GPU only) or bf16."
+        Precision.FP32,
+        description="Weights dtype: fp32, fp16 (GPU only), bf16, or int8 (text-generation "
+        "on CPU; served only where its greedy tokens agree with fp32's ≥ 98%, else fp32).",
     )
     engine: Runtime = Field(
         Runtime.AUTO,
         description="What runs the model: auto (the fastest installed for the task, device "
         "and precision; the status says which), torch (every task and device), openvino "
-        "(feature-extraction on CPU), ctranslate2 (text-generation on CPU, fp32) or vllm "
-        "(text-generation on CUDA). openvino and ctranslate2 convert the model at load and "
-        "cache it under the state folder.",
+        "(feature-extraction and text-classification on CPU), ctranslate2 (text-generation "
+        "on CPU, fp32) or vllm (text-generation on CUDA). openvino and ctranslate2 convert "
+        "the model at load and cache it under the state folder.",
     )
     replicas: int = Field(1, ge=0, le=1000, description="Fixed replica count (no autoscaling).")
     autoscaling: Autoscaling | None = Field(
@@ -348,6 +351,15 @@ class DifyModelSpec(_Spec):
     def _precision(self) -> DifyModelSpec:
         if self.precision == Precision.FP16 and not self.device.startswith("cuda"):
             raise ValueError("precision fp16 needs a GPU (device cuda); on CPU use bf16 or fp32")
+        if self.precision == Precision.INT8 and (
+            self.task != Task.TEXT_GENERATION
+            or self.uses_cuda
+            or self.engine not in (Runtime.AUTO, Runtime.CTRANSLATE2)
+        ):
+            raise ValueError(
+                "precision int8 is offered for text-generation on CPU (engine auto or "
+                "ctranslate2), where its agreement with fp32 is checked at load"
+            )
         tasks = RUNTIME_TASKS.get(self.engine)
         if tasks is not None and self.task not in tasks:
             raise ValueError(

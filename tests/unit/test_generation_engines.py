@@ -190,7 +190,9 @@ def test_auto_picks_by_task_device_and_precision(monkeypatch: pytest.MonkeyPatch
     embed = {"modelId": "x/y", "task": "feature-extraction"}
     assert runtimes.resolve(DifyModelSpec.model_validate(embed)) == Runtime.OPENVINO
     cls = DifyModelSpec.model_validate(embed | {"task": "text-classification"})
-    assert runtimes.resolve(cls) == Runtime.TORCH
+    assert runtimes.resolve(cls) == Runtime.OPENVINO
+    images = DifyModelSpec.model_validate(embed | {"task": "image-classification"})
+    assert runtimes.resolve(images) == Runtime.TORCH
     monkeypatch.setattr(runtimes, "installed", lambda r: r == Runtime.TORCH)
     assert runtimes.resolve(spec()) == Runtime.TORCH
     assert runtimes.resolve(spec(device="cuda")) == Runtime.TORCH  # vllm not installed
@@ -202,7 +204,10 @@ def test_auto_picks_by_task_device_and_precision(monkeypatch: pytest.MonkeyPatch
 @pytest.mark.parametrize(
     ("fields", "words"),
     [
-        ({"engine": "ctranslate2", "precision": "bf16"}, "runs precision fp32 here, not bf16"),
+        (
+            {"engine": "ctranslate2", "precision": "bf16"},
+            "runs precision fp32, int8 here, not bf16",
+        ),
         ({"engine": "ctranslate2", "device": "cuda"}, "serves device cpu, not cuda"),
         ({"engine": "vllm"}, "serves device cuda, not cpu"),
         ({"engine": "vllm", "task": "feature-extraction"}, "serves text-generation"),
@@ -271,7 +276,9 @@ def test_the_status_of_a_loading_model_is_its_replicas_stage(
             return {"applications": {"model-a": app, "model-b": ready}}
 
     monkeypatch.setattr(
-        status_cache, "loading_stages", lambda: {"a": "converting to CTranslate2", "b": "stale"}
+        status_cache,
+        "loading_stages",
+        lambda models: {"a": "converting to CTranslate2", "b": "stale"} if models else {},
     )
     cache = status_cache.StatusCache(Catalog(), Dashboard())  # type: ignore[arg-type]
     cache.cluster_gpus = 0.0
@@ -300,3 +307,36 @@ def test_stopping_ends_running_and_queued_requests_with_the_reason(
     outcomes = asyncio.run(main())
     assert all(isinstance(o, EngineError) for o in outcomes), outcomes
     assert {o.message for o in outcomes} == {"demo: model unloaded"}
+
+
+@pytest.mark.parametrize("threshold", [0.0, 1.01])
+def test_int8_serves_only_where_it_agrees_with_fp32_and_says_how_much(
+    demo: Path, home: Path, monkeypatch: pytest.MonkeyPatch, threshold: float
+) -> None:
+    monkeypatch.setattr(ctranslate2_textgen, "INT8_AGREEMENT", threshold)
+    engine = CTranslate2Engine("demo", spec(precision="int8"), str(demo), home=home)
+    info = engine.info()
+    assert 0.0 <= info["int8_agreement"] <= 1.0
+    if threshold == 0.0:
+        assert info["precision"] == "int8" and "engine_note" not in info
+        out = run(engine, lambda e: e.generate(GenerationRequest(prompt="hello", max_tokens=4)))
+        assert out.completion_tokens == 4
+    else:  # below the bar: fp32, and the status says the agreement it measured
+        assert info["precision"] == "fp32"
+        assert info["engine_note"] == (
+            f"int8 agreed with fp32 on {info['int8_agreement']:.2f} of the probe's greedy "
+            "tokens (< 1.01): running fp32"
+        )
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"precision": "int8", "engine": "torch"},
+        {"precision": "int8", "device": "cuda"},
+        {"precision": "int8", "task": "feature-extraction"},
+    ],
+)
+def test_int8_is_refused_where_nothing_checks_it(fields: dict[str, str]) -> None:
+    with pytest.raises(ValueError, match="precision int8 is offered for text-generation on CPU"):
+        spec(**fields)

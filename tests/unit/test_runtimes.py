@@ -169,3 +169,43 @@ def test_an_engine_that_is_not_installed_is_refused_naming_the_extra(
     error = r.json()["error"]
     assert (r.status_code, error["code"]) == (422, "engine_not_installed")
     assert "pip install 'dify-mirror[openvino]'" in error["message"]
+
+
+def test_openvino_classifier_gives_torchs_labels_and_scores(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """text-classification on CPU: the pipeline keeps its scoring, OpenVINO runs the
+    forward pass; labels and scores match torch's, top_k and truncation included."""
+    from tiny_models import text_classifier
+
+    from dify_serving.engines.pipelines import PipelineEngine
+    from dify_serving.engines.protocol import PredictionRequest
+
+    path = str(text_classifier(tmp_path / "clf"))
+    texts = [*corpus(20), "word " * 2000]  # the last one is truncated by the pipeline
+
+    def classify(engine: PipelineEngine) -> list[Any]:
+        return asyncio.run(engine.predict(PredictionRequest(inputs=texts, top_k=2)))
+
+    def clf(**fields: Any) -> DifyModelSpec:
+        return spec(modelId=path, task="text-classification", **fields)
+
+    reference = classify(PipelineEngine("t", clf(engine="torch"), path))
+    calls = []
+    forward = openvino_encoder.OpenVinoEncoder.forward
+    monkeypatch.setattr(
+        openvino_encoder.OpenVinoEncoder,
+        "forward",
+        lambda self, *a: calls.append(len(a[0])) or forward(self, *a),
+    )
+    engine = PipelineEngine("o", clf(), path, home=tmp_path)  # auto: OpenVINO on CPU
+    info = engine.info()
+    assert (info["engine"], info["precision"]) == ("openvino", "fp32")
+    got = classify(engine)
+    assert [[r["label"] for r in row] for row in got] == [
+        [r["label"] for r in row] for row in reference
+    ]
+    scores = np.array([[r["score"] for r in row] for row in got])
+    assert np.allclose(scores, [[r["score"] for r in row] for row in reference], atol=1e-5)
+    assert sum(calls) == len(texts)  # every row went through OpenVINO
+    assert list((tmp_path / "compiled" / "openvino").iterdir())  # converted and cached

@@ -66,9 +66,12 @@ def _torch_setup(spec: DifyModelSpec) -> tuple[str, Any]:
         raise EngineError(503, "no_gpu", f"device {device} requested but CUDA is not available")
     if spec.precision == "fp16" and device == "cpu":
         raise EngineError(422, "unsupported_precision", "fp16 needs a GPU; on CPU use bf16 or fp32")
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
-        str(effective_precision(spec)[0])
-    ]
+    dtype = {  # int8 quantizes at load in CTranslate2; torch's side of it is fp32
+        "fp32": torch.float32,
+        "fp16": torch.float16,
+        "bf16": torch.bfloat16,
+        "int8": torch.float32,
+    }[str(effective_precision(spec)[0])]
     return device, dtype
 
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from dify_serving.engines import progress, runtimes
+from dify_serving.engines import runtimes
 from dify_serving.engines.base import Engine, inline_or_thread
 from dify_serving.engines.protocol import (
     Embeddings,
@@ -33,7 +33,7 @@ from dify_serving.engines.protocol import (
     EngineError,
     InputTooLong,
 )
-from dify_serving.specs import DifyModelSpec, Precision, Runtime, Task
+from dify_serving.specs import DifyModelSpec, Runtime, Task
 
 log = logging.getLogger(__name__)
 
@@ -113,27 +113,11 @@ class EmbeddingEngine(Engine):
         self._finished_at = 0.0  # loop time the last batch finished
 
     def _open_openvino(self, threads: int) -> None:
-        """Convert (once per weights, revision and version; cached) and compile; on a
-        failed conversion, run torch and say why in `info()`."""
         from dify_serving.engines import openvino_encoder as openvino
 
-        folder = openvino.cache_dir(self.home, self.path, self.spec.revision)
-        try:
-            if not (folder / openvino.IR_FILE).is_file():
-                progress.report(
-                    "converting to OpenVINO IR (first load of these weights; cached afterwards)"
-                )
-                openvino.convert(self.model, folder)
-            bf16 = self.precision == Precision.BF16
-            self.encoder = openvino.OpenVinoEncoder(folder, bf16, self.workers, threads)
-        except Exception as exc:  # any conversion failure: torch still serves
-            log.warning("%s: OpenVINO failed, running torch: %s", self.name, exc)
-            self.runtime = Runtime.TORCH
-            self.runtime_note = f"openvino failed ({type(exc).__name__}); running torch"
-            self.model.to(self.dtype)
-            return
-        self.runtime_note = self.encoder.note or self.runtime_note
-        self.model = None  # the IR serves; the torch weights are not needed again
+        self.encoder = openvino.open_for(self, "encoder", self.workers, threads)
+        if self.encoder is not None:
+            self.model = None  # the IR serves; the torch weights are not needed again
 
     def parameters(self) -> int:
         return self._parameters

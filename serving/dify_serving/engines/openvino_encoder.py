@@ -27,22 +27,27 @@ from typing import Any
 
 import numpy as np
 
+from dify_serving.engines import progress
+from dify_serving.specs import Precision, Runtime
+
 log = logging.getLogger(__name__)
 
 IR_FILE = "model.xml"
 
 
-def cache_dir(home: Path, weights: str, revision: str | None) -> Path:
-    """The IR's folder: keyed by the weights' real path, revision and OpenVINO version."""
+def cache_dir(home: Path, weights: str, revision: str | None, head: str) -> Path:
+    """The IR's folder: keyed by the weights' real path, revision, the head converted
+    (the same weights give an encoder and a classifier) and OpenVINO's version."""
     import openvino
 
-    key = f"{os.path.realpath(weights)}|{revision or ''}|{openvino.__version__}"
+    key = f"{os.path.realpath(weights)}|{revision or ''}|{head}|{openvino.__version__}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:24]
     return home / "compiled" / "openvino" / digest
 
 
 def convert(model: Any, folder: Path) -> None:
-    """Convert a Hugging Face encoder (token ids, mask → last hidden state) to IR."""
+    """Convert a Hugging Face encoder (token ids, mask → its first output: the last
+    hidden state, or a classifier's logits) to IR."""
     import openvino as ov
     import torch
 
@@ -68,6 +73,29 @@ def convert(model: Any, folder: Path) -> None:
             raise
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def open_for(engine: Any, head: str, streams: int, threads: int) -> OpenVinoEncoder | None:
+    """The compiled encoder of `engine.model` (converted on the first load of its weights,
+    cached); None after a failure, with the engine switched to torch and the reason in
+    its `runtime_note`: torch still serves."""
+    folder = cache_dir(engine.home, engine.path, engine.spec.revision, head)
+    try:
+        if not (folder / IR_FILE).is_file():
+            progress.report(
+                "converting to OpenVINO IR (first load of these weights; cached afterwards)"
+            )
+            convert(engine.model, folder)
+        bf16 = engine.precision == Precision.BF16
+        encoder = OpenVinoEncoder(folder, bf16, streams, threads)
+    except Exception as exc:  # any conversion failure
+        log.warning("%s: OpenVINO failed, running torch: %s", engine.name, exc)
+        engine.runtime = Runtime.TORCH
+        engine.runtime_note = f"openvino failed ({type(exc).__name__}); running torch"
+        engine.model.to(engine.dtype)
+        return None
+    engine.runtime_note = encoder.note or engine.runtime_note
+    return encoder
 
 
 class OpenVinoEncoder:
@@ -100,7 +128,8 @@ class OpenVinoEncoder:
         self._local = threading.local()
 
     def forward(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        """Last hidden state, float32 [batch, tokens, hidden], for padded int64 ids."""
+        """The first output in float32 (an encoder's last hidden state [batch, tokens,
+        hidden], a classifier's logits [batch, labels]) for padded int64 ids."""
         request = getattr(self._local, "request", None)
         if request is None:
             request = self._local.request = self.compiled.create_infer_request()

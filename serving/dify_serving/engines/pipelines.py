@@ -3,6 +3,11 @@
 text-classification and image-classification use transformers pipelines; transformers
 5 has no image-to-text pipeline, so captioning calls `generate` on an
 `AutoModelForImageTextToText` (e.g. a vision-encoder-decoder) directly.
+
+On CPU, text-classification's forward pass runs on OpenVINO (`engine: auto` or
+`openvino`), converted and cached as the embeddings engine's is: the pipeline keeps its
+tokenizing, truncation and scoring (softmax, sigmoid, top_k), only the model's forward
+changes, so labels and scores match torch's.
 """
 
 from __future__ import annotations
@@ -11,13 +16,17 @@ import asyncio
 import base64
 import binascii
 import io
+import logging
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from dify_serving.engines import runtimes
 from dify_serving.engines.base import Engine
 from dify_serving.engines.protocol import EngineError, PredictionRequest
-from dify_serving.specs import DifyModelSpec, Task
+from dify_serving.specs import DifyModelSpec, Runtime, Task
+
+log = logging.getLogger(__name__)
 
 
 def decode_image(item: Any) -> Any:
@@ -56,16 +65,54 @@ class PipelineEngine(Engine):
             ).to(self.device)  # type: ignore[arg-type]
             self.model.eval()
         else:
+            import torch
             from transformers import pipeline
 
+            self.runtime = runtimes.resolve(spec)
             self.pipe = pipeline(  # type: ignore[call-overload]
                 str(self.task),
                 model=path,
                 revision=spec.revision,
                 device=self.device,
-                dtype=self.dtype,
+                # OpenVINO converts fp32 weights; its precision is a compile-time hint
+                dtype=torch.float32 if self.runtime == Runtime.OPENVINO else self.dtype,
             )
             self.model = self.pipe.model
+            if self.runtime == Runtime.OPENVINO:
+                self._open_openvino(torch.get_num_threads())
+
+    def _open_openvino(self, threads: int) -> None:
+        """Convert (once; cached) and run the classifier's forward on OpenVINO; on a
+        failed conversion, torch runs it and `info()` says why."""
+        import torch
+        from transformers.modeling_outputs import SequenceClassifierOutput
+
+        from dify_serving.engines import openvino_encoder as openvino
+
+        encoder = openvino.open_for(self, "classifier", 1, threads)
+        if encoder is None:
+            return
+        self.encoder_precision = encoder.precision
+        torch_forward = self.model.forward
+
+        def forward(
+            input_ids: Any, attention_mask: Any, token_type_ids: Any = None, **rest: Any
+        ) -> Any:
+            if (token_type_ids is not None and bool(token_type_ids.any())) or rest:
+                # a second segment (the IR was traced with one): torch's forward
+                return torch_forward(input_ids, attention_mask, token_type_ids, **rest)
+            logits = encoder.forward(input_ids.numpy(), attention_mask.numpy())
+            return SequenceClassifierOutput(logits=torch.from_numpy(logits))
+
+        self.model.forward = forward
+
+    def info(self) -> dict[str, Any]:
+        info = super().info()
+        runtime = getattr(self, "runtime", Runtime.TORCH)
+        info["engine"] = str(runtime)
+        if runtime == Runtime.OPENVINO:
+            info["precision"] = self.encoder_precision
+        return info
 
     async def predict(self, request: PredictionRequest) -> list[Any]:
         """Runs on the engine's worker thread, image decoding included (not on the loop)."""

@@ -64,15 +64,21 @@ def clear_stage(name: str) -> None:
         log.warning("could not clear the load stage of %s: %s", name, exc)
 
 
-def loading_stages() -> dict[str, str]:
-    """Model name → what its loading replica does now (empty outside Ray)."""
+def loading_stages(models: set[str]) -> dict[str, str]:
+    """Model name → what its loading replica does now, for the `models` that exist (empty
+    outside Ray). Stages of models that are gone are deleted: a replica stopped while it
+    loaded (an unload, a crash) never clears its own."""
     from ray.experimental import internal_kv
 
     if not internal_kv._internal_kv_initialized():
         return {}
     stages = {}
     for key in internal_kv._internal_kv_list(LOADING_PREFIX, namespace=KV_NAMESPACE):
+        name = key.decode()[len(LOADING_PREFIX) :]
+        if name not in models:
+            internal_kv._internal_kv_del(key, namespace=KV_NAMESPACE)
+            continue
         raw = internal_kv._internal_kv_get(key, namespace=KV_NAMESPACE)
         if raw:
-            stages[key.decode()[len(LOADING_PREFIX) :]] = str(json.loads(raw)["stage"])
+            stages[name] = str(json.loads(raw)["stage"])
     return stages

@@ -33,20 +33,23 @@ def not_installed(runtime: Runtime) -> str:
 def preferred(spec: DifyModelSpec) -> list[Runtime]:
     """The runtimes `auto` tries for this task, device and precision, fastest first."""
     task, cuda = Task(spec.task), spec.uses_cuda
-    if task == Task.FEATURE_EXTRACTION and not cuda:
+    if task in (Task.FEATURE_EXTRACTION, Task.TEXT_CLASSIFICATION) and not cuda:
         return [Runtime.OPENVINO]
     if task == Task.TEXT_GENERATION:
         if cuda:
             return [Runtime.VLLM]
-        if effective_precision(spec)[0] == Precision.FP32:  # bf16 on a CPU without it too
-            return [Runtime.CTRANSLATE2]
+        if effective_precision(spec)[0] in (Precision.FP32, Precision.INT8):
+            return [Runtime.CTRANSLATE2]  # bf16 on a CPU without bf16 too (it runs fp32)
     return []
 
 
 def resolve(spec: DifyModelSpec) -> Runtime:
     """The runtime that will run `spec` here (never AUTO)."""
     if spec.engine == Runtime.AUTO:
-        return next((r for r in preferred(spec) if installed(r)), Runtime.TORCH)
+        runtime = next((r for r in preferred(spec) if installed(r)), Runtime.TORCH)
+        if spec.precision == Precision.INT8 and runtime != Runtime.CTRANSLATE2:
+            raise EngineError(422, "engine_not_installed", not_installed(Runtime.CTRANSLATE2))
+        return runtime
     runtime = Runtime(spec.engine)
     if not installed(runtime):
         raise EngineError(422, "engine_not_installed", not_installed(runtime))

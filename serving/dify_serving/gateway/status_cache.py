@@ -118,7 +118,7 @@ class StatusCache:
         }
         loading = [n for n, s in self.models.items() if s["phase"] in LOADING_PHASES]
         if loading:  # what those replicas do now (converting, warming up), not a bare phase
-            stages = await asyncio.to_thread(loading_stages)
+            stages = await asyncio.to_thread(loading_stages, set(models))
             for name in loading:
                 if name in stages:
                     self.models[name]["message"] = stages[name]
