@@ -8,8 +8,12 @@ bf16) against the same manager in fp32, and its time to first token at concurren
 against transformers `generate`. Embeddings (MiniLM, 2 threads): sentences/s through
 `POST /v1/embeddings` at concurrency 32, one text and 32 texts per request, fp32 and
 bf16, against sentence-transformers `encode(batch_size=32)`; and against fastembed on the
-same weights exported to ONNX. Every figure takes turns with its anchor (`interleaved`).
-Writes docs/benchmarks.md.
+same weights exported to ONNX. Knowledge: searches of a 100k-chunk index and ingestion,
+and the result cache's hit against a miss. Tasks: a batch of 64 prompts in one request
+against 64 requests, and 1,000 async generation tasks against the same prompts sent
+synchronously at concurrency 16. Every figure takes turns with its anchor
+(`interleaved`). `python -m bench SECTION...` runs some sections and keeps the others'
+rows. Writes docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from bench import knowledge, load, security
+from bench import batch, cache, knowledge, load, security, tasks
 from bench.anchors import (
     SAME_VECTORS,
     EncodeAnchor,
@@ -157,7 +161,7 @@ def served(base: str) -> dict[str, str]:
     return {m["name"]: f"engine {m['engine']}, {m['precision']}" for m in answer.json()["models"]}
 
 
-SECTIONS = ("generation", "embeddings", "knowledge", "security")
+SECTIONS = ("generation", "embeddings", "knowledge", "tasks", "security")
 
 
 def main(argv: list[str]) -> int:
@@ -214,10 +218,19 @@ def main(argv: list[str]) -> int:
         if vectors is not None:
             print("knowledge: search", flush=True)
             rows += knowledge.search_rows(base, "bench", vectors)
+            print("cache: hit against miss", flush=True)
+            rows += asyncio.run(cache.cache_rows(base, "bench"))
             print("knowledge: ingest", flush=True)
             rows += knowledge.ingest_rows(base, "ingest", 48)
-            for row in rows[-4:]:
+            for row in rows[-6:]:
                 print(row, flush=True)
+        if "tasks" in sections:
+            print("batch: 64 prompts in one request against 64 requests", flush=True)
+            rows += asyncio.run(batch.batch_rows(base, engines["demo-llm"], rounds=ROUNDS))
+            print(rows[-1], flush=True)
+            print(f"tasks: {tasks.TASKS} async generation tasks against sync", flush=True)
+            rows += asyncio.run(tasks.task_rows(base, engines["demo-llm"]))
+            print(rows[-1], flush=True)
     finally:
         stack.stop()
     write_report(rows)
@@ -472,7 +485,16 @@ def cpu_model() -> str:
 def write_report(rows: list[tuple[str, str, str, str]]) -> None:
     path = ROOT / "docs" / "benchmarks.md"
     table = _kept_rows(path, rows) + [list(r) for r in rows]
-    order = {"generation": 0, "embeddings": 1, "search": 2, "ingest": 3, "security:": 4}
+    order = {
+        "generation": 0,
+        "embeddings": 1,
+        "search": 2,
+        "ingest": 3,
+        "cache:": 4,
+        "batch": 5,
+        "async": 6,
+        "security:": 7,
+    }
     table.sort(key=lambda r: order.get(r[0].split(" ", 1)[0], 9))
     lines = [
         "# Benchmarks",

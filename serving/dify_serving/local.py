@@ -17,7 +17,7 @@ from dify_serving.catalog.files import LocalStateStore
 from dify_serving.control import RayDashboard
 from dify_serving.manifests import DesiredState, check_collections
 from dify_serving.options import ServeOptions
-from dify_serving.render import render_serve_config, servable_indexes
+from dify_serving.render import TASKS_APP, render_serve_config, servable_indexes
 from dify_serving.security.secrets import SECRET_NAMES
 from dify_serving.settings import Settings
 from dify_serving.specs import Phase
@@ -114,6 +114,9 @@ class LocalStack:
                 out[f"index/{index.name}"] = status
         gateway = apps.get("gateway", {})
         out["gateway"] = {"name": "gateway", "phase": _gateway_phase(gateway.get("status"))}
+        for name in sorted(apps):  # task consumers: the shared queue's and models' own
+            if name == TASKS_APP or name.startswith(f"{TASKS_APP}-"):
+                out[name] = {"name": name, "phase": _gateway_phase(apps[name].get("status"))}
         return out
 
     def wait(self, timeout: float = 300, poll: float = 0.5) -> dict[str, dict[str, Any]]:

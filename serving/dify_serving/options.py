@@ -14,6 +14,8 @@ silently falling back to an in-process default.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from dify_serving.specs import ResourceName
@@ -77,6 +79,65 @@ class LimitOptions(_Options):
     stream_idle_timeout_s: float = Field(
         120.0, gt=0, le=3600, description="A stream with no event for this long is ended."
     )
+    max_batch_requests: int = Field(
+        64, ge=1, le=4096, description="Most requests in one POST /v1/inference/batch."
+    )
+
+
+class CacheOptions(_Options):
+    """The result cache: searches, deterministic inference and embeddings (`tasks/cache.py`)."""
+
+    ttl_s: float = Field(
+        300.0, ge=0, le=86400, description="Seconds a cached answer is served (0: no cache)."
+    )
+    max_bytes: int = Field(
+        64 * MIB, ge=0, le=16 * 1024 * MIB, description="Bytes the in-process cache holds (LRU)."
+    )
+    redis: bool = Field(
+        False, description="Share the cache in the Redis of DIFY_MIRROR_REDIS_URL (a secret)."
+    )
+
+
+class TaskOptions(_Options):
+    """Async tasks (`tasks/`): Ray Serve task consumers over a broker, results in a store.
+
+    The broker's URL is a secret (`DIFY_MIRROR_BROKER_URL`); `broker` only names its kind,
+    so a consumer that cannot read it refuses to start instead of using another queue.
+    """
+
+    broker: Literal["embedded", "redis", "amqp"] = Field(
+        "embedded",
+        description="embedded: SQLite under the state folder (one machine, no server); "
+        "redis or amqp (RabbitMQ): the broker of DIFY_MIRROR_BROKER_URL",
+    )
+    database: bool = Field(
+        False,
+        description="Task rows in the database of DIFY_MIRROR_DATABASE_URL (else SQLite "
+        "under the state folder)",
+    )
+    ttl_s: float = Field(
+        86400.0, ge=60, le=90 * 86400, description="Seconds a finished task's result is kept."
+    )
+    max_attempts: int = Field(
+        3, ge=1, le=10, description="Runs of a task whose consumer died before it finished."
+    )
+    lease_s: float = Field(
+        30.0,
+        ge=2,
+        le=3600,
+        description="A running task whose consumer is silent this long is run again.",
+    )
+    consumers: int = Field(1, ge=1, le=64, description="Consumer replicas of the shared queue.")
+    concurrency: int = Field(
+        64, ge=1, le=1024, description="Tasks one consumer replica runs at once."
+    )
+    max_pending_per_key: int = Field(
+        10_000, ge=1, le=1_000_000, description="Unfinished tasks one key may have."
+    )
+    webhook_allow_private: bool = Field(
+        False,
+        description="callback_url may point at loopback, link-local or private addresses",
+    )
 
 
 class ModelSourceOptions(_Options):
@@ -105,6 +166,8 @@ class GatewayOptions(_Options):
     listen_port: int | None = None
     request_timeout_s: float = Field(300.0, gt=0, description="Longest wait for a model")
     limits: LimitOptions = Field(default_factory=LimitOptions)
+    cache: CacheOptions = Field(default_factory=CacheOptions)
+    tasks: TaskOptions = Field(default_factory=TaskOptions)
     sources: ModelSourceOptions = Field(default_factory=ModelSourceOptions)
     security: SecurityOptions = Field(default_factory=SecurityOptions)
 

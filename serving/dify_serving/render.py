@@ -10,12 +10,20 @@ from __future__ import annotations
 from typing import Any
 
 from dify_serving.manifests import DesiredState
-from dify_serving.options import GatewayOptions, ModelSourceOptions, ServeOptions
+from dify_serving.options import CacheOptions, GatewayOptions, ModelSourceOptions, ServeOptions
 from dify_serving.specs import DifyIndex, DifyModel, Task
 
 GATEWAY_APP = "gateway"
 MODEL_APP_PREFIX = "model-"
 INDEX_APP_PREFIX = "index-"
+TASKS_APP = "tasks"
+#: The queue of tasks whose model has no consumers of its own (`tasks/queue.py`).
+SHARED_QUEUE = "dify-tasks"
+#: Modules whose work runs as tasks: with any of them on, the consumers run too.
+TASK_MODULES = ("inference", "data")
+#: Seconds a consumer replica waits for its running tasks when it is stopped; a task
+#: still running then is run again by another consumer once its lease runs out.
+TASKS_SHUTDOWN_S = 10.0
 #: Seconds a replica waits for in-flight requests when its model is unloaded.
 GRACEFUL_SHUTDOWN_S = 3.0
 #: Requests one index replica runs at once (`max_ongoing_requests`).
@@ -91,6 +99,7 @@ def index_app(
     home: str,
     qdrant_url: str | None,
     sources: ModelSourceOptions,
+    cache: CacheOptions | None = None,
 ) -> dict[str, Any]:
     """One index → one Serve application: the single writer of its collection.
 
@@ -108,6 +117,8 @@ def index_app(
             "home": home,
             "qdrant_url": qdrant_url,
             "sources": sources.model_dump(mode="json"),
+            # the index replica caches its own searches (single writer: exact invalidation)
+            "cache": (cache or CacheOptions()).model_dump(mode="json", exclude={"redis"}),
         },
         "deployments": [
             {
@@ -154,16 +165,76 @@ def gateway_app(options: GatewayOptions) -> dict[str, Any]:
     }
 
 
+def task_app_name(model: str | None) -> str:
+    return TASKS_APP if model is None else f"{TASKS_APP}-{model}"
+
+
+def model_queue(name: str) -> str:
+    """The queue of a model whose spec asks for consumers of its own."""
+    return f"dify-model-{name}"
+
+
+def task_app(options: GatewayOptions, model: DifyModel | None = None) -> dict[str, Any]:
+    """The consumers of one queue: the shared one, or a model's own (`asyncInference`).
+
+    A model's consumers scale on its queue's depth with Ray Serve's
+    `AsyncInferenceAutoscalingPolicy` (wrapped so the broker URL, a secret, is read where
+    the policy runs); the embedded broker (one machine) has no depth to read, so its
+    consumers are a fixed count.
+    """
+    tasks = options.tasks
+    queue = SHARED_QUEUE if model is None else model_queue(model.name)
+    deployment: dict[str, Any] = {
+        "name": "TaskWorker",
+        "max_ongoing_requests": tasks.concurrency,  # Celery threads of each consumer
+        "graceful_shutdown_timeout_s": TASKS_SHUTDOWN_S,
+        "graceful_shutdown_wait_loop_s": 0.5,
+        "health_check_period_s": 10,
+        "ray_actor_options": {"num_cpus": 0},
+    }
+    scaling = model.spec.async_inference if model is not None else None
+    if scaling is None:
+        deployment["num_replicas"] = tasks.consumers
+    elif tasks.broker == "embedded":
+        deployment["num_replicas"] = max(1, scaling.min_replicas)
+    else:
+        deployment["autoscaling_config"] = {
+            "min_replicas": scaling.min_replicas,
+            "max_replicas": scaling.max_replicas,
+            "target_ongoing_requests": scaling.target_queue_length,
+            "policy": {
+                "policy_function": "dify_serving.gateway.worker:QueueDepthPolicy",
+                "policy_kwargs": {"home": options.home, "queue_name": queue},
+            },
+        }
+    return {
+        "name": task_app_name(model.name if model is not None else None),
+        "route_prefix": None,
+        "import_path": "dify_serving.gateway.worker:build_task_app",
+        "args": {"gateway": options.model_dump(mode="json"), "queue": queue},
+        "deployments": [deployment],
+    }
+
+
+def task_apps(state: DesiredState, options: GatewayOptions) -> list[dict[str, Any]]:
+    if not any(module in options.modules for module in TASK_MODULES):
+        return []
+    own = [state.models[n] for n in sorted(state.models) if state.models[n].spec.async_inference]
+    return [task_app(options), *(task_app(options, model) for model in own)]
+
+
 def render_serve_config(state: DesiredState, options: ServeOptions) -> dict[str, Any]:
     """The whole Serve config for a desired state. Same input, same output."""
     gateway = options.gateway
-    apps = [gateway_app(gateway)]
+    apps = [gateway_app(gateway), *task_apps(state, gateway)]
     apps += [
         model_app(state.models[n], gateway.home, gateway.sources) for n in sorted(state.models)
     ]
     if "data" in gateway.modules:  # a switched-off module starts no backends
         apps += [
-            index_app(index, model, gateway.home, options.qdrant_url, gateway.sources)
+            index_app(
+                index, model, gateway.home, options.qdrant_url, gateway.sources, gateway.cache
+            )
             for index, model in servable_indexes(state)
         ]
     return {

@@ -22,11 +22,13 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from dify_serving.options import (
     ALL_MODULES,
+    CacheOptions,
     GatewayOptions,
     LimitOptions,
     ModelSourceOptions,
     SecurityOptions,
     ServeOptions,
+    TaskOptions,
 )
 from dify_serving.security.secrets import (
     KEY_SHAPE,
@@ -41,6 +43,12 @@ from dify_serving.specs import check_http_url
 def _same(model: type[BaseModel], name: str) -> Any:
     """The option's own field (default, bounds, description): declared there only."""
     return copy(model.model_fields[name])
+
+
+def broker_kind(url: str) -> str | None:
+    """The broker kind of a URL by its scheme; None for anything else."""
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    return {"redis": "redis", "rediss": "redis", "amqp": "amqp", "amqps": "amqp"}.get(scheme)
 
 
 def _comma_list(value: object) -> object:
@@ -78,6 +86,23 @@ class Settings(BaseSettings):
     max_document_bytes: int = _same(LimitOptions, "max_document_bytes")
     max_documents: int = _same(LimitOptions, "max_documents")
     stream_idle_timeout_s: float = _same(LimitOptions, "stream_idle_timeout_s")
+    max_batch_requests: int = _same(LimitOptions, "max_batch_requests")
+    # result cache
+    cache_ttl: float = _same(CacheOptions, "ttl_s")
+    cache_max_bytes: int = _same(CacheOptions, "max_bytes")
+    # async tasks
+    broker: str | None = Field(
+        None,
+        description="Broker kind: embedded, redis or amqp (default: from DIFY_MIRROR_BROKER_URL, "
+        "else embedded).",
+    )
+    task_ttl: float = _same(TaskOptions, "ttl_s")
+    task_max_attempts: int = _same(TaskOptions, "max_attempts")
+    task_lease_s: float = _same(TaskOptions, "lease_s")
+    task_consumers: int = _same(TaskOptions, "consumers")
+    task_concurrency: int = _same(TaskOptions, "concurrency")
+    task_max_pending_per_key: int = _same(TaskOptions, "max_pending_per_key")
+    webhook_allow_private: bool = _same(TaskOptions, "webhook_allow_private")
     # where weights come from
     model_roots: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
@@ -119,6 +144,12 @@ class Settings(BaseSettings):
     # secrets: read where used, never copied into options (see the module docstring)
     database_url: SecretStr | None = Field(None, description="Keys + audit database URL.")
     redis_url: SecretStr | None = Field(None, description="Redis URL (shared limits).")
+    broker_url: SecretStr | None = Field(
+        None, description="Task broker: redis://… or amqp://… (unset: embedded)."
+    )
+    webhook_secret: SecretStr | None = Field(
+        None, description="HMAC key of task webhooks (X-Dify-Signature); generated if unset."
+    )
     key_pepper: SecretStr | None = Field(None, description="HMAC key of stored API keys.")
     bootstrap_key: SecretStr | None = Field(None, description="The first admin key.")
     audit_key: SecretStr | None = Field(None, description="HMAC key of the audit chain.")
@@ -181,6 +212,27 @@ class Settings(BaseSettings):
                     values = {**values, name: found}
         return values
 
+    @field_validator("broker")
+    @classmethod
+    def _broker_kind(cls, value: str | None) -> str | None:
+        if value is not None and value not in ("embedded", "redis", "amqp"):
+            raise ValueError("broker must be embedded, redis or amqp")
+        return value
+
+    @field_validator("broker_url")
+    @classmethod
+    def _broker_scheme(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and broker_kind(value.get_secret_value()) is None:
+            raise ValueError("broker_url must be a redis://, rediss:// or amqp(s):// URL")
+        return value
+
+    def broker_kind(self) -> str:
+        """embedded, redis or amqp: as set, else what the broker URL is."""
+        if self.broker is not None:
+            return self.broker
+        url = self.secret("broker_url")
+        return (broker_kind(url) if url else None) or "embedded"
+
     @field_validator("bootstrap_key")
     @classmethod
     def _key_shape(cls, value: SecretStr | None) -> SecretStr | None:
@@ -228,6 +280,23 @@ class Settings(BaseSettings):
                 max_document_bytes=self.max_document_bytes,
                 max_documents=self.max_documents,
                 stream_idle_timeout_s=self.stream_idle_timeout_s,
+                max_batch_requests=self.max_batch_requests,
+            ),
+            cache=CacheOptions(
+                ttl_s=self.cache_ttl,
+                max_bytes=self.cache_max_bytes,
+                redis=self.redis if self.redis is not None else bool(self.redis_url),
+            ),
+            tasks=TaskOptions(
+                broker=self.broker_kind(),  # type: ignore[arg-type]
+                database=self.database if self.database is not None else bool(self.database_url),
+                ttl_s=self.task_ttl,
+                max_attempts=self.task_max_attempts,
+                lease_s=self.task_lease_s,
+                consumers=self.task_consumers,
+                concurrency=self.task_concurrency,
+                max_pending_per_key=self.task_max_pending_per_key,
+                webhook_allow_private=self.webhook_allow_private,
             ),
             sources=ModelSourceOptions(roots=self.model_roots, hub_downloads=self.hub_downloads),
             security=self.security_options(),

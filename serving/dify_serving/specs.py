@@ -235,6 +235,11 @@ class Resources(_Spec):
     )
 
 
+def _min_not_over_max(low: int, high: int) -> None:
+    if low > high:
+        raise ValueError(f"minReplicas ({low}) must not exceed maxReplicas ({high})")
+
+
 class Autoscaling(_Spec):
     min_replicas: int = Field(1, ge=0, le=1000, description="Fewest replicas (0 scales to zero).")
     max_replicas: int = Field(1, ge=1, le=1000, description="Most replicas.")
@@ -244,11 +249,7 @@ class Autoscaling(_Spec):
 
     @model_validator(mode="after")
     def _bounds(self) -> Autoscaling:
-        if self.min_replicas > self.max_replicas:
-            raise ValueError(
-                f"minReplicas ({self.min_replicas}) must not exceed maxReplicas "
-                f"({self.max_replicas})"
-            )
+        _min_not_over_max(self.min_replicas, self.max_replicas)
         return self
 
 
@@ -285,6 +286,22 @@ class ModelVersion(_Spec):
     weight: int = Field(0, ge=0, le=100, description="Share of traffic in percent.")
 
 
+class AsyncInference(_Spec):
+    """Consumers of this model's own task queue, scaled on its depth (Ray Serve's
+    `AsyncInferenceAutoscalingPolicy`). Without it, the model's tasks share one queue."""
+
+    min_replicas: int = Field(1, ge=0, le=1000, description="Fewest consumers (0 scales to zero).")
+    max_replicas: int = Field(1, ge=1, le=1000, description="Most consumers.")
+    target_queue_length: int = Field(
+        16, ge=1, le=100_000, description="Queued and running tasks per consumer aimed at."
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AsyncInference:
+        _min_not_over_max(self.min_replicas, self.max_replicas)
+        return self
+
+
 class DifyModelSpec(_Spec):
     """A model to serve: what to load, on what device, how many replicas."""
 
@@ -319,6 +336,11 @@ class DifyModelSpec(_Spec):
     replicas: int = Field(1, ge=0, le=1000, description="Fixed replica count (no autoscaling).")
     autoscaling: Autoscaling | None = Field(
         None, description="Autoscaling bounds; replaces replicas when set."
+    )
+    async_inference: AsyncInference | None = Field(
+        None,
+        description="Task consumers of this model's own queue, autoscaled on its depth; "
+        "unset: its async tasks go to the shared queue.",
     )
     resources: Resources = Field(
         default_factory=Resources,  # type: ignore[arg-type]

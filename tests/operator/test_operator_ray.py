@@ -140,7 +140,7 @@ async def test_model_lifecycle_through_the_operator(cluster: dict[str, Any]) -> 
         op = await start_operator(cluster["url"], config)
         await asyncio.sleep(3)
         after = replica_ids(await serve_apps(cluster["dashboard"]))
-        assert after == before and set(after) == {"gateway", "model-demo"}
+        assert after == before and set(after) == {"gateway", "tasks", "model-demo"}
         assert op.exception is None
 
         # Drift: an app removed from Serve behind the operator's back comes back.

@@ -48,7 +48,7 @@ from dify_serving.security.totp import (
     new_secret,
 )
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
+REDIS_URL = os.environ.get("DIFY_MIRROR_REDIS_URL") or "redis://127.0.0.1:6379/15"
 PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
 PEPPER = b"test-pepper"
 KEY_SHAPE = re.compile(r"dm_[a-z0-9]{12}_[A-Za-z0-9]{43}")
@@ -72,18 +72,6 @@ class FakeWallClock:
 
     def __call__(self) -> datetime:
         return self.now
-
-
-@pytest.fixture()
-def prefix() -> Iterator[str]:
-    value = f"test-{uuid.uuid4().hex[:12]}:"
-    require_service("Redis", lambda: redis.Redis.from_url(REDIS_URL, socket_timeout=2).ping())
-    yield value
-    client = redis.Redis.from_url(REDIS_URL)
-    stale = list(client.scan_iter(match=value + "*", count=1000))
-    if stale:
-        client.delete(*stale)
-    client.close()
 
 
 @pytest.fixture(scope="module")

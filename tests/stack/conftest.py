@@ -70,6 +70,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path) -> Iterator[
         ray_num_cpus=2,
         ray_dashboard_port=free_port(),
         model_roots=[str(tiny_dir), str(home / "models")],
+        task_concurrency=4,  # a queue forms: tests/stack/test_tasks_api.py cancels in it
     )
     local = LocalStack(settings, object_store_memory=150 * 1024 * 1024)
     local.start()

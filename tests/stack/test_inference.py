@@ -39,8 +39,10 @@ def test_greedy_and_seeded_sampling_repeat(client: httpx.Client) -> None:
         r = client.post(
             "/v1/inference",
             json={"model": "demo-llm", "prompt": "once upon", "max_tokens": 16, **params},
+            headers={"Cache-Control": "no-cache"},  # the engine repeats, not the cache
         )
         assert r.status_code == 200, r.text
+        assert r.headers["x-cache"] == "MISS"
         return str(r.json()["output"])
 
     assert run(temperature=0) == run(temperature=0)

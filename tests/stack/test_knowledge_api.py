@@ -358,11 +358,17 @@ def test_changing_to_a_model_of_another_dimension_is_409(
 
 
 def test_documents_per_upsert_have_a_maximum(client: httpx.Client) -> None:
+    """Over DIFY_MIRROR_MAX_DOCUMENTS an upsert becomes a bulk ingestion task (its
+    documents all checked first: one empty text refuses the lot, nothing is stored);
+    over 100,000 documents it is refused."""
     docs = [{"id": f"d{i}", "text": "t"} for i in range(1001)]
+    docs[700]["text"] = " "
     r = upsert(client, "kb", docs)
+    assert r.status_code == 422, r.text[:300]
+    assert "documents.700.text" in r.json()["error"]["message"]
+    r = upsert(client, "kb", [{"id": str(i), "text": "t"} for i in range(100_001)])
     assert r.status_code == 413, r.text[:300]
-    message = r.json()["error"]["message"]
-    assert "1000" in message and "bulk ingestion" in message
+    assert "100000" in r.json()["error"]["message"]
 
 
 def test_a_document_too_big_for_one_call_is_413_not_a_transport_error(

@@ -26,6 +26,13 @@ def test_switched_off_modules_have_no_routes(tmp_path) -> None:
         assert "/v1/chat/completions" not in http.get("/openapi.json").json()["paths"]
         r = http.post("/v1/inference", json={"prompt": "x"})
         assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+        assert "/v1/tasks/{task_id}" in http.get("/openapi.json").json()["paths"]
+    # with only data on, tasks (bulk ingestion) are there, async inference is not
+    state = GatewayState(GatewayOptions(modules=["data"], home=str(tmp_path)))
+    with TestClient(create_app(state), headers=AUTH) as http:
+        paths = http.get("/openapi.json").json()["paths"]
+        assert "/v1/tasks" in paths and "/v1/inference/async" not in paths
+        assert http.post("/v1/inference/async", json={"prompt": "x"}).status_code == 404
 
 
 def test_modules_setting_is_validated() -> None:

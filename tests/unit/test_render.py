@@ -30,13 +30,13 @@ def test_render_is_deterministic_and_order_free() -> None:
     one = render_serve_config(parse_documents(docs), ServeOptions())
     two = render_serve_config(parse_documents(list(reversed(docs))), ServeOptions())
     assert json.dumps(one, sort_keys=True) == json.dumps(two, sort_keys=True)
-    assert [a["name"] for a in one["applications"]] == ["gateway", "model-a", "model-b"]
+    assert [a["name"] for a in one["applications"]] == ["gateway", "tasks", "model-a", "model-b"]
 
 
 def test_quickstart_renders_gateway_plus_one_app_per_model() -> None:
     config = render_serve_config(load_file(ROOT / "examples/quickstart.yaml"), ServeOptions())
     apps = {a["name"]: a for a in config["applications"]}
-    assert set(apps) == {"gateway", "model-demo-llm", "model-minilm", "index-docs"}
+    assert set(apps) == {"gateway", "tasks", "model-demo-llm", "model-minilm", "index-docs"}
     assert apps["gateway"]["route_prefix"] == "/"
     assert apps["model-minilm"]["route_prefix"] is None  # reached through the gateway only
     assert config["http_options"] == {"host": "127.0.0.1", "port": 8000}
@@ -161,7 +161,48 @@ def test_replicas_stay_off_the_hub_unless_downloads_are_allowed() -> None:
         sources = ModelSourceOptions(hub_downloads=hub)
         opts = ServeOptions(gateway=GatewayOptions(sources=sources))
         apps = render_serve_config(parse_documents(docs), opts)["applications"]
-        for app in apps[1:]:  # every model and index replica
+        for app in apps:  # every model and index replica
+            if not app["name"].startswith(("model-", "index-")):
+                continue
             env = app["deployments"][0]["ray_actor_options"]["runtime_env"]["env_vars"]
             assert env.get("HF_HUB_OFFLINE") == offline, app["name"]
             assert app["args"]["sources"]["hub_downloads"] is hub
+
+
+def test_task_consumers_render_per_queue_without_the_broker_secret(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The shared queue's consumers always; a model with `asyncInference` gets its own,
+    autoscaled on queue depth by Ray Serve's policy, which reads the URL where it runs."""
+    from dify_serving.options import TaskOptions
+
+    monkeypatch.setenv("DIFY_MIRROR_BROKER_URL", "amqp://guest:s3cret@rabbit:5672//")
+    scaled = {"minReplicas": 0, "maxReplicas": 5, "targetQueueLength": 8}
+    docs = [_model("a"), _model("b", asyncInference=scaled)]
+    for broker in ("redis", "embedded"):
+        tasks = TaskOptions(broker=broker, consumers=2, concurrency=16)  # type: ignore[arg-type]
+        opts = ServeOptions(gateway=GatewayOptions(tasks=tasks))
+        config = render_serve_config(parse_documents(docs), opts)
+        assert "s3cret" not in json.dumps(config)
+        apps = {a["name"]: a for a in config["applications"]}
+        assert set(apps) == {"gateway", "tasks", "tasks-b", "model-a", "model-b"}
+        shared, own = apps["tasks"], apps["tasks-b"]
+        assert shared["args"]["queue"] == "dify-tasks" and own["args"]["queue"] == "dify-model-b"
+        assert shared["deployments"][0]["num_replicas"] == 2
+        assert shared["deployments"][0]["max_ongoing_requests"] == 16
+        assert shared["route_prefix"] is None
+        deployment = own["deployments"][0]
+        if broker == "embedded":  # no queue depth to read: a fixed count
+            assert deployment["num_replicas"] == 1 and "autoscaling_config" not in deployment
+            continue
+        scaling = deployment["autoscaling_config"]
+        assert (scaling["min_replicas"], scaling["max_replicas"]) == (0, 5)
+        assert scaling["target_ongoing_requests"] == 8
+        assert scaling["policy"]["policy_function"].endswith(":QueueDepthPolicy")
+        assert scaling["policy"]["policy_kwargs"]["queue_name"] == "dify-model-b"
+
+
+def test_without_inference_and_data_modules_no_consumers_run() -> None:
+    opts = ServeOptions(gateway=GatewayOptions(modules=["models", "openai"]))
+    apps = render_serve_config(parse_documents([_model("a")]), opts)["applications"]
+    assert [a["name"] for a in apps] == ["gateway", "model-a"]

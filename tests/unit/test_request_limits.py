@@ -279,12 +279,20 @@ def test_inference_holds_texts_to_embed_to_the_text_limit(tmp_path: Path) -> Non
     _error(r, 413, "input.1", "524289 characters", "524288")
 
 
-def test_documents_per_upsert_have_a_maximum_that_points_to_bulk_ingestion(
+def test_documents_over_the_per_upsert_maximum_become_a_bulk_ingestion_task(
     gateway: TestClient,
 ) -> None:
     docs = [{"id": str(i), "text": "t"} for i in range(4)]
     r = gateway.post("/v1/data/upsert", json={"index": "kb", "documents": docs})
-    _error(r, 413, "4 in one request", "limit is 3", "DIFY_MIRROR_MAX_DOCUMENTS", "bulk ingestion")
+    assert r.status_code == 202, r.text
+    task = r.json()
+    assert task["kind"] == "upsert" and task["status"] == "PENDING"
+    assert task["progress"] == {"documents_done": 0, "documents_total": 4, "chunks": 0}
+    assert r.headers["location"] == f"/v1/tasks/{task['task_id']}"
+    # the documents are checked before the task is accepted: a bad one refuses the lot
+    docs[2]["id"] = "0"
+    r = gateway.post("/v1/data/upsert", json={"index": "kb", "documents": docs})
+    _error(r, 422, "documents.2.id", "appears twice")
 
 
 _SERVER = """

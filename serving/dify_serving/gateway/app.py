@@ -16,6 +16,7 @@ from fastapi import FastAPI
 from ray import serve
 
 from dify_serving.gateway import errors, openapi, policy, routers
+from dify_serving.gateway.cache_header import CacheHeader
 from dify_serving.gateway.limits import BodyLimit
 from dify_serving.gateway.security import Guard, SecurityMiddleware
 from dify_serving.gateway.state import GatewayState
@@ -36,6 +37,7 @@ def create_app(state: GatewayState, secrets: Secrets | None = None) -> FastAPI:
     app.state.gateway = state
     # innermost first: the body limit inside the guard (a refusal is audited, and a
     # client without a key is refused before its body is read), request ids outermost
+    app.add_middleware(CacheHeader)  # X-Cache: only requests that got this far
     app.add_middleware(BodyLimit, limit=state.options.limits.max_body_bytes)
     security = state.options.security
     if security.enabled:

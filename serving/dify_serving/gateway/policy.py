@@ -27,17 +27,21 @@ RULE_KEY = "x-dify-rule"
 @dataclass(frozen=True, slots=True)
 class Rule:
     template: str  # the route as the audit log names it
-    scopes: tuple[str, ...] = ()  # all of these are needed
+    scopes: tuple[str, ...] = ()  # all of these are needed (one of them: any_scope)
     sensitive: bool = False  # needs a second factor for keys that have one
     public: bool = False
     generates: bool = False  # counts against tokens/minute
+    any_scope: bool = False
 
 
-def needs(*scopes: str, sensitive: bool = False, generates: bool = False) -> dict[str, Any]:
+def needs(
+    *scopes: str, sensitive: bool = False, generates: bool = False, any_scope: bool = False
+) -> dict[str, Any]:
     """A route's rule, as the `openapi_extra` of its decorator: the scopes it needs (all
-    of them), whether keys with a second factor must give a code, whether it counts
-    tokens against the key's tokens/minute."""
-    return {RULE_KEY: {"scopes": list(scopes), "sensitive": sensitive, "generates": generates}}
+    of them, or one of them with `any_scope`), whether keys with a second factor must give
+    a code, whether it counts tokens against the key's tokens/minute."""
+    rule = {"scopes": list(scopes), "sensitive": sensitive, "generates": generates}
+    return {RULE_KEY: rule | ({"any_scope": True} if any_scope else {})}
 
 
 class MissingRule(RuntimeError):
@@ -68,6 +72,7 @@ def rules_of(routes: Iterable[Any]) -> list[tuple[str, Rule]]:
                 tuple(declared["scopes"]),
                 sensitive=declared["sensitive"],
                 generates=declared["generates"],
+                any_scope=declared.get("any_scope", False),
             )
         else:
             rule = Rule(path, public=True)

@@ -126,15 +126,23 @@ class ReplicaClient:
         self.require_serving(name)
         note(**{self.kind: name})
         self._take(name)
+        response = None
         try:
-            return await asyncio.wait_for(
-                getattr(self.handle(name), method).remote(*args, **kwargs), self.timeout_s
-            )
+            response = getattr(self.handle(name), method).remote(*args, **kwargs)
+            return await asyncio.wait_for(response, self.timeout_s)
+        except asyncio.CancelledError:
+            # the caller went away (a client, a cancelled task): so does the replica's work,
+            # which frees its batch slot
+            if response is not None:
+                response.cancel()
+            raise
         except (RayTaskError, DifyError) as exc:
             if isinstance(exc, ApiError):
                 raise
             raise replica_failure(exc, self.kind, name) from None
         except TimeoutError:
+            if response is not None:
+                response.cancel()
             self.forget(name)
             raise ApiError(
                 504,

@@ -21,7 +21,14 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from dify_serving.specs import ResourceName
@@ -57,6 +64,13 @@ def too_large(what: str, size: int, limit: int, unit: str = "characters") -> Pyd
         "{what}{size} {unit}; the limit is {limit}",
         {"what": what, "size": size, "unit": unit, "limit": limit},
     )
+
+
+def _at_most(value: Any, limit: int, unit: str) -> Any:
+    """A list over `limit` items is refused (413) before its items are validated."""
+    if isinstance(value, list) and len(value) > limit:
+        raise too_large("", len(value), limit, unit)
+    return value
 
 
 def _chars(limit: int) -> AfterValidator:
@@ -159,6 +173,107 @@ class InferenceResponse(BaseModel):
     output: Any
     usage: Usage
     finish_reason: str | None = None
+
+
+# ---- batch ----------------------------------------------------------------------------
+#: Requests in one batch whatever the operator's limit (`LimitOptions.max_batch_requests`,
+#: whose own upper bound this is): a longer list is refused before any item is validated.
+MAX_BATCH_REQUESTS = 4096
+
+
+class BatchItem(InferenceRequest):
+    """One request of a batch: a `/v1/inference` body for the batch's model, answered whole."""
+
+    model: Name | None = Field(
+        None, description="Leave out, or the batch's model: one batch is one model."
+    )
+    stream: bool = Field(False, description="Must be false: a batch answers whole.")
+
+    @field_validator("stream")
+    @classmethod
+    def _whole(cls, value: bool) -> bool:
+        if value:
+            raise PydanticCustomError(
+                "streamed_item", "a batch item does not stream; send one /v1/inference to stream"
+            )
+        return value
+
+
+class BatchRequest(_Body):
+    model: Name | None = Field(
+        None,
+        description="The model of every item; the default model if neither it nor an item "
+        "names one.",
+    )
+    requests: list[BatchItem] = Field(
+        ...,
+        min_length=1,
+        max_length=MAX_BATCH_REQUESTS,
+        description="`/v1/inference` bodies, answered in this order (at most "
+        "DIFY_MIRROR_MAX_BATCH_REQUESTS, default 64).",
+    )
+    async_: bool = Field(
+        False,
+        alias="async",
+        description="Run the batch as one task: 202 with its id; results by GET /v1/tasks/{id}",
+    )
+
+    @field_validator("requests", mode="before")
+    @classmethod
+    def _count(cls, value: Any) -> Any:
+        return _at_most(value, MAX_BATCH_REQUESTS, "requests")
+
+    @field_validator("requests")
+    @classmethod
+    def _one_model(cls, items: list[BatchItem], info: ValidationInfo) -> list[BatchItem]:
+        wanted = info.data.get("model")
+        for position, item in enumerate(items):
+            if item.model is None:
+                continue
+            if wanted is None:
+                wanted = item.model
+            elif item.model != wanted:
+                raise PydanticCustomError(
+                    "one_model",
+                    "item {position} names model '{named}', the batch '{wanted}'; one batch is "
+                    "one model (send one batch per model)",
+                    {"position": position, "named": item.model, "wanted": wanted},
+                )
+        return items
+
+    def model_name(self) -> str | None:
+        """The batch's model: its own `model`, else the one its items name (if any)."""
+        return self.model or next((i.model for i in self.requests if i.model), None)
+
+
+class BatchItemError(BaseModel):
+    code: str
+    message: str
+
+
+class BatchItemOk(BaseModel):
+    index: int = Field(..., description="The item's position in `requests`.")
+    status: Literal["ok"] = "ok"
+    output: Any
+    usage: Usage
+    finish_reason: str | None = None
+
+
+class BatchItemFailed(BaseModel):
+    index: int = Field(..., description="The item's position in `requests`.")
+    status: Literal["error"] = "error"
+    error: BatchItemError
+
+
+#: One item's answer: what `/v1/inference` would answer, or the error it would get.
+BatchResult = Annotated[BatchItemOk | BatchItemFailed, Field(discriminator="status")]
+
+
+class BatchResponse(BaseModel):
+    id: str
+    model: str
+    results: list[BatchResult] = Field(..., description="One per request, in their order.")
+    usage: Usage = Field(..., description="The items' usage summed.")
 
 
 class LoadRequest(BaseModel):
@@ -367,11 +482,29 @@ class Document(_Body):
     )
 
 
+#: Documents one bulk ingestion task takes (its request body bounds it too).
+MAX_BULK_DOCUMENTS = 100_000
+
+
 class UpsertRequest(_Body):
     index: Name = Field(..., description="Index name.")
     documents: list[Document] = Field(
-        ..., description="Documents to add or replace (DIFY_MIRROR_MAX_DOCUMENTS per request)."
+        ...,
+        max_length=MAX_BULK_DOCUMENTS,
+        description="Documents to add or replace: DIFY_MIRROR_MAX_DOCUMENTS at once, up to "
+        f"{MAX_BULK_DOCUMENTS} as a task.",
     )
+    async_: bool = Field(
+        False,
+        alias="async",
+        description="Ingest as a task (202; progress by GET /v1/tasks/{id}); also when there "
+        "are more documents than one request takes.",
+    )
+
+    @field_validator("documents", mode="before")
+    @classmethod
+    def _count(cls, value: Any) -> Any:
+        return _at_most(value, MAX_BULK_DOCUMENTS, "documents")
 
 
 class SearchRequest(_Body):

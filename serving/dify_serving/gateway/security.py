@@ -406,10 +406,9 @@ class SecurityMiddleware:
         if key.ip_allowlist and not _key_allowlist(key.ip_allowlist).allows(ip):
             raise Refusal(403, "address_not_allowed", f"key {key.id} may not be used from {ip}")
         missing = [s for s in rule.scopes if not allows(key, s)]
-        if missing:
-            raise Refusal(
-                403, "forbidden", f"key {key.id} lacks scope {', '.join(missing)} for this route"
-            )
+        if missing and (not rule.any_scope or len(missing) == len(rule.scopes)):
+            joined = (" or " if rule.any_scope else ", ").join(missing)
+            raise Refusal(403, "forbidden", f"key {key.id} lacks scope {joined} for this route")
         if rule.sensitive:
             await self.guard.second_factor(key, headers)
         return key

@@ -9,6 +9,7 @@ too; the operations themselves are the data plane's (`dataplane/`).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from dify_serving.catalog import open_catalog
@@ -19,7 +20,11 @@ from dify_serving.gateway.errors import ApiError
 from dify_serving.gateway.replicas import IndexClient, ModelClient
 from dify_serving.gateway.status_cache import SERVING, StatusCache
 from dify_serving.options import GatewayOptions
+from dify_serving.security.secrets import Secrets, read_secret
 from dify_serving.specs import DifyIndex, DifyModel, Task
+from dify_serving.tasks.cache import ResultCache, open_cache
+from dify_serving.tasks.queue import Publisher
+from dify_serving.tasks.store import TaskStore
 
 
 class GatewayState:
@@ -32,6 +37,8 @@ class GatewayState:
         self.index_replicas = IndexClient(self.catalog, self.status, options)
         self.coalescers: dict[str, Any] = {}  # model → EmbedCoalescer (dataplane)
         self.cleaner = Cleaner()  # /v1/data/clean, off the event loop
+        self._tasks: tuple[TaskStore, Publisher] | None = None  # opened on first use
+        self.cache: ResultCache = open_cache(options.cache, _cache_redis_url(options))
 
     def start(self) -> None:
         """Refresh the status in the background when there is something to read it from."""
@@ -43,6 +50,25 @@ class GatewayState:
         """Stop the status refresh and the cleaning process (the replica is going)."""
         self.status.close()
         self.cleaner.close()
+        if self._tasks is not None:
+            self._tasks[0].close()
+            self._tasks[1].close()
+
+    def task_backend(self) -> tuple[TaskStore, Publisher]:
+        """The task store and the broker publisher (async tasks), opened on first use."""
+        if self._tasks is None:
+            options = self.options
+            database = (
+                read_secret("database_url", Path(options.home)) if options.tasks.database else None
+            )
+            if options.tasks.database and not database:
+                raise ApiError(503, "unavailable", "the task database is not configured here")
+            self._tasks = (
+                TaskStore.open(options.home, database, options.tasks.ttl_s),
+                Publisher(options.home, options.tasks),
+            )
+        return self._tasks
+        self.cache.close()
 
     # lookups a key's rights govern ------------------------------------------------------
     def model(self, name: str | None, task: Task | None = None) -> DifyModel:
@@ -98,3 +124,12 @@ class GatewayState:
             raise ApiError(404, "model_not_found", f"model {name!r} is not loaded")
         self.model_replicas.end_streams(name)
         self.status.forget(name)
+
+
+def _cache_redis_url(options: GatewayOptions) -> str | None:
+    """The result cache's Redis URL (a secret, read here); refuses to start without it."""
+    if not options.cache.redis or options.cache.ttl_s <= 0:
+        return None
+    secrets = Secrets.load(Path(options.home))
+    secrets.require(database=False, redis=True)
+    return secrets.redis_url

@@ -17,12 +17,22 @@ exclusive `flock` beside it (waiting while a replica being replaced lets go).
 
 Refusals are `DifyError`s and leave the replica as they are (a `DimensionMismatch` is a
 409, a bad filter a 422 by its own class): the gateway maps every one in one place.
+
+Searches are cached here, in the replica, not in the gateway: this replica is the one
+writer of its collection, so it knows the moment an answer goes stale. Every write
+(upsert, delete, subject erasure) bumps a write version and empties the cache before it
+returns, and the version is in every key, so a search that began before the write
+cannot keep its answer afterwards: erased text is never answered from the cache. An
+in-process LRU (`tasks/cache.py`) is exact for that reason even in a cluster (one
+replica per index), where a shared cache would need the version shared too. Its bound is
+a share of the gateway's (`INDEX_CACHE_SHARE`): each index replica is a process of its own.
 """
 
 from __future__ import annotations
 
 import asyncio
 import fcntl
+import json
 import logging
 import time
 import uuid
@@ -40,9 +50,10 @@ from dify_serving.knowledge.errors import DimensionMismatch
 from dify_serving.knowledge.filters import StoreFilter, build_filter
 from dify_serving.knowledge.points import ChunkPoint, point_id
 from dify_serving.layout import index_shard_lock
-from dify_serving.options import ModelSourceOptions
+from dify_serving.options import CacheOptions, ModelSourceOptions
 from dify_serving.render import model_app_name
 from dify_serving.specs import DifyIndexSpec, DifyModelSpec, store_address
+from dify_serving.tasks.cache import LocalCache, cache_key, model_tag
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +67,16 @@ EMBED_SLICE = 64
 #: threads busy, few enough that a 10 MB document (thousands of chunks) does not fill
 #: the model's bounded queue and crowd out everyone else.
 EMBED_IN_FLIGHT = 8
+#: An index replica's search cache holds this share of the gateway's cache bound.
+INDEX_CACHE_SHARE = 4
 
 
 class IndexServer:
+    #: The search cache (module docstring); None: off (a TTL of 0).
+    cache: LocalCache | None = None
+    #: Bumped by every write: part of every search's cache key.
+    write_version = 0
+
     def __init__(
         self,
         name: str,
@@ -67,6 +85,7 @@ class IndexServer:
         home: str,
         qdrant_url: str | None = None,
         sources: dict[str, Any] | None = None,
+        cache: dict[str, Any] | None = None,
     ) -> None:
         from transformers import AutoConfig, AutoTokenizer
 
@@ -99,6 +118,10 @@ class IndexServer:
             self.mismatch = exc
             log.error("index %s: %s", name, exc)
         self._embedder: Any = None
+        caching = CacheOptions.model_validate(cache or {})
+        if caching.ttl_s > 0:
+            self.cache = LocalCache(caching.max_bytes // INDEX_CACHE_SHARE, caching.ttl_s)
+        self._model_tag = model_tag(self.model_name, model_spec)
         self._writes = asyncio.Lock()
         self._last_write = 0.0
         self._optimizer: asyncio.Task[None] | None = None
@@ -193,8 +216,10 @@ class IndexServer:
                 at += 1
             batch.append((doc["id"], points))
         async with self._writes:
-            replaced = await asyncio.to_thread(self.backend.upsert_many, batch)
-            self._last_write = time.monotonic()
+            try:
+                replaced = await asyncio.to_thread(self.backend.upsert_many, batch)
+            finally:  # even a failed write may have changed something
+                self._wrote()
         self._schedule_optimize()
         return {
             "index": self.name,
@@ -211,7 +236,36 @@ class IndexServer:
         }
 
     async def search(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Nearest chunks; `request["cache"]` (scope, read, keep) is the gateway's say over
+        the cache, and the answer's `cache` says HIT or MISS (None when it is off)."""
         self._check()
+        wishes = request.get("cache") or {}
+        request = {k: v for k, v in request.items() if k != "cache"}
+        if self.cache is None:
+            return {**await self._search(request), "cache": None}
+        version = self.write_version
+        key = cache_key(
+            "search",
+            self.name,
+            self.collection,
+            version,
+            self._model_tag,
+            request,
+            wishes.get("scope", "-"),
+        )
+        if wishes.get("read", True):
+            cached = self.cache.lookup(key)
+            if cached is not None:
+                return {**json.loads(cached), "cache": "HIT"}
+        result = await self._search(request)
+        if wishes.get("keep", True) and version == self.write_version:  # nothing written since
+            try:
+                self.cache.store(key, json.dumps(result).encode())
+            except (TypeError, ValueError) as exc:  # a payload JSON cannot hold: not kept
+                log.warning("index %s: search answer not cached: %s", self.name, exc)
+        return {**result, "cache": "MISS"}
+
+    async def _search(self, request: dict[str, Any]) -> dict[str, Any]:
         flt = self._filter(request.get("filter"))
         vector = request.get("vector")
         tokens = 0
@@ -251,12 +305,23 @@ class IndexServer:
     async def delete(self, document_ids: list[str] | None, subject_id: str | None) -> int:
         """Remove documents, or everything about one subject; returns the points removed."""
         async with self._writes:
-            if subject_id is not None:
-                removed = await asyncio.to_thread(self.backend.delete_subject, subject_id)
-            else:
-                removed = await asyncio.to_thread(self.backend.delete_documents, document_ids or [])
-            self._last_write = time.monotonic()
+            try:
+                if subject_id is not None:
+                    removed = await asyncio.to_thread(self.backend.delete_subject, subject_id)
+                else:
+                    removed = await asyncio.to_thread(
+                        self.backend.delete_documents, document_ids or []
+                    )
+            finally:
+                self._wrote()
         return removed
+
+    def _wrote(self) -> None:
+        """After every write, before it returns: no cached search answers any more."""
+        self.write_version += 1
+        if self.cache is not None:
+            self.cache.clear()
+        self._last_write = time.monotonic()
 
     def _query_ids(self, query: str) -> list[int]:
         ids = self.tokenizer(query, truncation=True, max_length=self.token_limit)
@@ -373,4 +438,5 @@ def build_index_app(args: dict[str, Any]) -> Any:
         args["home"],
         args.get("qdrant_url"),
         args.get("sources"),
+        args.get("cache"),
     )

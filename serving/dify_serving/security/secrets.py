@@ -27,7 +27,15 @@ from pathlib import Path
 
 SECRETS_DIR = "secrets"
 #: Secrets a process may read: never in options, the Serve config, argv or logs.
-SECRET_NAMES = ("database_url", "redis_url", "key_pepper", "bootstrap_key", "audit_key")
+SECRET_NAMES = (
+    "database_url",
+    "redis_url",
+    "broker_url",
+    "key_pepper",
+    "bootstrap_key",
+    "audit_key",
+    "webhook_secret",
+)
 #: `dm_<12 lowercase letters or digits>_<secret>`: the shape of every API key.
 KEY_SHAPE = re.compile(r"dm_([a-z0-9]{12})_([A-Za-z0-9_-]{32,256})")
 KEY_SHAPE_TEXT = "dm_<12 lowercase letters or digits>_<32+ characters>"

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from dify_serving.catalog.local import LocalCatalog
-from dify_serving.gateway import access
+from dify_serving.gateway import access, cache_header
+from dify_serving.gateway.dataplane import tasks
 from dify_serving.gateway.errors import ApiError
 from dify_serving.gateway.limits import (
     call_budget,
@@ -24,10 +25,12 @@ from dify_serving.gateway.limits import (
     utf8_size,
 )
 from dify_serving.gateway.notes import TEXT_CHARS, note, note_text
-from dify_serving.gateway.schemas import Document
+from dify_serving.gateway.schemas import MAX_BULK_DOCUMENTS, Document
 from dify_serving.gateway.state import GatewayState
 from dify_serving.layout import index_shard_dir
+from dify_serving.render import TASK_MODULES
 from dify_serving.specs import Cleaning, DifyIndex
+from dify_serving.tasks.store import Task
 
 
 async def clean(
@@ -68,8 +71,7 @@ def _check_documents(
             413,
             "payload_too_large",
             f"documents: {len(documents)} in one request; the limit is {most} "
-            "(DIFY_MIRROR_MAX_DOCUMENTS). Use bulk ingestion (POST /v1/data/ingest, coming "
-            "with async tasks) or split the request",
+            "(DIFY_MIRROR_MAX_DOCUMENTS)",
         )
     budget = call_budget()
     measure = budget is not None and (body_bytes is None or body_bytes > budget)
@@ -110,17 +112,72 @@ async def upsert(
     limits = state.options.limits
     _check_documents(index, documents, limits.max_document_bytes, limits.max_documents, body_bytes)
     note_text(lambda: _documents_text(documents))
-    return await state.index_replicas.upsert(index, [doc.model_dump() for doc in documents])
+    result: dict[str, Any] = await state.index_replicas.upsert(
+        index, [doc.model_dump() for doc in documents]
+    )
+    return result
+
+
+#: Documents a bulk ingestion writes per call to the index (its progress checkpoint).
+BULK_SLICE = 64
+
+
+def bulk_progress(done: int, total: int, chunks: int) -> dict[str, Any]:
+    return {"documents_done": done, "documents_total": total, "chunks": chunks}
+
+
+async def submit_bulk(state: GatewayState, index: str, documents: list[Document]) -> Task:
+    """Bulk ingestion: every document checked now (sizes, ids, text), then one task that
+    writes them a slice at a time, its progress checkpointed after each slice."""
+    state.index(index)
+    limits = state.options.limits
+    _check_documents(index, documents, limits.max_document_bytes, MAX_BULK_DOCUMENTS, None)
+    note_text(lambda: _documents_text(documents[:16]))
+    subjects = sorted({d.subject_id for d in documents if d.subject_id})
+    return await tasks.submit(
+        state,
+        kind="upsert",
+        request={"index": index, "documents": [d.model_dump() for d in documents]},
+        subjects=subjects,
+        progress=bulk_progress(0, len(documents), 0),
+    )
+
+
+async def run_bulk(
+    state: GatewayState, request: dict[str, Any], progress: dict[str, Any] | None, report: Any
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Write a bulk ingestion's documents from its last checkpoint on (a task run again
+    after a restart re-embeds nothing it already wrote but the slice in flight, which an
+    upsert by id replaces); `report(progress)` is False once the task is no longer ours."""
+    index, documents = request["index"], request["documents"]
+    total = len(documents)
+    done = int((progress or {}).get("documents_done", 0))
+    chunks = int((progress or {}).get("chunks", 0))
+    while done < total:
+        part = documents[done : done + BULK_SLICE]
+        result = await state.index_replicas.upsert(index, part)
+        chunks += sum(int(d.get("chunks", 0)) for d in result.get("documents", []))
+        done += len(part)
+        if not await report(bulk_progress(done, total, chunks)):
+            raise asyncio.CancelledError  # cancelled or erased: stop writing
+    summary = {"index": index, "documents": total, "chunks": chunks}
+    return summary, bulk_progress(done, total, chunks)
 
 
 async def search(state: GatewayState, index: str, request: dict[str, Any]) -> dict[str, Any]:
-    """Nearest chunks to `request["query"]` (text) or `request["vector"]`."""
+    """Nearest chunks to `request["query"]` (text) or `request["vector"]`.
+
+    The index's replica caches its answers (it alone knows when they go stale); the
+    gateway tells it the key's scope and whether the client wants a fresh answer.
+    """
     state.index(index)
     if (request.get("query") is None) == (request.get("vector") is None):
         raise ApiError(422, "invalid_request", "give exactly one of query (text) or vector")
     started = time.perf_counter()
     note_text(request.get("query"))
-    result = await state.index_replicas.search(index, request)
+    asked = {**request, "cache": cache_header.index_cache_args()}
+    result = await state.index_replicas.search(index, asked)
+    cache_header.record(result.pop("cache", None))
     result["index"] = index
     result["took_ms"] = round((time.perf_counter() - started) * 1000, 2)
     return result
@@ -156,6 +213,12 @@ async def erase(
             known = state.catalog.indexes()
             indexes = [known[n] for n in access.visible_indexes(sorted(known))]
         targets = [i.name for i in indexes if not _never_stored(state, i)]
+    # the subject's tasks first: a bulk upsert still running stops before the indexes
+    # are erased (its consumer finds its row gone at the next slice)
+    tasks_removed = 0
+    if subject_id is not None and any(m in state.options.modules for m in TASK_MODULES):
+        store, _ = state.task_backend()
+        tasks_removed = await asyncio.to_thread(store.erase_subject, subject_id)
     outcomes = await asyncio.gather(
         *(state.index_replicas.delete(n, document_ids, subject_id) for n in targets),
         return_exceptions=True,
@@ -191,6 +254,7 @@ async def erase(
         "document_ids": document_ids,
         "removed": removed,
         "points_removed": sum(r["points"] for r in removed),
+        "tasks_removed": tasks_removed,
     }
 
 

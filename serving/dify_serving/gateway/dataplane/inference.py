@@ -2,14 +2,23 @@
 
 Validates sampling parameters against the model's limits, fills defaults from its spec,
 and calls the model replicas through their typed client.
+
+Answers that only their inputs decide come from the result cache (`tasks/cache.py`)
+when they can: a whole generation at temperature 0 or with a seed, and embeddings.
+The key holds the model's tag (name and the spec fields an answer depends on, so a new
+revision misses), the engine request with the model's defaults applied, the input and
+the key's resource scope. Streams are never cached. `cache_header.py` says HIT or MISS.
 """
 
 from __future__ import annotations
 
 import json
+import struct
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
+
+import numpy as np
 
 from dify_serving.engines.protocol import (
     Embedder,
@@ -23,13 +32,20 @@ from dify_serving.engines.protocol import (
     PredictionRequest,
     Predictor,
 )
+from dify_serving.gateway import cache_header
 from dify_serving.gateway.coalesce import EmbedCoalescer
 from dify_serving.gateway.errors import ApiError
 from dify_serving.gateway.limits import check_call_size
 from dify_serving.gateway.notes import note, note_text
-from dify_serving.gateway.schemas import MAX_TEXT_CHARS
+from dify_serving.gateway.schemas import (
+    MAX_TEXT_CHARS,
+    InferenceRequest,
+    InferenceResponse,
+    Usage,
+)
 from dify_serving.gateway.state import GatewayState
 from dify_serving.specs import DifyModel, Task
+from dify_serving.tasks.cache import cache_key, model_tag
 
 
 def new_id(prefix: str) -> str:
@@ -78,8 +94,22 @@ def generation_request(
 
 
 async def generate(state: GatewayState, model: DifyModel, request: GenerationRequest) -> Generation:
+    """The whole generation; from the cache when deterministic (temperature 0 or a seed)."""
+    key = None
+    if state.cache.enabled and (request.temperature == 0 or request.seed is not None):
+        key = cache_key(
+            "generate", model_tag(model.name, model.spec), request, cache_header.key_scope()
+        )
+        cached = await cache_header.lookup(state.cache, key)
+        if cached is not None:
+            text, finish, prompt_tokens, completion_tokens = json.loads(cached)
+            note(model=model.name, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
+            return Generation(text, finish, prompt_tokens, completion_tokens)
     result = await state.model_replicas.invoke(model.name, Generator.generate, request)
     note(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens)
+    if key is not None:
+        answer = [result.text, result.finish_reason, result.prompt_tokens, result.completion_tokens]
+        await cache_header.store(state.cache, key, json.dumps(answer).encode())
     return result
 
 
@@ -108,9 +138,36 @@ async def embed(
 
         coalescer = state.coalescers[model.name] = EmbedCoalescer(call, model.name)
     note(model=model.name)
+    key = None
+    if state.cache.enabled:
+        tag = model_tag(model.name, model.spec)
+        key = cache_key("embed", tag, texts, truncate, cache_header.key_scope())
+        cached = await cache_header.lookup(state.cache, key)
+        if cached is not None:
+            result = _embeddings_from(cached)
+            note(prompt_tokens=result.prompt_tokens)
+            return result
     result = await coalescer.embed(texts, truncate)
     note(prompt_tokens=result.prompt_tokens)
+    if key is not None:
+        await cache_header.store(state.cache, key, _embeddings_bytes(result))
     return result
+
+
+#: prompt tokens, rows, dimension; then the vectors as little-endian float32.
+_EMBEDDINGS_HEAD = struct.Struct("<qii")
+
+
+def _embeddings_bytes(result: Embeddings) -> bytes:
+    vectors = np.ascontiguousarray(result.vectors, dtype="<f4")
+    rows, dimension = vectors.shape
+    return _EMBEDDINGS_HEAD.pack(result.prompt_tokens, rows, dimension) + vectors.tobytes()
+
+
+def _embeddings_from(data: bytes) -> Embeddings:
+    tokens, rows, dimension = _EMBEDDINGS_HEAD.unpack_from(data)
+    flat = np.frombuffer(data, dtype="<f4", offset=_EMBEDDINGS_HEAD.size)
+    return Embeddings(flat.reshape(rows, dimension).astype(np.float32), tokens)
 
 
 async def predict(state: GatewayState, model: DifyModel, request: PredictionRequest) -> list[Any]:
@@ -129,3 +186,62 @@ def check_text_chars(field: str, texts: list[str]) -> None:
                 "payload_too_large",
                 f"{field}.{position}: {len(text)} characters; the limit is {MAX_TEXT_CHARS}",
             )
+
+
+def generation_from(model: DifyModel, body: InferenceRequest) -> GenerationRequest:
+    """The engine request of a `/v1/inference` body for a text-generation model."""
+    if body.prompt is None:
+        raise ApiError(422, "invalid_request", "prompt: required for text-generation")
+    return generation_request(
+        model,
+        prompt=body.prompt,
+        max_tokens=body.max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        seed=body.seed,
+    )
+
+
+def usage(result: Generation | GenerationDelta) -> Usage:
+    p, c = result.prompt_tokens, result.completion_tokens
+    return Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
+
+
+async def infer(
+    state: GatewayState, model: DifyModel, body: InferenceRequest, rid: str
+) -> InferenceResponse:
+    """One `/v1/inference` body, answered whole (any task): what the sync route, a batch
+    item and an async task all run."""
+    task = model.spec.task
+    if task == Task.TEXT_GENERATION:
+        result = await generate(state, model, generation_from(model, body))
+        return InferenceResponse(
+            id=rid,
+            model=model.name,
+            output=result.text,
+            usage=usage(result),
+            finish_reason=result.finish_reason,
+        )
+    inputs = body.input if body.input is not None else body.prompt
+    if inputs is None:
+        raise ApiError(422, "invalid_request", "input: required for this model")
+    batch = inputs if isinstance(inputs, list) else [inputs]
+    if task == Task.FEATURE_EXTRACTION:
+        check_text_chars("input", batch)
+        embedded = await embed(state, model, batch, body.truncate)
+        vectors = embedded.vectors.tolist()
+        tokens = embedded.prompt_tokens
+        return InferenceResponse(
+            id=rid,
+            model=model.name,
+            output=vectors if isinstance(inputs, list) else vectors[0],
+            usage=Usage(prompt_tokens=tokens, total_tokens=tokens),
+        )
+    predicted = PredictionRequest(batch, top_k=body.top_k, max_tokens=body.max_tokens)
+    output = await predict(state, model, predicted)
+    return InferenceResponse(
+        id=rid,
+        model=model.name,
+        output=output if isinstance(inputs, list) else output[0],
+        usage=Usage(prompt_tokens=0),
+    )

@@ -54,6 +54,8 @@ async def status(state: GatewayState) -> list[dict[str, Any]]:
                 "gpus": info.get("gpus", []),
                 "engine": info.get("engine", str(spec.engine)),
                 "engine_note": info.get("engine_note"),
+                # requests the engine is running or has queued (engines that count them)
+                "active_requests": info.get("active_requests"),
             }
         )
     return out

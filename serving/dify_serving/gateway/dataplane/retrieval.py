@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dify_serving.gateway import access
+from dify_serving.gateway import access, cache_header
 from dify_serving.gateway.errors import ApiError
 from dify_serving.gateway.state import GatewayState
 from dify_serving.security.grants import DATA_READ
@@ -48,6 +48,7 @@ async def retrieve(
         "top_k": top_k,
         "filter": filter,
         "score_threshold": score_threshold,
+        "cache": cache_header.index_cache_args(),
     }
     result = await state.index_replicas.search(index, request)
     hits: list[dict[str, Any]] = result["hits"]

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from dify_serving.gateway.routers import admin, data, health, inference, models, openai_compat
+from dify_serving.gateway.routers import (
+    admin,
+    data,
+    health,
+    inference,
+    models,
+    openai_compat,
+    tasks,
+)
 
 ROUTERS = {
     "models": models.router,
@@ -12,10 +20,16 @@ ROUTERS = {
     "openai": openai_compat.router,
     "data": data.router,
 }
+#: Modules whose work can run as tasks: with any of them on, the task routes are too.
+TASK_MODULES = ("inference", "data")
 
 
 def register(app: FastAPI, modules: list[str]) -> None:
     app.include_router(health.router)
     app.include_router(admin.router)
+    if any(module in modules for module in TASK_MODULES):
+        app.include_router(tasks.router)
+    if "inference" in modules:
+        app.include_router(tasks.submit_router)
     for module in modules:
         app.include_router(ROUTERS[module])

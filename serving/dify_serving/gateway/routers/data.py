@@ -9,12 +9,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
 from dify_serving.engines.protocol import GenerationRequest
 from dify_serving.gateway.dataplane import data as plane
-from dify_serving.gateway.dataplane import inference, retrieval
+from dify_serving.gateway.dataplane import inference, retrieval, tasks
 from dify_serving.gateway.errors import ApiError, describe_validation, request_id
 from dify_serving.gateway.policy import needs
 from dify_serving.gateway.routers.deps import StateDep
@@ -76,10 +76,14 @@ async def embed(body: EmbedRequest, state: StateDep) -> dict[str, Any]:
 
 @router.post(
     "/data/upsert",
-    summary="Clean, chunk, embed and store documents (replace by id)",
+    summary="Clean, chunk, embed and store documents (replace by id); many, as a task",
     openapi_extra=needs(DATA_WRITE),
 )
-async def upsert(body: UpsertRequest, request: Request, state: StateDep) -> dict[str, Any]:
+async def upsert(body: UpsertRequest, request: Request, state: StateDep) -> Any:
+    if body.async_ or len(body.documents) > state.options.limits.max_documents:
+        task = await plane.submit_bulk(state, body.index, body.documents)
+        view = await tasks.view(state, task)
+        return JSONResponse(view, status_code=202, headers={"Location": f"/v1/tasks/{task.id}"})
     length = request.headers.get("content-length", "")
     body_bytes = int(length) if length.isdigit() else None
     return await plane.upsert(state, body.index, body.documents, body_bytes)

@@ -1,4 +1,5 @@
-"""`POST /v1/inference`: one route for every task; `stream: true` answers with SSE."""
+"""`POST /v1/inference`: one route for every task; `stream: true` answers with SSE.
+`POST /v1/inference/batch`: many of its bodies for one model, answered in order."""
 
 from __future__ import annotations
 
@@ -6,15 +7,21 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
-from dify_serving.engines.protocol import GenerationRequest, PredictionRequest
+from dify_serving.engines.protocol import GenerationRequest
+from dify_serving.gateway.dataplane import batch, tasks
 from dify_serving.gateway.dataplane import inference as plane
 from dify_serving.gateway.errors import ApiError, request_id
 from dify_serving.gateway.policy import needs
 from dify_serving.gateway.routers.deps import StateDep
 from dify_serving.gateway.routers.sse import sse_stream
-from dify_serving.gateway.schemas import InferenceRequest, InferenceResponse, Usage
+from dify_serving.gateway.schemas import (
+    BatchRequest,
+    BatchResponse,
+    InferenceRequest,
+    InferenceResponse,
+)
 from dify_serving.gateway.state import GatewayState
 from dify_serving.security.grants import INFERENCE
 from dify_serving.specs import DifyModel, Task
@@ -31,60 +38,34 @@ router = APIRouter(prefix="/v1", tags=["inference"])
 async def inference(body: InferenceRequest, request: Request, state: StateDep) -> Any:
     model = state.model(body.model)
     rid = request_id(request)
-    task = model.spec.task
-    if task == Task.TEXT_GENERATION:
-        if body.prompt is None:
-            raise ApiError(422, "invalid_request", "prompt: required for text-generation")
-        gen = plane.generation_request(
-            model,
-            prompt=body.prompt,
-            max_tokens=body.max_tokens,
-            temperature=body.temperature,
-            top_p=body.top_p,
-            seed=body.seed,
-        )
-        if body.stream:
-            return StreamingResponse(
-                sse_stream(_deltas(state, model, gen, rid), rid), media_type="text/event-stream"
-            )
-        result = await plane.generate(state, model, gen)
-        return InferenceResponse(
-            id=rid,
-            model=model.name,
-            output=result.text,
-            usage=_usage(result),
-            finish_reason=result.finish_reason,
-        )
     if body.stream:
-        raise ApiError(422, "invalid_request", f"stream: {task} models do not stream")
-    inputs = body.input if body.input is not None else body.prompt
-    if inputs is None:
-        raise ApiError(422, "invalid_request", "input: required for this model")
-    batch = inputs if isinstance(inputs, list) else [inputs]
-    if task == Task.FEATURE_EXTRACTION:
-        plane.check_text_chars("input", batch)
-        embedded = await plane.embed(state, model, batch, body.truncate)
-        vectors = embedded.vectors.tolist()
-        tokens = embedded.prompt_tokens
-        return InferenceResponse(
-            id=rid,
-            model=model.name,
-            output=vectors if isinstance(inputs, list) else vectors[0],
-            usage=Usage(prompt_tokens=tokens, total_tokens=tokens),
+        if model.spec.task != Task.TEXT_GENERATION:
+            raise ApiError(
+                422, "invalid_request", f"stream: {model.spec.task} models do not stream"
+            )
+        gen = plane.generation_from(model, body)
+        return StreamingResponse(
+            sse_stream(_deltas(state, model, gen, rid), rid), media_type="text/event-stream"
         )
-    predicted = PredictionRequest(batch, top_k=body.top_k, max_tokens=body.max_tokens)
-    output = await plane.predict(state, model, predicted)
-    return InferenceResponse(
-        id=rid,
-        model=model.name,
-        output=output if isinstance(inputs, list) else output[0],
-        usage=Usage(prompt_tokens=0),
-    )
+    return await plane.infer(state, model, body, rid)
 
 
-def _usage(result: Any) -> Usage:
-    p, c = result.prompt_tokens, result.completion_tokens
-    return Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
+@router.post(
+    "/inference/batch",
+    response_model=BatchResponse,
+    summary="Run many inference requests for one model together; results in their order",
+    openapi_extra=needs(INFERENCE, generates=True),
+)
+async def inference_batch(body: BatchRequest, request: Request, state: StateDep) -> Any:
+    model = state.model(body.model_name())
+    batch.check_count(state, len(body.requests))
+    if body.async_:  # one task: 202 now, the results by polling /v1/tasks/{id}
+        request_body = body.model_dump(mode="json", exclude={"async_"}, exclude_none=True)
+        request_body["model"] = model.name
+        task = await tasks.submit(state, kind="batch", request=request_body, model=model)
+        view = await tasks.view(state, task)
+        return JSONResponse(view, status_code=202, headers={"Location": f"/v1/tasks/{task.id}"})
+    return await batch.infer_batch(state, model, body.requests, request_id(request))
 
 
 async def _deltas(
@@ -99,7 +80,7 @@ async def _deltas(
                 "delta": item.delta,
                 "index": index,
                 "finish_reason": item.finish_reason,
-                "usage": _usage(item).model_dump(),
+                "usage": plane.usage(item).model_dump(),
             }
         else:
             yield {"id": rid, "model": model.name, "delta": item.delta, "index": index}
