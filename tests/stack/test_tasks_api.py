@@ -279,3 +279,25 @@ def test_an_upsert_over_the_per_request_limit_becomes_a_task(
     assert r.status_code == 202, r.text[:300]
     task = wait_done(client, r.json()["task_id"], timeout_s=600)
     assert task["status"] == "COMPLETED" and task["output"]["documents"] == most + 1
+
+
+def test_100k_documents_are_accepted_at_once_and_can_be_cancelled(
+    client: httpx.Client, bulk_index: str
+) -> None:
+    docs = [{"id": f"bulk-{i}", "text": f"Line {i} of a long ledger."} for i in range(100_000)]
+    r = client.post("/v1/data/upsert", json={"index": bulk_index, "documents": docs})
+    assert r.status_code == 202, r.text[:300]
+    task_id = r.json()["task_id"]
+    assert r.json()["progress"]["documents_total"] == 100_000
+
+    def done() -> int:
+        progress = client.get(f"/v1/tasks/{task_id}").json().get("progress") or {}
+        return int(progress.get("documents_done", 0))
+
+    assert wait_for(lambda: done() > 0, 120), "the ingestion never started"
+    r = client.delete(f"/v1/tasks/{task_id}")
+    assert r.status_code == 200 and r.json()["status"] == "CANCELLED"
+    time.sleep(2)  # a step in flight may still land; nothing after it
+    stopped = done()
+    time.sleep(2)
+    assert done() == stopped < 100_000

@@ -92,3 +92,57 @@ def test_a_failed_embedding_slice_cancels_the_others() -> None:
         assert sorted(cancelled) == sorted(set(started) - {deployment.EMBED_SLICE})
 
     asyncio.run(run())
+
+
+def test_an_erasure_during_an_upsert_keeps_the_subjects_documents_out() -> None:
+    """A bulk ingestion's step embeds, a subject erasure lands meanwhile, then the step
+    writes: the erased subject's document is left out (and said so), the others land."""
+    import asyncio
+    import time
+    from types import SimpleNamespace
+
+    from dify_serving.knowledge import deployment
+
+    written: list[str] = []
+
+    class Backend:
+        def upsert_many(self, batch: list[tuple[str, list[Any]]]) -> dict[str, int]:
+            written.extend(doc_id for doc_id, _ in batch)
+            return {}
+
+        def delete_subject(self, subject_id: str) -> int:
+            return 0
+
+    server = _bare_index_server(Backend())
+    server.spec = SimpleNamespace(store=SimpleNamespace(collection=None))
+    server.cache, server._writes, server._erased = None, asyncio.Lock(), {}
+    server._last_write, server._optimizer = time.monotonic(), None
+    server._schedule_optimize = lambda: None
+    chunk = SimpleNamespace(ids=[1, 2], text="t", start=0, end=1)
+    server._prepare = lambda docs: [(doc, [chunk]) for doc in docs]
+    embedding = asyncio.Event()
+
+    async def embed(rows: list[list[int]]) -> list[list[float]]:
+        await embedding.wait()
+        return [[0.0] * 4 for _ in rows]
+
+    server._embed = embed
+    docs = [
+        {"id": "a", "text": "about ada", "subject_id": "ada"},
+        {"id": "b", "text": "about bob", "subject_id": "bob"},
+    ]
+
+    async def scenario() -> dict[str, Any]:
+        step = asyncio.create_task(server.upsert(docs))
+        await asyncio.sleep(0.01)  # the step is embedding
+        await server.delete(None, "ada")
+        embedding.set()
+        result: dict[str, Any] = await step
+        later = await server.upsert(docs[:1])  # an upsert after the erasure may write her
+        assert later["erased"] == []
+        return result
+
+    result = asyncio.run(scenario())
+    assert result["erased"] == ["a"] and [d["id"] for d in result["documents"]] == ["b"]
+    assert written == ["b", "a"]
+    assert deployment.ERASED_FOR_S > 300

@@ -69,6 +69,9 @@ EMBED_SLICE = 64
 EMBED_IN_FLIGHT = 8
 #: An index replica's search cache holds this share of the gateway's cache bound.
 INDEX_CACHE_SHARE = 4
+#: Seconds an erasure is remembered against upserts that began before it (longer than
+#: any upsert takes: its call's timeout is the gateway's request timeout, 300 s).
+ERASED_FOR_S = 900.0
 
 
 class IndexServer:
@@ -125,6 +128,9 @@ class IndexServer:
         self._writes = asyncio.Lock()
         self._last_write = 0.0
         self._optimizer: asyncio.Task[None] | None = None
+        #: subject → (write version of its erasure, when): an upsert that began before
+        #: the erasure writes none of that subject's documents (see `upsert`)
+        self._erased: dict[str, tuple[int, float]] = {}
 
     @property
     def collection(self) -> str:
@@ -190,8 +196,14 @@ class IndexServer:
         return out
 
     async def upsert(self, documents: list[dict[str, Any]]) -> dict[str, Any]:
-        """Replace each document's chunks; all documents are embedded before any write."""
+        """Replace each document's chunks; all documents are embedded before any write.
+
+        An erasure that lands while this upsert embeds wins: the documents about an erased
+        subject are left out of the write (and listed as `erased`), so a subject erased
+        during a bulk ingestion never comes back from the step that was in flight.
+        """
         self._check()
+        began = self.write_version
         prepared = await asyncio.to_thread(self._prepare, documents)
         rows = [chunk.ids for _, chunks in prepared for chunk in chunks]
         vectors = await self._embed(rows)
@@ -216,6 +228,10 @@ class IndexServer:
                 at += 1
             batch.append((doc["id"], points))
         async with self._writes:
+            late = {s for s, (version, _) in self._erased.items() if version > began}
+            erased = [doc["id"] for doc, _ in prepared if doc.get("subject_id") in late]
+            if erased:
+                batch = [(doc_id, points) for doc_id, points in batch if doc_id not in erased]
             try:
                 replaced = await asyncio.to_thread(self.backend.upsert_many, batch)
             finally:  # even a failed write may have changed something
@@ -223,6 +239,7 @@ class IndexServer:
         self._schedule_optimize()
         return {
             "index": self.name,
+            "erased": erased,
             "documents": [
                 {
                     "id": doc_id,
@@ -314,6 +331,12 @@ class IndexServer:
                     )
             finally:
                 self._wrote()
+            if subject_id is not None:
+                now = time.monotonic()
+                self._erased = {
+                    s: mark for s, mark in self._erased.items() if now - mark[1] < ERASED_FOR_S
+                }
+                self._erased[subject_id] = (self.write_version, now)
         return removed
 
     def _wrote(self) -> None:

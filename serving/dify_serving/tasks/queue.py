@@ -75,7 +75,11 @@ def broker_url(home: str | Path, options: TaskOptions) -> str:
 def celery_settings(options: TaskOptions) -> dict[str, Any]:
     """Celery settings both sides share (the adapter's own are kept as Ray Serve sets them)."""
     transport: dict[str, Any] = {}
-    if options.broker == "redis":
+    if options.broker == "embedded":
+        # kombu hands these to SQLAlchemy's create_engine: a writer waits for the file's
+        # lock (up to 30 s) instead of failing after sqlite3's default 5 s under load
+        transport = {"connect_args": {"timeout": 30}}
+    elif options.broker == "redis":
         # an unacknowledged task goes back to the queue after this long without an ack;
         # a consumer still running it keeps its row's lease, so the copy is a no-op
         transport = {"visibility_timeout": max(60, int(options.lease_s * 4))}

@@ -225,14 +225,14 @@ class TaskRunner:
     # the loop's own work ----------------------------------------------------------------
     async def maintain(self) -> None:
         options = self.options
-        if options.broker == "embedded":
-            pending = await asyncio.to_thread(self.store.pending, [self.queue])
-            await self._send_again(pending, self.started)
+        recovering = options.broker == "embedded"
         tick = min(1.0, options.lease_s / 3)
         last_sweep = last_expiry = 0.0
         while True:
-            await asyncio.sleep(tick)
             try:
+                if recovering:  # until it has gone through once
+                    pending = await asyncio.to_thread(self.store.pending, [self.queue])
+                    recovering = not await self._send_again(pending, self.started)
                 await self.heartbeat()
                 now = time.monotonic()
                 if now - last_sweep >= options.lease_s / 2:
@@ -244,6 +244,7 @@ class TaskRunner:
                     await asyncio.to_thread(self._expire)
             except Exception:  # the store is briefly unreachable: try again next tick
                 log.warning("task maintenance failed; retrying", exc_info=True)
+            await asyncio.sleep(tick)
 
     async def heartbeat(self) -> None:
         """Renew the leases of running tasks; stop those no longer ours (cancelled)."""
@@ -253,14 +254,20 @@ class TaskRunner:
             if entry is not None and entry[0] == claims[task_id]:
                 entry[1].cancel()
 
-    async def _send_again(self, task_ids: list[str], not_since: float) -> None:
+    async def _send_again(self, task_ids: list[str], not_since: float) -> bool:
+        """Send these tasks again (one sweeper does each); False if any send failed, and
+        that one is left to be taken by the next sweep."""
         if not task_ids:
-            return
+            return True
+        sent_all = True
         for task_id, queue in await asyncio.to_thread(self.store.redispatch, task_ids, not_since):
             try:
                 await self.publisher.publish(task_id, queue)
             except Exception:
                 log.warning("could not send task %s again; the next sweep will", task_id)
+                await asyncio.to_thread(self.store.undispatch, task_id)
+                sent_all = False
+        return sent_all
 
     def _expire(self) -> None:
         self.store.expire()

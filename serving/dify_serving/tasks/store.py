@@ -463,6 +463,11 @@ class TaskStore:
                     out.append((task_id, str(queue)))
         return out
 
+    def undispatch(self, task_id: str) -> None:
+        """A send that failed: the task may be taken by the next sweep again."""
+        with self.engine.begin() as db:
+            db.execute(tasks.update().where(tasks.c.id == task_id).values(dispatched_at=None))
+
     def pending(self, queues: Iterable[str], limit: int = 100_000) -> list[str]:
         with self.engine.connect() as db:
             return list(

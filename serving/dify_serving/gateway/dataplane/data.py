@@ -122,6 +122,12 @@ async def upsert(
 BULK_SLICE = 64
 
 
+def _doc_bytes(doc: Document) -> int:
+    return (
+        utf8_size(doc.text) + utf8_size(doc.id) + (json_size(doc.metadata) if doc.metadata else 0)
+    )
+
+
 def bulk_progress(done: int, total: int, chunks: int) -> dict[str, Any]:
     return {"documents_done": done, "documents_total": total, "chunks": chunks}
 
@@ -131,7 +137,13 @@ async def submit_bulk(state: GatewayState, index: str, documents: list[Document]
     writes them a slice at a time, its progress checkpointed after each slice."""
     state.index(index)
     limits = state.options.limits
-    _check_documents(index, documents, limits.max_document_bytes, MAX_BULK_DOCUMENTS, None)
+    # body_bytes 0: the whole set is never one call (the task writes it a step at a time,
+    # `run_bulk`), but each document must fit into one
+    _check_documents(index, documents, limits.max_document_bytes, MAX_BULK_DOCUMENTS, 0)
+    budget = call_budget()
+    if budget is not None:
+        for position, doc in enumerate(documents):
+            check_call_bytes(f"documents.{position}", _doc_bytes(doc), f"index {index!r}", budget)
     note_text(lambda: _documents_text(documents[:16]))
     subjects = sorted({d.subject_id for d in documents if d.subject_id})
     return await tasks.submit(
@@ -153,8 +165,15 @@ async def run_bulk(
     total = len(documents)
     done = int((progress or {}).get("documents_done", 0))
     chunks = int((progress or {}).get("chunks", 0))
+    budget = (call_budget() or 1 << 62) // 2
     while done < total:
-        part = documents[done : done + BULK_SLICE]
+        part: list[dict[str, Any]] = []
+        size = 0  # at most BULK_SLICE documents, at most half a call's bytes
+        for doc in documents[done : done + BULK_SLICE]:
+            size += utf8_size(doc["text"]) + utf8_size(doc["id"]) + json_size(doc.get("metadata"))
+            if part and size > budget:
+                break
+            part.append(doc)
         result = await state.index_replicas.upsert(index, part)
         chunks += sum(int(d.get("chunks", 0)) for d in result.get("documents", []))
         done += len(part)
