@@ -55,6 +55,9 @@ class SecurityOptions(_Options):
     audit_configmap: ResourceName | None = Field(
         None, description="in a cluster, also checkpoint the audit head in this ConfigMap"
     )
+    metrics_public: bool = Field(
+        False, description="GET /v1/metrics without a key (a cluster-internal port only)"
+    )
     tls_certfile: str | None = Field(None, description="serve HTTPS with this certificate")
     tls_keyfile: str | None = Field(None, description="path of its private key (never its text)")
     allow_per_replica_limits: bool = Field(

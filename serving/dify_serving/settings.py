@@ -130,6 +130,7 @@ class Settings(BaseSettings):
     audit_allow_short_retention: bool = _same(SecurityOptions, "allow_short_retention")
     audit_checkpoint_s: float = _same(SecurityOptions, "audit_checkpoint_s")
     audit_configmap: str | None = _same(SecurityOptions, "audit_configmap")
+    metrics_public: bool = _same(SecurityOptions, "metrics_public")
     tls_certfile: str | None = _same(SecurityOptions, "tls_certfile")
     tls_keyfile: str | None = _same(SecurityOptions, "tls_keyfile")
     qdrant_url: str | None = _same(ServeOptions, "qdrant_url")
@@ -261,6 +262,7 @@ class Settings(BaseSettings):
             allow_short_retention=self.audit_allow_short_retention,
             audit_checkpoint_s=self.audit_checkpoint_s,
             audit_configmap=self.audit_configmap,
+            metrics_public=self.metrics_public,
             tls_certfile=self.tls_certfile,
             tls_keyfile=self.tls_keyfile,
             allow_per_replica_limits=self.allow_per_replica_limits,

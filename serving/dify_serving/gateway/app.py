@@ -15,9 +15,10 @@ from typing import Any
 from fastapi import FastAPI
 from ray import serve
 
-from dify_serving.gateway import errors, openapi, policy, routers
+from dify_serving.gateway import errors, metrics, openapi, policy, routers
 from dify_serving.gateway.cache_header import CacheHeader
 from dify_serving.gateway.limits import BodyLimit
+from dify_serving.gateway.metrics import MetricsMiddleware
 from dify_serving.gateway.security import Guard, SecurityMiddleware
 from dify_serving.gateway.state import GatewayState
 from dify_serving.options import GatewayOptions
@@ -44,6 +45,9 @@ def create_app(state: GatewayState, secrets: Secrets | None = None) -> FastAPI:
         guard = Guard(security, Path(state.options.home), secrets)
         app.state.guard = guard
         app.add_middleware(SecurityMiddleware, guard=guard)  # inside the request-id one
+    # outside the guard: its refusals are counted too
+    app.add_middleware(MetricsMiddleware)
+    metrics.watch(state)
     errors.install(app)
     routers.register(app, state.options.modules)
     openapi.serve_docs(app)

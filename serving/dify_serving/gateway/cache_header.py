@@ -22,6 +22,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dify_serving.gateway import access
+from dify_serving.gateway.metrics import CACHE_LOOKUPS
 from dify_serving.tasks.cache import ResultCache
 
 #: Routes whose one answer is one cached result (or none): they get `X-Cache`.
@@ -65,8 +66,10 @@ def may_read() -> bool:
 def record(outcome: str | None) -> None:
     """The cache's outcome for this request (HIT or MISS); None leaves it unset."""
     use = CACHE.get()
-    if use is not None and outcome in (HIT, MISS):
-        use.outcome = outcome
+    if outcome in (HIT, MISS):
+        CACHE_LOOKUPS.labels(outcome.lower()).inc()
+        if use is not None:
+            use.outcome = outcome
 
 
 async def lookup(cache: ResultCache, key: str) -> bytes | None:

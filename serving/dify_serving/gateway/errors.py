@@ -19,6 +19,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dify_serving.errors import DifyError
+from dify_serving.gateway.metrics import ERRORS
 from dify_serving.specs import NAME_PATTERN
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,7 @@ async def send_error(
     headers: dict[str, str] | None = None,
 ) -> None:
     """The error shape over raw ASGI, for middleware that answers before FastAPI."""
+    ERRORS.labels(code).inc()
     body = json.dumps(error_body(code, message, rid)).encode()
     raw = [
         (b"content-type", b"application/json"),
@@ -76,6 +78,7 @@ def error_response(
     message: str,
     headers: dict[str, str] | None = None,
 ) -> JSONResponse:
+    ERRORS.labels(code).inc()
     return JSONResponse(
         error_body(code, message, request_id(request)), status_code=status, headers=headers
     )

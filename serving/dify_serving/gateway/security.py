@@ -35,6 +35,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dify_serving.gateway.errors import ApiError, send_error
+from dify_serving.gateway.metrics import METRICS_PATH, REFUSALS
 from dify_serving.gateway.notes import REQUEST, RequestContext, note
 from dify_serving.gateway.policy import Rule, rule_for
 from dify_serving.options import SecurityOptions
@@ -300,7 +301,7 @@ class SecurityMiddleware:
         started = time.perf_counter()
         self.guard.start_purging()  # once; the first request brings the replica's loop
         rule = rule_for(scope["method"], scope["path"])
-        if rule.public:
+        if rule.public or (self.guard.config.metrics_public and scope["path"] == METRICS_PATH):
             await self.app(scope, receive, send)
             return
         state = scope.setdefault("state", {})
@@ -325,6 +326,7 @@ class SecurityMiddleware:
             request.key = key
             await self.app(scope, receive, counting_send)
         except Refusal as r:
+            REFUSALS.labels(r.code).inc()
             rid = state.get("request_id", "")
             await send_error(counting_send, r.status, r.code, r.message, rid, r.headers)
         finally:

@@ -25,9 +25,10 @@ DATA_READ = "data:read"
 DATA_WRITE = "data:write"
 MODELS_ADMIN = "models:admin"
 AUDIT_READ = "audit:read"
+METRICS_READ = "metrics:read"
 ADMIN = "admin"
 #: Every scope a key may hold; `gateway/policy.py` says which routes need which.
-SCOPES = (INFERENCE, DATA_READ, DATA_WRITE, MODELS_ADMIN, AUDIT_READ, ADMIN)
+SCOPES = (INFERENCE, DATA_READ, DATA_WRITE, MODELS_ADMIN, AUDIT_READ, METRICS_READ, ADMIN)
 RATE_LIMIT_FIELDS = ("requests_per_minute", "tokens_per_minute")
 #: Resource patterns: names are DNS-1123 labels, patterns add the `*` and `?` wildcards.
 MAX_PATTERNS = 32

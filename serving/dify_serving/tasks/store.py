@@ -468,6 +468,14 @@ class TaskStore:
         with self.engine.begin() as db:
             db.execute(tasks.update().where(tasks.c.id == task_id).values(dispatched_at=None))
 
+    def counts(self) -> dict[tuple[str, str], int]:
+        """Tasks kept, by (queue, status): what the metrics show."""
+        query = sa.select(tasks.c.queue, tasks.c.status, sa.func.count()).group_by(
+            tasks.c.queue, tasks.c.status
+        )
+        with self.engine.connect() as db:
+            return {(str(q), str(st)): int(n) for q, st, n in db.execute(query)}
+
     def pending(self, queues: Iterable[str], limit: int = 100_000) -> list[str]:
         with self.engine.connect() as db:
             return list(

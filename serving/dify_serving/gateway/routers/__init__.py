@@ -9,6 +9,7 @@ from dify_serving.gateway.routers import (
     data,
     health,
     inference,
+    metrics,
     models,
     openai_compat,
     tasks,
@@ -27,6 +28,7 @@ TASK_MODULES = ("inference", "data")
 def register(app: FastAPI, modules: list[str]) -> None:
     app.include_router(health.router)
     app.include_router(admin.router)
+    app.include_router(metrics.router)
     if any(module in modules for module in TASK_MODULES):
         app.include_router(tasks.router)
     if "inference" in modules:
