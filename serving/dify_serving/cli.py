@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from dify_serving import security_cli
-from dify_serving.manifests import ManifestError, check_collections, load_file
+from dify_serving.manifests import ManifestError, check_collections, load_file, merge_states
 from dify_serving.settings import Settings
 
 
@@ -40,6 +40,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         url = stack.start()
         print(f"Ray dashboard {url}", flush=True)
+        stored, _ = stack.store.load()
+        merged, kept = merge_states(stored, state)
+        if kept and args.replace:
+            print(f"--replace: dropping {', '.join(kept)} (not in {args.file})", flush=True)
+        elif kept:
+            state = merged
+            print(
+                f"keeping {', '.join(kept)} from {settings.state_dir} (loaded over the API or "
+                "with apply; --replace drops what the file does not name)",
+                flush=True,
+            )
         stack.apply(state)
         print(_table(stack.wait(timeout=args.timeout)), flush=True)
         scheme = "https" if settings.tls_certfile else "http"
@@ -114,6 +125,11 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="listen address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="HTTP port (default 8000)")
     serve.add_argument("--timeout", type=float, default=600, help="seconds to wait for Ready")
+    serve.add_argument(
+        "--replace",
+        action="store_true",
+        help="the file is the whole desired state: drop models and indexes it does not name",
+    )
     serve.set_defaults(func=cmd_serve)
     apply = sub.add_parser("apply", help="change a running local stack")
     apply.add_argument("-f", "--file", required=True)

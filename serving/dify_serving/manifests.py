@@ -104,3 +104,14 @@ def explain(exc: ValidationError) -> str:
         message = str(err["msg"]).removeprefix("Value error, ")
         parts.append(f"{where}: {message}" if where else message)
     return "; ".join(parts)
+
+
+def merge_states(stored: DesiredState, incoming: DesiredState) -> tuple[DesiredState, list[str]]:
+    """`incoming` (a manifests file) over what the state folder holds: the file's models
+    and indexes win by name, the others stay (loaded over the API or with `apply`). Also
+    returns what stayed, as `model NAME` / `index NAME`, so `serve` can say so."""
+    models = {**stored.models, **incoming.models}
+    indexes = {**stored.indexes, **incoming.indexes}
+    kept = [f"model {n}" for n in sorted(stored.models) if n not in incoming.models]
+    kept += [f"index {n}" for n in sorted(stored.indexes) if n not in incoming.indexes]
+    return DesiredState(models, indexes), kept

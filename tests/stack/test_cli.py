@@ -45,10 +45,20 @@ def test_apply_changes_the_running_stack(
 
 
 def test_serve_runs_until_interrupted(tmp_path: Path, tiny_dir: Path) -> None:
+    """`serve -f FILE` adds the file to the stored state: a model loaded earlier over the
+    API (or with `apply`) survives the restart, and `serve` says it kept it."""
+    from dify_serving.catalog.files import LocalStateStore
+    from dify_serving.manifests import parse_documents
+    from dify_serving.options import ServeOptions
+
     path = tmp_path / "one.yaml"
     path.write_text(
         yaml.safe_dump(model_doc("sentiment", str(tiny_dir / "clf"), "text-classification"))
     )
+    earlier = model_doc(
+        "extra", str(tiny_dir / "clf"), "text-classification", resources={"cpus": 0.1}
+    )
+    LocalStateStore(tmp_path / "home").save(parse_documents([earlier]), ServeOptions())
     port = free_port()
     env = {
         **os.environ,
@@ -81,10 +91,13 @@ def test_serve_runs_until_interrupted(tmp_path: Path, tiny_dir: Path) -> None:
                 pass
             assert time.monotonic() < deadline, "serve never answered"
             time.sleep(1)
+        listed = httpx.get(f"http://127.0.0.1:{port}/v1/models", headers=AUTH, timeout=10)
+        assert {m["id"] for m in listed.json()["data"]} == {"sentiment", "extra"}
         proc.send_signal(signal.SIGINT)
         assert proc.wait(90) == 0
         output = proc.stdout.read() if proc.stdout else ""
         assert "serving on" in output and "stopping" in output
+        assert "keeping model extra" in output
         with __import__("pytest").raises(httpx.HTTPError):
             httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=3)
     finally:

@@ -59,7 +59,17 @@ class Serve:
         self.proc: subprocess.Popen[str] | None = None
         self.url = f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> None:
+    def start(self, attempts: int = 3) -> None:
+        """Start serve and wait for its model; again (a few times) when Ray's proxy lost
+        the race for the free port `serve` picked for it to another process."""
+        for attempt in range(attempts):
+            output = self._start()
+            if output is None:
+                return
+            assert "Failed to bind" in output and attempt < attempts - 1, output
+
+    def _start(self) -> str | None:
+        """None once the model is Ready; the output of a serve that exited."""
         self.proc = subprocess.Popen(
             [*CLI, "serve", "-f", str(self.manifest), "--port", str(self.port)],
             env=self.env,
@@ -69,11 +79,12 @@ class Serve:
         )
         deadline = time.monotonic() + 300
         while True:
-            assert self.proc.poll() is None, self.proc.stdout.read() if self.proc.stdout else ""
+            if self.proc.poll() is not None:
+                return self.proc.stdout.read() if self.proc.stdout else ""
             try:
                 r = httpx.get(f"{self.url}/v1/models/status", headers=AUTH)
                 if r.status_code == 200 and [m["phase"] for m in r.json()["models"]] == ["Ready"]:
-                    return
+                    return None
             except httpx.HTTPError:
                 pass
             assert time.monotonic() < deadline, "serve never answered"

@@ -58,3 +58,36 @@ def test_a_model_being_updated_keeps_serving_from_its_running_replicas(tmp_path:
     state.status.models["llm"] = {"phase": "Failed", "ready_replicas": 1, "message": "bad weights"}
     with pytest.raises(ApiError, match="failed to load"):
         state.model_replicas.require_serving("llm")
+
+
+def test_one_models_readiness_is_200_or_503_with_the_reason(tmp_path: Path) -> None:
+    from gateways import close_all, gateway, new_key, seed_support_and_other
+
+    seed_support_and_other(tmp_path)
+    try:
+        http = gateway(tmp_path)
+        state = http.app.state.gateway  # type: ignore[attr-defined]
+        state.status.refresh_if_older = _no_refresh
+        state.status.models["other-llm"] = {"phase": "Ready"}
+        state.status.models["support-llm"] = {"phase": "Loading", "message": "warming up"}
+        r = http.get("/v1/models/other-llm/ready", headers=AUTH)
+        assert (r.status_code, r.json()) == (
+            200,
+            {"name": "other-llm", "ready": True, "phase": "Ready"},
+        )
+        r = http.get("/v1/models/support-llm/ready", headers=AUTH)
+        assert r.status_code == 503 and r.headers["retry-after"] == "2"
+        assert r.json()["reason"] == "warming up" and r.json()["ready"] is False
+        state.status.models["support-llm"] = {"phase": "Failed", "message": "bad weights"}
+        r = http.get("/v1/models/support-llm/ready", headers=AUTH)
+        assert r.status_code == 503 and "retry-after" not in r.headers
+        assert http.get("/v1/models/nope/ready", headers=AUTH).status_code == 404
+        assert http.get("/v1/models/Bad_Name/ready", headers=AUTH).status_code == 422
+        confined = new_key(http, scopes=["inference"], models=["support-*"])["headers"]
+        assert http.get("/v1/models/other-llm/ready", headers=confined).status_code == 403
+    finally:
+        close_all()
+
+
+async def _no_refresh(age_s: float) -> None:
+    """No Ray here: the test sets the statuses itself."""

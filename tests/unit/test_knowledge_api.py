@@ -113,6 +113,9 @@ def test_an_erasure_during_an_upsert_keeps_the_subjects_documents_out() -> None:
         def delete_subject(self, subject_id: str) -> int:
             return 0
 
+        def close(self) -> None:
+            pass
+
     server = _bare_index_server(Backend())
     server.spec = SimpleNamespace(store=SimpleNamespace(collection=None))
     server.cache, server._writes, server._erased = None, asyncio.Lock(), {}

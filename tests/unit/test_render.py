@@ -206,3 +206,17 @@ def test_without_inference_and_data_modules_no_consumers_run() -> None:
     opts = ServeOptions(gateway=GatewayOptions(modules=["models", "openai"]))
     apps = render_serve_config(parse_documents([_model("a")]), opts)["applications"]
     assert [a["name"] for a in apps] == ["gateway", "model-a"]
+
+
+def test_a_manifests_file_adds_to_the_stored_state_by_name() -> None:
+    from dify_serving.manifests import merge_states
+
+    stored = parse_documents(
+        [_model("a", task="feature-extraction"), _model("b"), index_doc("kb", "a")]
+    )
+    incoming = parse_documents([_model("b", modelId="new"), _model("c")])
+    merged, kept = merge_states(stored, incoming)
+    assert sorted(merged.models) == ["a", "b", "c"] and sorted(merged.indexes) == ["kb"]
+    assert merged.models["b"].spec.model_id == "new"  # the file wins by name
+    assert kept == ["model a", "index kb"]
+    assert merge_states(stored, stored)[1] == []

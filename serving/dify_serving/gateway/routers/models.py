@@ -5,14 +5,18 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body
+from fastapi import APIRouter, Body, Path
+from fastapi.responses import JSONResponse
 
 from dify_serving.gateway import access
 from dify_serving.gateway.dataplane import models as plane
 from dify_serving.gateway.policy import needs
 from dify_serving.gateway.routers.deps import StateDep
+from dify_serving.gateway.routers.health import READY_CACHE_S
 from dify_serving.gateway.schemas import LoadRequest, ModelCard, ModelList, UnloadRequest
+from dify_serving.gateway.status_cache import SERVING
 from dify_serving.security.grants import INFERENCE, MODELS_ADMIN
+from dify_serving.specs import NAME_PATTERN, Phase
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -45,6 +49,27 @@ async def list_models(state: StateDep) -> ModelList:
 )
 async def models_status(state: StateDep) -> dict[str, Any]:
     return {"models": await plane.status(state)}
+
+
+@router.get(
+    "/{name}/ready",
+    summary="One model's readiness: 200 while it serves, else 503 and why (as KServe's)",
+    openapi_extra=needs(INFERENCE),
+)
+async def model_ready(
+    name: Annotated[str, Path(max_length=63, pattern=NAME_PATTERN)], state: StateDep
+) -> Any:
+    model = state.model(name)  # 403 for a key that may not use it, 404 if unknown
+    if not state.status.refreshing:  # in-process (no refresh loop): read it now
+        await state.status.refresh_if_older(READY_CACHE_S)
+    status = state.status.models.get(model.name) or {}
+    phase = str(status.get("phase") or Phase.PENDING.value)
+    if phase in SERVING:
+        return {"name": model.name, "ready": True, "phase": phase}
+    reason = access.without_path(status.get("message"), model.spec.model_id)
+    body = {"name": model.name, "ready": False, "phase": phase, "reason": reason}
+    retry = {} if phase == Phase.FAILED.value else {"Retry-After": "2"}
+    return JSONResponse(body, status_code=503, headers=retry)
 
 
 @router.post(
