@@ -11,9 +11,10 @@ bf16, against sentence-transformers `encode(batch_size=32)`; and against fastemb
 same weights exported to ONNX. Knowledge: searches of a 100k-chunk index and ingestion,
 and the result cache's hit against a miss. Tasks: a batch of 64 prompts in one request
 against 64 requests, and 1,000 async generation tasks against the same prompts sent
-synchronously at concurrency 16. Every figure takes turns with its anchor
-(`interleaved`). `python -m bench SECTION...` runs some sections and keeps the others'
-rows. Writes docs/benchmarks.md.
+synchronously at concurrency 16. Cold start: the first request to MiniLM scaled to zero
+against a warm request on the replica it woke (`coldstart`). Every figure takes turns
+with its anchor (`interleaved`). `python -m bench SECTION...` runs some sections and
+keeps the others' rows. Writes docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from bench import batch, cache, knowledge, load, security, tasks
+from bench import batch, cache, coldstart, knowledge, load, metrics, security, tasks
 from bench.anchors import (
     SAME_VECTORS,
     EncodeAnchor,
@@ -161,7 +162,7 @@ def served(base: str) -> dict[str, str]:
     return {m["name"]: f"engine {m['engine']}, {m['precision']}" for m in answer.json()["models"]}
 
 
-SECTIONS = ("generation", "embeddings", "knowledge", "tasks", "security")
+SECTIONS = ("generation", "embeddings", "knowledge", "tasks", "coldstart", "security", "metrics")
 
 
 def main(argv: list[str]) -> int:
@@ -182,11 +183,17 @@ def main(argv: list[str]) -> int:
         if sections == ["security"]:
             write_report(rows)
             return 0
+    if "metrics" in sections:
+        print("metrics: request metrics on against off", flush=True)
+        rows += metrics.overhead_rows(free_port(), free_port())
+        print(rows[-1], flush=True)
     key = "dm_benchadmin01_" + secrets.token_hex(20)  # the stack's first admin key
     os.environ["DIFY_MIRROR_BOOTSTRAP_KEY"] = key
     load.HEADERS["Authorization"] = f"Bearer {key}"
     home = Path(tempfile.mkdtemp(prefix="dify-bench-"))
     docs = bench_models(generation="generation" in sections)
+    if "coldstart" in sections:  # MiniLM that sleeps when idle
+        docs.append(coldstart.model_doc())
     cpus = max(8, THREADS * len(docs))  # Ray's logical CPUs: every replica gets its share
     settings = Settings(
         home=home, port=free_port(), ray_num_cpus=cpus, ray_dashboard_port=free_port()
@@ -199,6 +206,8 @@ def main(argv: list[str]) -> int:
         built = knowledge.build_shard(home.resolve(), search_index, vectors)
         print(f"  {built:.0f} s (upsert + HNSW)", flush=True)
         docs += [search_index, knowledge.index_doc("ingest", chunking={"maxTokens": 256})]
+    elif "metrics" in sections:  # two indexes for the scrape
+        docs += [knowledge.index_doc("metrics-a"), knowledge.index_doc("metrics-b")]
     stack = LocalStack(settings, object_store_memory=200 * 1024 * 1024)
     stack.start()
     try:
@@ -230,6 +239,15 @@ def main(argv: list[str]) -> int:
             print(rows[-1], flush=True)
             print(f"tasks: {tasks.TASKS} async generation tasks against sync", flush=True)
             rows += asyncio.run(tasks.task_rows(base, engines["demo-llm"]))
+            print(rows[-1], flush=True)
+        if "coldstart" in sections:
+            print("cold start: a model scaled to zero against a warm request", flush=True)
+            rows += coldstart.cold_start_rows(base)
+            print(rows[-1], flush=True)
+        if "metrics" in sections:
+            print("metrics: a scrape of the whole stack", flush=True)
+            indexes = ["bench", "ingest"] if vectors is not None else ["metrics-a", "metrics-b"]
+            rows += metrics.scrape_rows(base, ["demo-llm", "minilm", "minilm-bf16"], indexes)
             print(rows[-1], flush=True)
     finally:
         stack.stop()
@@ -493,7 +511,9 @@ def write_report(rows: list[tuple[str, str, str, str]]) -> None:
         "cache:": 4,
         "batch": 5,
         "async": 6,
-        "security:": 7,
+        "cold": 7,
+        "security:": 8,
+        "metrics:": 9,
     }
     table.sort(key=lambda r: order.get(r[0].split(" ", 1)[0], 9))
     lines = [

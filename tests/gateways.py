@@ -29,12 +29,19 @@ _OPEN: list[Any] = []
 
 
 def gateway(
-    home: Path, peer: str = "127.0.0.1", redis_url: str | None = None, **security: Any
+    home: Path,
+    peer: str = "127.0.0.1",
+    redis_url: str | None = None,
+    dashboard_url: str | None = None,
+    **security: Any,
 ) -> TestClient:
     """A guarded gateway on `home`, seen from `peer`; with `redis_url`, limits live there;
-    `security` are further `SecurityOptions`."""
+    with `dashboard_url`, changes are applied there; `security` are further
+    `SecurityOptions`."""
     options = GatewayOptions(
-        home=str(home), security=SecurityOptions(redis=redis_url is not None, **security)
+        home=str(home),
+        dashboard_url=dashboard_url,
+        security=SecurityOptions(redis=redis_url is not None, **security),
     )
     app = create_app(GatewayState(options), Secrets(home, redis_url=redis_url))
     _OPEN.append(app)

@@ -21,7 +21,7 @@ from dify_operator.reclaim import reclaim_index
 from dify_operator.settings import OperatorSettings
 from dify_serving.control import RayDashboard, RayUnavailable
 from dify_serving.manifests import explain
-from dify_serving.render import model_app_name
+from dify_serving.render import model_app_names
 from dify_serving.specs import Phase
 from dify_serving.status import index_status as index_app_status
 
@@ -225,10 +225,11 @@ def model_status(
         apps = memo.applier.applications()
     except RayUnavailable:
         return  # the Reconciled condition says so after the next apply
-    if model_app_name(name) not in apps:  # drift: someone changed Serve behind our back
+    missing = [a for a in model_app_names(model) if a not in apps]
+    if missing:  # drift: someone changed Serve behind our back
         memo.applier.last_hash = None
         _apply(memo, model_bodies, index_bodies, patch, meta.get("generation"))
-        kopf.warn(body, reason="Drift", message=f"model-{name} was missing from Serve; re-applied")
+        kopf.warn(body, reason="Drift", message=f"{missing[0]} was missing from Serve; re-applied")
         return
     fields = reconcile.model_status_fields(name, model.spec, apps, memo.config.gateway_url + "/v1")
     changes = reconcile.status_patch(status, fields, meta.get("generation"))

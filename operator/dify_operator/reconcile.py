@@ -172,10 +172,25 @@ def model_status_fields(
         "phase": s["phase"],
         "readyReplicas": s["ready_replicas"],
         "message": s["message"],
+        "reason": s.get("reason"),
         "loadProgress": s["load_progress"],
         "endpoint": endpoint if ready or s["phase"] == Phase.DEGRADED.value else None,
-        "_ready": condition("Ready", ready, s["phase"], s["message"]),
+        "_ready": condition("Ready", ready, s.get("reason") or s["phase"], s["message"]),
+        **({"versions": _versions(s["versions"])} if "versions" in s else {}),
     }
+
+
+def _versions(versions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A versioned model's versions for `.status` (camelCase)."""
+    return [
+        {
+            "name": v["name"],
+            "weight": v["weight"],
+            "phase": v.get("phase"),
+            "readyReplicas": v.get("ready_replicas"),
+        }
+        for v in versions
+    ]
 
 
 def index_status_fields(
@@ -295,4 +310,6 @@ class Applier:
         return apps
 
     def app_exists(self, name: str) -> bool:
-        return model_app_name(name) in self.applications(max_age_s=0)
+        """Whether any app of the model runs (its own, or one of a version's)."""
+        app = model_app_name(name)
+        return any(a == app or a.startswith(f"{app}.") for a in self.applications(max_age_s=0))

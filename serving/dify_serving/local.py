@@ -21,7 +21,7 @@ from dify_serving.render import TASKS_APP, render_serve_config, servable_indexes
 from dify_serving.security.secrets import SECRET_NAMES
 from dify_serving.settings import Settings
 from dify_serving.specs import Phase
-from dify_serving.status import index_status, model_status
+from dify_serving.status import awaiting_placement, index_status, model_status
 
 #: Largest message between deployments on the local stack (Ray Serve's own default: 4 MiB).
 TRANSPORT_BYTES = 64 * 1024 * 1024
@@ -46,7 +46,7 @@ class LocalStack:
         ctx = ray.init(
             address="local",  # always a new local cluster, never one found lying around
             dashboard_port=self.settings.ray_dashboard_port,
-            num_cpus=self.settings.ray_num_cpus or os.cpu_count() or 1,
+            num_cpus=logical_cpus(self.settings),
             include_dashboard=True,
             dashboard_host="127.0.0.1",
             object_store_memory=self.object_store_memory,
@@ -107,7 +107,12 @@ class LocalStack:
         apps = self.dashboard.get_applications().get("applications") or {}
         assert self.options is not None
         state, _ = self.store.load()
-        out = {n: model_status(n, m.spec, apps) for n, m in state.models.items()}
+        free, now = None, time.time()
+        if any(awaiting_placement(app) for app in apps.values()):  # can Ray place them?
+            import ray
+
+            free = ray.available_resources() if ray.is_initialized() else None
+        out = {n: model_status(n, m.spec, apps, None, free, now) for n, m in state.models.items()}
         if "data" in self.options.gateway.modules:  # indexes waiting for a model: Pending
             for index, _ in servable_indexes(state):
                 status = index_status(index.name, index.spec, state.models, apps)
@@ -120,12 +125,13 @@ class LocalStack:
         return out
 
     def wait(self, timeout: float = 300, poll: float = 0.5) -> dict[str, dict[str, Any]]:
-        """Until every model is Ready or Failed and the gateway runs (or timeout)."""
+        """Until every model is Ready or Failed (or cannot be scheduled: it says why) and
+        the gateway runs (or timeout)."""
         deadline = time.monotonic() + timeout
         settled = {Phase.READY.value, Phase.FAILED.value, Phase.DEGRADED.value}
         while True:
             statuses = self.statuses()
-            if all(s["phase"] in settled for s in statuses.values()):
+            if all(s["phase"] in settled or s.get("reason") for s in statuses.values()):
                 return statuses
             if time.monotonic() > deadline:
                 raise TimeoutError(f"stack not settled after {timeout}s: {statuses}")
@@ -142,6 +148,19 @@ class LocalStack:
                 serve.shutdown()
             finally:
                 ray.shutdown()
+
+
+def logical_cpus(settings: Settings, cores: int | None = None) -> int:
+    """The CPUs Ray may hand out on one machine: the cores times `cpu_overcommit`.
+
+    Like Ollama, several small models share a box: Ray's CPUs are a reservation, not a
+    limit, and each replica still runs `resources.cpus` math threads (render `_env`),
+    so overcommitting them lets a third model load on two cores instead of waiting
+    forever. `ray_num_cpus` sets the count outright.
+    """
+    if settings.ray_num_cpus:
+        return settings.ray_num_cpus
+    return max(1, int((cores or os.cpu_count() or 1) * settings.cpu_overcommit))
 
 
 def _free_port() -> int:

@@ -168,6 +168,9 @@ class GatewayOptions(_Options):
     listen_host: str | None = Field(None, description="Serve HTTP here directly (no proxy)")
     listen_port: int | None = None
     request_timeout_s: float = Field(300.0, gt=0, description="Longest wait for a model")
+    metrics_enabled: bool = Field(
+        True, description="count requests for GET /v1/metrics (off: only what replicas push)"
+    )
     limits: LimitOptions = Field(default_factory=LimitOptions)
     cache: CacheOptions = Field(default_factory=CacheOptions)
     tasks: TaskOptions = Field(default_factory=TaskOptions)

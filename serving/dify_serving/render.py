@@ -11,7 +11,8 @@ from typing import Any
 
 from dify_serving.manifests import DesiredState
 from dify_serving.options import CacheOptions, GatewayOptions, ModelSourceOptions, ServeOptions
-from dify_serving.specs import DifyIndex, DifyModel, Task
+from dify_serving.rollout import loaded_versions
+from dify_serving.specs import Autoscaling, DifyIndex, DifyModel, Task
 
 GATEWAY_APP = "gateway"
 MODEL_APP_PREFIX = "model-"
@@ -30,8 +31,17 @@ GRACEFUL_SHUTDOWN_S = 3.0
 INDEX_MAX_ONGOING = 256
 
 
-def model_app_name(name: str) -> str:
-    return f"{MODEL_APP_PREFIX}{name}"
+def model_app_name(name: str, version: str | None = None) -> str:
+    """`model-<name>`, or `model-<name>.<version>` for one version of a versioned model
+    ('.' is in no resource name, so no two models' apps can share a name)."""
+    return f"{MODEL_APP_PREFIX}{name}" if version is None else f"{MODEL_APP_PREFIX}{name}.{version}"
+
+
+def model_app_names(model: DifyModel) -> list[str]:
+    """The Serve apps a model runs now: one, or one per loaded version."""
+    if not model.spec.versions:
+        return [model_app_name(model.name)]
+    return [model_app_name(model.name, v) for v in loaded_versions(model.spec)]
 
 
 def index_app_name(name: str) -> str:
@@ -54,9 +64,40 @@ def _env(threads: int, sources: ModelSourceOptions) -> dict[str, str]:
     return env | {"HF_HUB_OFFLINE": offline, "TRANSFORMERS_OFFLINE": offline}
 
 
-def model_app(model: DifyModel, home: str, sources: ModelSourceOptions) -> dict[str, Any]:
-    """One model → one Serve application (no HTTP route; reached through the gateway)."""
-    spec = model.spec
+def model_apps(model: DifyModel, home: str, sources: ModelSourceOptions) -> list[dict[str, Any]]:
+    """One model → one Serve application, or one per loaded version (`rollout.py`)."""
+    if not model.spec.versions:
+        return [model_app(model, home, sources)]
+    return [model_app(model, home, sources, version) for version in loaded_versions(model.spec)]
+
+
+def autoscaling_config(scaling: Autoscaling) -> dict[str, Any]:
+    """A model's `autoscaling` → Serve's `autoscaling_config`.
+
+    `idleTimeoutS` is how long Serve waits before it removes a replica, the last one too
+    (`downscale_delay_s`, `downscale_to_zero_delay_s`). A model that may scale to zero
+    still starts one replica (`initial_replicas`): a model that cannot load fails when it
+    is applied, not at its first request; it sleeps once idle for `idleTimeoutS`.
+    """
+    config: dict[str, Any] = {
+        "min_replicas": scaling.min_replicas,
+        "max_replicas": scaling.max_replicas,
+        "target_ongoing_requests": scaling.target_ongoing_requests,
+    }
+    if scaling.idle_timeout_s is not None:
+        config["downscale_delay_s"] = scaling.idle_timeout_s
+        config["downscale_to_zero_delay_s"] = scaling.idle_timeout_s
+    if scaling.min_replicas == 0:
+        config["initial_replicas"] = 1
+    return config
+
+
+def model_app(
+    model: DifyModel, home: str, sources: ModelSourceOptions, version: str | None = None
+) -> dict[str, Any]:
+    """One model (or one version of it) → one Serve application (no HTTP route; reached
+    through the gateway)."""
+    spec = model.spec if version is None else model.spec.for_version(version)
     gpus = max(spec.resources.gpus, 1.0) if spec.uses_cuda else spec.resources.gpus
     actor: dict[str, Any] = {
         "num_cpus": spec.resources.cpus,
@@ -72,15 +113,11 @@ def model_app(model: DifyModel, home: str, sources: ModelSourceOptions) -> dict[
         "ray_actor_options": actor,
     }
     if spec.autoscaling:
-        deployment["autoscaling_config"] = {
-            "min_replicas": spec.autoscaling.min_replicas,
-            "max_replicas": spec.autoscaling.max_replicas,
-            "target_ongoing_requests": spec.autoscaling.target_ongoing_requests,
-        }
+        deployment["autoscaling_config"] = autoscaling_config(spec.autoscaling)
     else:
         deployment["num_replicas"] = spec.replicas
     return {
-        "name": model_app_name(model.name),
+        "name": model_app_name(model.name, version),
         "route_prefix": None,  # omitted would mean "/": model apps have no HTTP route
         "import_path": "dify_serving.deployments:build_model_app",
         "args": {
@@ -88,6 +125,7 @@ def model_app(model: DifyModel, home: str, sources: ModelSourceOptions) -> dict[
             "spec": spec.wire(),
             "home": home,
             "sources": sources.model_dump(mode="json"),
+            **({"version": version} if version is not None else {}),
         },
         "deployments": [deployment],
     }
@@ -143,9 +181,15 @@ def servable_indexes(state: DesiredState) -> list[tuple[DifyIndex, DifyModel]]:
     for name in sorted(state.indexes):
         index = state.indexes[name]
         model = state.models.get(index.spec.embedding_model)
-        if model is not None and model.spec.task == Task.FEATURE_EXTRACTION:
+        if model is not None and embeds_for_indexes(model):
             out.append((index, model))
     return out
+
+
+def embeds_for_indexes(model: DifyModel) -> bool:
+    """Whether an index can embed with `model`: feature-extraction, and one version only
+    (a switch would change the vectors of what is stored already)."""
+    return model.spec.task == Task.FEATURE_EXTRACTION and not model.spec.versions
 
 
 def gateway_app(options: GatewayOptions) -> dict[str, Any]:
@@ -227,9 +271,8 @@ def render_serve_config(state: DesiredState, options: ServeOptions) -> dict[str,
     """The whole Serve config for a desired state. Same input, same output."""
     gateway = options.gateway
     apps = [gateway_app(gateway), *task_apps(state, gateway)]
-    apps += [
-        model_app(state.models[n], gateway.home, gateway.sources) for n in sorted(state.models)
-    ]
+    for name in sorted(state.models):
+        apps += model_apps(state.models[name], gateway.home, gateway.sources)
     if "data" in gateway.modules:  # a switched-off module starts no backends
         apps += [
             index_app(

@@ -73,7 +73,18 @@ class Settings(BaseSettings):
     ray_dashboard: str | None = Field(
         None, description="Ray dashboard URL (cluster); local runs use the one ray.init starts."
     )
-    ray_num_cpus: int | None = Field(None, ge=1, description="CPUs Ray may use locally.")
+    ray_num_cpus: int | None = Field(
+        None,
+        ge=1,
+        description="Logical CPUs Ray may hand out locally (default: cores × overcommit).",
+    )
+    cpu_overcommit: float = Field(
+        4.0,
+        ge=1,
+        le=64,
+        description="Local stack: logical CPUs Ray hands out per core, so small models share "
+        "one machine (each replica still pins resources.cpus math threads); 1 = none.",
+    )
     ray_dashboard_port: int = Field(8265, ge=1, le=65535, description="Local dashboard port.")
     gateway_replicas: int = Field(1, ge=1, le=64, description="Gateway replicas.")
     direct_ingress: bool = Field(
@@ -131,6 +142,7 @@ class Settings(BaseSettings):
     audit_checkpoint_s: float = _same(SecurityOptions, "audit_checkpoint_s")
     audit_configmap: str | None = _same(SecurityOptions, "audit_configmap")
     metrics_public: bool = _same(SecurityOptions, "metrics_public")
+    metrics_enabled: bool = _same(GatewayOptions, "metrics_enabled")
     tls_certfile: str | None = _same(SecurityOptions, "tls_certfile")
     tls_keyfile: str | None = _same(SecurityOptions, "tls_keyfile")
     qdrant_url: str | None = _same(ServeOptions, "qdrant_url")
@@ -277,6 +289,7 @@ class Settings(BaseSettings):
             home=home,
             replicas=self.gateway_replicas,
             request_timeout_s=self.request_timeout_s,
+            metrics_enabled=self.metrics_enabled,
             limits=LimitOptions(
                 max_body_bytes=self.max_body_bytes,
                 max_document_bytes=self.max_document_bytes,

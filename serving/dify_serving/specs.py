@@ -21,11 +21,11 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     field_validator,
     model_validator,
 )
 from pydantic.alias_generators import to_camel
-from pydantic_core import PydanticCustomError
 
 GROUP = "difymirror.dev"
 VERSION = "v1alpha1"
@@ -59,10 +59,8 @@ _REVISION_RE = re.compile(REVISION_PATTERN)
 URL_PATTERN = r"^https?://([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?(/[^\s?#@]*)?$"
 #: The port qdrant-client uses when a URL names none (whatever the scheme).
 QDRANT_DEFAULT_PORT = 6333
-VERSIONS_REFUSED = (
-    "version switching is not available yet (it comes with the model lifecycle issue); "
-    "remove the field"
-)
+#: A model reference in a request: a name, or `name@version` to pin one version.
+MODEL_REF_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(@[a-z0-9]([-a-z0-9]*[a-z0-9])?)?$"
 
 
 def is_name(value: str) -> bool:
@@ -246,6 +244,13 @@ class Autoscaling(_Spec):
     target_ongoing_requests: float = Field(
         8.0, gt=0, description="Ongoing requests per replica the autoscaler aims at."
     )
+    idle_timeout_s: float | None = Field(
+        None,
+        ge=0,
+        le=86400,
+        description="Seconds without traffic before a replica is stopped (to zero with "
+        "minReplicas 0; the first request then wakes it); default Ray Serve's 600.",
+    )
 
     @model_validator(mode="after")
     def _bounds(self) -> Autoscaling:
@@ -280,10 +285,67 @@ class Batching(_Spec):
 
 
 class ModelVersion(_Spec):
+    """One revision of a model; the model's other fields (task, device, engine …) apply."""
+
     name: ResourceName
     model_id: ModelId = Field(..., description="Hub id or local path of this version.")
     revision: Revision = Field(None, description="Hub revision (branch, tag or commit).")
-    weight: int = Field(0, ge=0, le=100, description="Share of traffic in percent.")
+    weight: int = Field(
+        0,
+        ge=0,
+        le=100,
+        description="Share of traffic in percent; the weights of all versions sum to 100. "
+        "A version at 0 is declared but not loaded (a switch loads it).",
+    )
+
+
+class SwitchStrategy(StrEnum):
+    BLUE_GREEN = "blue-green"
+    CANARY = "canary"
+
+
+class RolloutPhase(StrEnum):
+    LOADING = "Loading"  # the target's versions load beside the serving ones
+    DRAINING = "Draining"  # traffic moved; retired versions finish what they hold
+    COMPLETE = "Complete"
+    FAILED = "Failed"  # a target version failed to load: traffic never moved
+
+
+VersionWeights = Annotated[
+    dict[
+        Annotated[str, Field(max_length=63, pattern=NAME_PATTERN)],
+        Annotated[int, Field(ge=0, le=100)],
+    ],
+    Field(max_length=16),
+]
+
+
+class Rollout(_Spec):
+    """A switch between versions, moved on by the gateway (one machine) or written by
+    it into the DifyModel (cluster): load the target beside the serving versions, wait
+    until Ready, move the weights, let the retired ones drain, drop them."""
+
+    strategy: SwitchStrategy = Field(SwitchStrategy.BLUE_GREEN, description="blue-green or canary.")
+    target: VersionWeights = Field(..., description="The weights to move to, by version.")
+    previous: VersionWeights = Field(
+        default_factory=dict, description="The weights before this switch (rollback's target)."
+    )
+    phase: RolloutPhase = Field(RolloutPhase.LOADING, description="Where the switch stands.")
+    draining: list[Annotated[str, Field(max_length=63, pattern=NAME_PATTERN)]] = Field(
+        default_factory=list, max_length=16, description="Versions that lost their traffic."
+    )
+    changed_at: float | None = Field(None, description="When the phase last changed (epoch s).")
+    message: str | None = Field(None, max_length=1000, description="Why it is in its phase.")
+
+    @property
+    def running(self) -> bool:
+        return self.phase in (RolloutPhase.LOADING, RolloutPhase.DRAINING)
+
+
+def _check_weights(weights: dict[str, int], what: str) -> None:
+    if weights and sum(weights.values()) != 100:
+        listed = ", ".join(f"{name}={weight}" for name, weight in weights.items())
+        raise ValueError(f"{what}: weights {listed} sum to {sum(weights.values())}, not 100")
 
 
 class AsyncInference(_Spec):
@@ -357,17 +419,59 @@ class DifyModelSpec(_Spec):
     versions: list[ModelVersion] = Field(
         default_factory=list,
         max_length=16,
-        description="Reserved for version switching, which is not available yet: must be "
-        "empty (kept in the schema so the CRD stays stable).",
+        description="Revisions of this model and their traffic weights (sum 100); each "
+        "version with weight > 0 is served by its own replicas. Empty: the model is served "
+        "from modelId/revision alone. POST /v1/models/{name}/switch moves the weights "
+        "without dropping a request.",
+    )
+    rollout: Rollout | None = Field(
+        None, description="The last switch between versions (written by the gateway)."
     )
 
     @field_validator("versions")
     @classmethod
-    def _no_versions(cls, value: list[ModelVersion]) -> list[ModelVersion]:
-        """Refused rather than accepted and ignored, until switching is built."""
-        if value:  # a custom error: the message reads "versions: version switching ..."
-            raise PydanticCustomError("versions_unavailable", VERSIONS_REFUSED)
+    def _versions(cls, value: list[ModelVersion]) -> list[ModelVersion]:
+        names = [v.name for v in value]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"version names must be unique: {', '.join(twice)} repeated")
+        _check_weights({v.name: v.weight for v in value}, "versions")
         return value
+
+    @model_validator(mode="after")
+    def _rollout(self) -> DifyModelSpec:
+        if self.rollout is None:
+            return self
+        if not self.versions:
+            raise ValueError("rollout: the model has no versions")
+        known = {v.name for v in self.versions}
+        for what, weights in (("target", self.rollout.target), ("previous", self.rollout.previous)):
+            unknown = sorted(set(weights) - known)
+            if unknown:
+                raise ValueError(f"rollout.{what}: unknown versions {', '.join(unknown)}")
+            _check_weights(weights, f"rollout.{what}")
+        return self
+
+    def weights(self) -> dict[str, int]:
+        """The traffic each version carries now, by name (empty: no versions)."""
+        return {v.name: v.weight for v in self.versions}
+
+    def version(self, name: str) -> ModelVersion | None:
+        return next((v for v in self.versions if v.name == name), None)
+
+    def for_version(self, name: str) -> DifyModelSpec:
+        """The spec one version's replicas run: its weights, the model's other fields."""
+        version = self.version(name)
+        if version is None:
+            raise KeyError(name)
+        return self.model_copy(
+            update={
+                "model_id": version.model_id,
+                "revision": version.revision,
+                "versions": [],
+                "rollout": None,
+            }
+        )
 
     @model_validator(mode="after")
     def _precision(self) -> DifyModelSpec:
@@ -407,6 +511,13 @@ class DifyModelSpec(_Spec):
         return self.device.startswith("cuda")
 
 
+class VersionStatus(_Spec):
+    name: str = Field(..., description="The version.")
+    weight: int = Field(0, description="Its share of traffic now, in percent.")
+    phase: Phase | None = Field(None, description="Its phase; none when it is not loaded.")
+    ready_replicas: int | None = Field(None, description="Its replicas serving requests.")
+
+
 class DifyModelStatus(_Spec):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="allow")
 
@@ -415,9 +526,15 @@ class DifyModelStatus(_Spec):
     endpoint: str | None = Field(None, description="Where the model answers.")
     observed_generation: int | None = Field(None, description="Spec generation last acted on.")
     message: str | None = Field(None, description="Why the object is in its phase.")
+    reason: str | None = Field(
+        None, description="A short code for the phase when it needs one (Unschedulable)."
+    )
     load_progress: float | None = Field(None, ge=0, le=1, description="Loading progress, 0..1.")
     conditions: list[dict[str, Any]] = Field(
         default_factory=list, description="Kubernetes-style conditions (Ready, Reconciled)."
+    )
+    versions: list[VersionStatus] = Field(
+        default_factory=list, description="Each version: its weight, phase and replicas."
     )
 
 
@@ -582,9 +699,27 @@ class DifyModel(BaseModel):
     metadata: ObjectMeta
     spec: DifyModelSpec
 
+    #: The version a request was given (`GatewayState.model`); None: unversioned.
+    _version: str | None = PrivateAttr(None)
+
     @property
     def name(self) -> str:
         return self.metadata.name
+
+    @property
+    def version(self) -> str | None:
+        return self._version
+
+    @property
+    def target(self) -> str:
+        """What serves a request: `name`, or `name@version` for a versioned model."""
+        return self.name if self._version is None else f"{self.name}@{self._version}"
+
+    def at_version(self, version: str) -> DifyModel:
+        """This model as one of its versions serves it (the version's weights and id)."""
+        served = self.model_copy(update={"spec": self.spec.for_version(version)})
+        served._version = version
+        return served
 
 
 class DifyIndex(BaseModel):

@@ -242,13 +242,17 @@ def test_a_first_load_reports_its_conversion_as_load_progress(
     with progress.reporting(stages.append):
         registry.load_engine("m", spec(), tmp_path)
         registry.load_engine("m", spec(), tmp_path)  # cached: loads without converting
+    size = f"{weights.weights_bytes(demo) / 1e6:,.1f} MB"
+    assert weights.weights_bytes(demo) > 1_000_000
     assert stages == [
-        "loading builtin:demo-llm on ctranslate2",
+        "resolving builtin:demo-llm",
+        f"loading weights ({size}) of builtin:demo-llm on ctranslate2",
         "converting to CTranslate2 (first load of these weights; cached afterwards)",
-        "loading builtin:demo-llm on ctranslate2",
+        "resolving builtin:demo-llm",
+        f"loading weights ({size}) of builtin:demo-llm on ctranslate2",
     ]
     progress.report("outside any reporting block: only logged")
-    assert len(stages) == 3
+    assert len(stages) == 5
 
 
 def test_the_status_of_a_loading_model_is_its_replicas_stage(

@@ -17,6 +17,9 @@ def _bare_index_server(backend: Any) -> Any:
 
     server = IndexServer.__new__(IndexServer)
     server.name, server.backend, server.dimension, server.mismatch = "kb", backend, 4, None
+    from dify_serving.telemetry import IndexTelemetry
+
+    server.telemetry = IndexTelemetry("kb", lambda: None)  # figures kept, never pushed
     return server
 
 

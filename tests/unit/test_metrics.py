@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -24,15 +25,17 @@ def client(tmp_path: Path) -> Iterator[TestClient]:
 
 
 def sample(text: str, name: str, **labels: str) -> float:
-    """The value of one sample of the exposition (0 when it is absent)."""
+    """The sum of the exposition's samples with these labels (0 when there is none): a
+    route's requests are split further by model and version."""
+    total = 0.0
     for line in text.splitlines():
         matched = re.fullmatch(re.escape(name) + r"(?:\{(.*)\})? (\S+)", line)
         if matched is None:
             continue
         found = dict(re.findall(r'(\w+)="([^"]*)"', matched.group(1) or ""))
         if all(found.get(k) == v for k, v in labels.items()):
-            return float(matched.group(2))
-    return 0.0
+            total += float(matched.group(2))
+    return total
 
 
 def scrape(client: TestClient) -> str:
@@ -106,3 +109,86 @@ def test_task_queue_depth_and_outcomes_once_tasks_are_used(client: TestClient) -
     text = scrape(client)
     assert sample(text, "dify_task_queue_depth", queue="dify-tasks") == 3.0
     assert sample(text, "dify_tasks", status="PENDING") == 3.0
+
+
+def test_requests_carry_the_model_and_version_the_data_plane_noted(client: TestClient) -> None:
+    from dify_serving.gateway.errors import ApiError
+
+    state = client.app.state.gateway  # type: ignore[attr-defined]
+
+    state.status.models["other-llm"] = {"phase": "Ready"}
+
+    def no_ray(name: str) -> None:  # no Ray here: the call fails once the model is known
+        raise ApiError(503, "model_not_ready", "no Ray in this test")
+
+    state.model_replicas.handle = no_ray
+    body = {"model": "other-llm", "prompt": "x"}
+    unknown = {**body, "model": "nope"}
+    before = scrape(client)
+    assert client.post("/v1/inference", json=body, headers=AUTH).status_code == 503
+    assert client.post("/v1/inference", json=unknown, headers=AUTH).status_code == 404
+    text = scrape(client)
+
+    def grew(**labels: str) -> float:
+        name = "dify_requests_total"
+        return sample(text, name, **labels) - sample(before, name, **labels)
+
+    assert grew(route="/v1/inference", model="other-llm", version="", status="503") == 1
+    assert grew(route="/v1/inference", model="", status="404") == 1
+    assert 'model="nope"' not in text  # a name the catalog does not know is never a label
+
+
+def test_a_version_noted_as_name_at_version_is_its_own_label() -> None:
+    import asyncio
+
+    from dify_serving.gateway import metrics
+    from dify_serving.gateway.notes import note
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        note(model="demo-llm@v2")
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b""}
+
+    async def send(message: dict[str, Any]) -> None:
+        pass
+
+    labels = ("/v1/inference", "POST", "200", "demo-llm", "v2")
+    before = metrics.REQUESTS.labels(*labels)._value.get()
+    scope = {"type": "http", "method": "POST", "path": "/v1/inference", "headers": []}
+    asyncio.run(metrics.MetricsMiddleware(app)(scope, receive, send))
+    assert metrics.REQUESTS.labels(*labels)._value.get() == before + 1
+
+
+def test_the_audit_writer_is_watched(client: TestClient) -> None:
+    text = scrape(client)
+    assert "# TYPE dify_audit_pending_entries gauge" in text
+    assert "# TYPE dify_audit_dropped_entries_total counter" in text or (
+        "# TYPE dify_audit_dropped_entries counter" in text
+    )
+    assert sample(text, "dify_audit_dropped_entries_total") == 0.0
+
+
+def test_metrics_switched_off_count_nothing_but_still_answer(tmp_path: Path) -> None:
+    from dify_serving.gateway import metrics
+    from dify_serving.gateway.app import create_app
+    from dify_serving.gateway.state import GatewayState
+    from dify_serving.options import GatewayOptions
+    from dify_serving.security.secrets import Secrets
+
+    seed_support_and_other(tmp_path)
+    options = GatewayOptions(home=str(tmp_path), metrics_enabled=False)
+    app = create_app(GatewayState(options), Secrets(tmp_path))
+    off = TestClient(app, client=("127.0.0.1", 40000))
+    try:
+        before = sample(scrape(off), "dify_requests_total", route="/v1/models")
+        for _ in range(3):
+            assert off.get("/v1/models", headers=AUTH).status_code == 200
+        text = scrape(off)
+        assert sample(text, "dify_requests_total", route="/v1/models") == before
+        assert "dify_model_ready" in text  # what is read at scrape time is still there
+        assert metrics.PUSHER.replica  # this process's replica id
+    finally:
+        app.state.guard.close()

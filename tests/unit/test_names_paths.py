@@ -11,16 +11,14 @@ import builtins
 import io
 import os
 import socket
-import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import kopf
 import pytest
 from fastapi.testclient import TestClient
+from stub_http import recording_qdrant
 from support import AUTH
 
 from dify_operator.reclaim import reclaim_index
@@ -32,7 +30,6 @@ from dify_serving.knowledge.backends import open_backend
 from dify_serving.kube import InvalidName, KubernetesUnavailable, cluster_access
 from dify_serving.options import GatewayOptions, ModelSourceOptions
 from dify_serving.specs import (
-    VERSIONS_REFUSED,
     DifyIndexSpec,
     DifyModel,
     DifyModelSpec,
@@ -88,37 +85,11 @@ def test_reclaim_on_qdrant_calls_only_http_urls(home: Path) -> None:
         reclaim_index("kb", spec, str(home))
 
 
-@contextmanager
-def _recording_server() -> Iterator[tuple[str, list[str]]]:
-    """A stand-in Qdrant that records the paths it is asked to DELETE."""
-    seen: list[str] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_DELETE(self) -> None:
-            seen.append(self.path)
-            self.send_response(200)
-            self.send_header("Content-Length", "2")
-            self.end_headers()
-            self.wfile.write(b"{}")
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", seen
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 def test_reclaim_of_an_embedded_index_on_the_global_qdrant_drops_its_collection(
     home: Path,
 ) -> None:
     """With DIFY_MIRROR_QDRANT_URL set the index's vectors are on that server, not on disk."""
-    with _recording_server() as (url, deletes):
+    with recording_qdrant() as (url, deletes):
         said = reclaim_index("kb", _index_spec(), str(home), qdrant_url=url)
     assert deletes == ["/collections/kb"] and "dropped" in said
     assert (home / "indexes" / "kb" / "segment").exists()  # another deployment's shard
@@ -292,14 +263,27 @@ def test_load_refuses_paths_outside_the_roots_without_looking_at_them(
     assert inside.status_code != 422  # past the check (this gateway then has no Ray: 503)
 
 
-def test_load_refuses_versions_until_switching_exists(gateway: TestClient) -> None:
+def test_load_refuses_versions_whose_weights_do_not_sum_to_100(gateway: TestClient) -> None:
+    versions = [{"name": "v1", "modelId": "m1", "weight": 60}, {"name": "v2", "modelId": "m2"}]
     r = gateway.post(
-        "/v1/models/load",
-        json={"name": "x", "modelId": "m", "versions": [{"name": "v2", "modelId": "m2"}]},
-        headers=AUTH,
+        "/v1/models/load", json={"name": "x", "modelId": "m", "versions": versions}, headers=AUTH
     )
     assert r.status_code == 422
-    assert r.json()["error"]["message"] == f"versions: {VERSIONS_REFUSED}"
+    message = r.json()["error"]["message"]
+    assert message.startswith("versions:") and "v1=60, v2=0 sum to 60, not 100" in message
+
+
+def test_load_checks_every_versions_local_path(gateway: TestClient, tmp_path: Path) -> None:
+    inside = str(tmp_path / "models" / "x")
+    versions = [
+        {"name": "v1", "modelId": inside, "weight": 50},
+        {"name": "v2", "modelId": "/etc/ssl", "weight": 50},
+    ]
+    r = gateway.post(
+        "/v1/models/load", json={"name": "x", "modelId": inside, "versions": versions}, headers=AUTH
+    )
+    assert r.status_code == 422
+    assert "model roots" in r.json()["error"]["message"]
 
 
 # the hub ------------------------------------------------------------------------------------

@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from stub_http import QuietHandler, StubServer
 
 from dify_serving.gateway import openapi
 from dify_serving.gateway.app import create_app
@@ -93,7 +92,7 @@ def test_without_security_the_document_declares_none(tmp_path: Path) -> None:
 
 
 # /readyz -----------------------------------------------------------------------------------
-class Dashboard:
+class Dashboard(StubServer):
     """A stand-in Ray dashboard on a real port: counts GETs; `mode` picks the answer."""
 
     def __init__(self) -> None:
@@ -101,7 +100,7 @@ class Dashboard:
         self.mode = "ok"
         outer = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_GET(self) -> None:
                 outer.calls += 1
                 if outer.mode == "ok":
@@ -113,21 +112,9 @@ class Dashboard:
                         500,
                         b"Traceback (most recent call last):\nSecretError: pw=hunter2",
                     )
-                self.send_response(status)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                self.reply(status, body)
 
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(Handler)
 
 
 @pytest.fixture()

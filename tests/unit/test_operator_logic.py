@@ -9,7 +9,7 @@ import pytest
 from dify_operator import reconcile
 from dify_operator.settings import OperatorSettings
 from dify_serving.manifests import ManifestError, parse_documents
-from dify_serving.specs import VERSIONS_REFUSED, DifyIndexSpec
+from dify_serving.specs import DifyIndexSpec
 
 
 def body(name: str, spec: dict[str, Any], deleting: bool = False) -> dict[str, Any]:
@@ -204,8 +204,8 @@ def test_the_operator_explains_an_object_as_a_manifest_does() -> None:
     assert "metadata.name" in str(operator.value) and "spec.modelId" in str(operator.value)
 
 
-def test_versions_reach_the_status_as_a_clear_refusal() -> None:
+def test_bad_version_weights_reach_the_status_as_a_clear_refusal() -> None:
     _, invalid = reconcile.desired_state(
         [body("m", {"modelId": "m", "versions": [{"name": "v2", "modelId": "x"}]})], []
     )
-    assert invalid["m"] == f"spec.versions: {VERSIONS_REFUSED}"
+    assert invalid["m"].startswith("spec.versions:") and "v2=0 sum to 0, not 100" in invalid["m"]

@@ -7,7 +7,6 @@ from pydantic import ValidationError
 
 from dify_serving.manifests import ManifestError, check_collections, parse_documents
 from dify_serving.specs import (
-    VERSIONS_REFUSED,
     DifyIndex,
     DifyIndexSpec,
     DifyModel,
@@ -83,16 +82,19 @@ def test_name_from_model_id_refuses_nonsense() -> None:
 
 
 @pytest.mark.parametrize(
-    "versions",
+    ("versions", "named"),
     [
-        [{"name": "a", "modelId": "x", "weight": 100}],
-        [{"name": "a", "modelId": "x", "weight": 30}],
+        ([{"name": "a", "modelId": "x", "weight": 30}], "a=30 sum to 30, not 100"),
+        (
+            [{"name": "a", "modelId": "x", "weight": 60}, {"name": "b", "modelId": "y"}],
+            "a=60, b=0 sum to 60, not 100",
+        ),
     ],
 )
-def test_versions_are_refused_until_switching_exists(versions: list) -> None:
+def test_version_weights_must_sum_to_100(versions: list, named: str) -> None:
     with pytest.raises(ValidationError) as info:
         DifyModelSpec.model_validate({"modelId": "m", "versions": versions})
-    assert VERSIONS_REFUSED in str(info.value) and "remove the field" in VERSIONS_REFUSED
+    assert named in str(info.value)
     with pytest.raises(ManifestError) as refused:  # manifests say it with the field's path
         parse_documents(
             [
@@ -103,8 +105,27 @@ def test_versions_are_refused_until_switching_exists(versions: list) -> None:
                 }
             ]
         )
-    assert str(refused.value).endswith(f"spec.versions: {VERSIONS_REFUSED}")
+    assert "spec.versions:" in str(refused.value) and named in str(refused.value)
     assert DifyModelSpec.model_validate({"modelId": "m", "versions": []}).versions == []
+
+
+def test_versions_are_unique_and_a_rollout_names_only_them() -> None:
+    twice = [
+        {"name": "a", "modelId": "x", "weight": 50},
+        {"name": "a", "modelId": "y", "weight": 50},
+    ]
+    with pytest.raises(ValidationError, match="a repeated"):
+        DifyModelSpec.model_validate({"modelId": "m", "versions": twice})
+    versions = [{"name": "a", "modelId": "x", "weight": 100}, {"name": "b", "modelId": "y"}]
+    with pytest.raises(ValidationError, match="unknown versions c"):
+        DifyModelSpec.model_validate(
+            {"modelId": "m", "versions": versions, "rollout": {"target": {"c": 100}}}
+        )
+    spec = DifyModelSpec.model_validate(
+        {"modelId": "m", "revision": "r", "versions": versions, "rollout": {"target": {"b": 100}}}
+    )
+    b = spec.for_version("b")
+    assert (b.model_id, b.revision, b.versions, b.rollout) == ("y", None, [], None)
 
 
 @pytest.mark.parametrize("collection", ["../x", "a/b", "/abs", "UPPER", "x" * 64, ".", ""])

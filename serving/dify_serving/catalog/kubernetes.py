@@ -1,9 +1,11 @@
-"""The catalog in a cluster: DifyModel objects in the Kubernetes API.
+"""The catalog in a cluster: DifyModel and DifyIndex objects in the Kubernetes API.
 
-In a cluster, `POST /v1/models/load` and `/unload` create and delete `DifyModel` objects
-and the operator does the rest, so Kubernetes stays the source of truth. The gateway
-needs only `get/list/create/update/delete` on `difymodels` in its namespace (the chart's
-Role). Plain HTTP against the API server: no client library in the serving image.
+In a cluster, `POST /v1/models/load` and `/unload` create and delete `DifyModel` objects,
+`POST /v1/indexes` and `DELETE /v1/indexes/{name}` `DifyIndex` objects, and the operator
+does the rest (its finalizer removes the app, then the vectors of a `reclaimPolicy:
+Delete` index), so Kubernetes stays the source of truth. The gateway needs only
+`get/list/create/update/delete` on `difymodels` and `difyindexes` in its namespace (the
+chart's Role). Plain HTTP against the API server: no client library in the serving image.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any, TypeVar
 
 import httpx
 
-from dify_serving.catalog import Unreachable
+from dify_serving.catalog import IndexExists, IndexRemoval, Unreachable
 from dify_serving.kube import InvalidName, KubernetesUnavailable, cluster_access
 from dify_serving.specs import API_VERSION, GROUP, VERSION, DifyIndex, DifyModel, Phase, is_name
 
@@ -44,11 +46,24 @@ class KubernetesModelStore:
     def _collection(self) -> str:
         return f"{self.api}/apis/{GROUP}/{VERSION}/namespaces/{self.namespace}/difymodels"
 
-    def _object(self, name: str) -> str:
-        """The URL of one DifyModel; only a valid name ever becomes part of an API path."""
+    @property
+    def _index_collection(self) -> str:
+        return self._collection.replace("/difymodels", "/difyindexes")
+
+    def _object(self, name: str, collection: str | None = None) -> str:
+        """The URL of one object; only a valid name ever becomes part of an API path."""
         if not is_name(name):
             raise InvalidName(f"{name[:80]!r} is not a lower-case RFC 1123 name")
-        return f"{self._collection}/{name}"
+        return f"{collection or self._collection}/{name}"
+
+    def _manifest(self, kind: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+        """The object `POST`ed to create a `kind` named `name` in this namespace."""
+        return {
+            "apiVersion": API_VERSION,
+            "kind": kind,
+            "metadata": {"name": name, "namespace": self.namespace},
+            "spec": spec,
+        }
 
     async def _call(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
         try:
@@ -70,7 +85,7 @@ class KubernetesModelStore:
         if response.status_code != 200:
             raise KubernetesUnavailable(f"listing difymodels: HTTP {response.status_code}")
         models = _valid(response.json().get("items", []), DifyModel)
-        response = await self._call("GET", self._collection.replace("difymodels", "difyindexes"))
+        response = await self._call("GET", self._index_collection)
         if response.status_code == 200:  # a gateway without index rights still serves models
             self._indexes = _valid(response.json().get("items", []), DifyIndex)
         self._cache, self._stamp = models, time.monotonic()
@@ -79,12 +94,7 @@ class KubernetesModelStore:
     async def put(self, model: DifyModel) -> None:
         """Create the object, or replace its spec when it exists."""
         url = self._object(model.name)
-        body = {
-            "apiVersion": API_VERSION,
-            "kind": "DifyModel",
-            "metadata": {"name": model.name, "namespace": self.namespace},
-            "spec": model.spec.wire(),
-        }
+        body = self._manifest("DifyModel", model.name, model.spec.wire())
         response = await self._call("POST", self._collection, json=body)
         if response.status_code == 409:
             response = await self._call(
@@ -99,19 +109,49 @@ class KubernetesModelStore:
             )
         self._cache = {**self._cache, model.name: model}
 
-    async def delete(self, name: str) -> bool:
-        """Delete the object; False when it did not exist (or cannot, by its name)."""
+    async def _delete(self, kind: str, name: str, collection: str) -> httpx.Response | None:
+        """DELETE one object; None when it did not exist (or cannot, by its name)."""
         try:
-            url = self._object(name)
+            url = self._object(name, collection)
         except InvalidName:
-            return False
+            return None
         response = await self._call("DELETE", url)
         if response.status_code == 404:
-            return False
+            return None
         if response.status_code >= 300:
-            raise KubernetesUnavailable(f"deleting DifyModel {name}: HTTP {response.status_code}")
+            raise KubernetesUnavailable(f"deleting {kind} {name}: HTTP {response.status_code}")
+        return response
+
+    async def delete(self, name: str) -> bool:
+        """Delete the object; False when it did not exist (or cannot, by its name)."""
+        if await self._delete("DifyModel", name, self._collection) is None:
+            return False
         self._cache = {k: v for k, v in self._cache.items() if k != name}
         return True
+
+    async def create_index(self, index: DifyIndex) -> None:
+        """Create the DifyIndex; IndexExists when one by that name exists or is terminating."""
+        self._object(index.name)  # refuses a name that is not one
+        body = self._manifest("DifyIndex", index.name, index.spec.wire())
+        response = await self._call("POST", self._index_collection, json=body)
+        if response.status_code == 409:
+            raise IndexExists(index.name)
+        if response.status_code >= 300:
+            raise KubernetesUnavailable(
+                f"creating DifyIndex {index.name}: HTTP {response.status_code} "
+                f"{response.text[:200]}"
+            )
+        self._indexes = {**self._indexes, index.name: index}
+
+    async def delete_index(self, name: str) -> dict[str, Any] | None:
+        """Delete the DifyIndex; what the API answered (the object, with its finalizers,
+        or a Status), or None when there was none by that name."""
+        response = await self._delete("DifyIndex", name, self._index_collection)
+        if response is None:
+            return None
+        self._indexes = {k: v for k, v in self._indexes.items() if k != name}
+        answer: dict[str, Any] = response.json()
+        return answer
 
 
 def _valid(items: list[dict[str, Any]], kind: Any) -> dict[str, Any]:
@@ -154,6 +194,30 @@ class KubernetesCatalog:
 
     async def delete_model(self, name: str) -> bool:
         return await self._call(self.store.delete(name))
+
+    async def create_index(self, index: DifyIndex) -> Phase:
+        await self._call(self.store.create_index(index))
+        return Phase.PENDING
+
+    async def delete_index(self, name: str) -> IndexRemoval | None:
+        known = self.store.cached_indexes().get(name)
+        answer = await self._call(self.store.delete_index(name))
+        if answer is None:
+            return None
+        is_object = answer.get("kind") == "DifyIndex"
+        spec = answer.get("spec") if is_object else None
+        policy = (spec or {}).get("reclaimPolicy") or (
+            known.spec.reclaim_policy if known else "Retain"
+        )
+        if not (is_object and answer.get("metadata", {}).get("finalizers")):
+            # gone at once: no operator held it, so nothing ran and nothing was reclaimed
+            message = "deleted; no operator finalizer held it, so its vectors were not touched"
+            return IndexRemoval(policy, "retained", message, done=True)
+        if policy == "Delete":
+            message = "the operator removes its replica, then its vectors (reclaimPolicy: Delete)"
+            return IndexRemoval("Delete", "deleting", message, done=False)
+        message = "the operator removes its replica; the vectors are kept (reclaimPolicy: Retain)"
+        return IndexRemoval("Retain", "retained", message, done=False)
 
     async def _call(self, call: Awaitable[T]) -> T:
         try:

@@ -104,6 +104,16 @@ class Engine(ABC):
     async def stop(self, reason: str) -> None:
         """End in-flight work with `reason` (unload)."""
 
+    # metric hooks: the replica's telemetry replaces `on_batch` and reads `queue_state`
+    def on_batch(self, rows: int) -> None:
+        """A batch of `rows` began (engines that batch call it; a no-op until watched)."""
+
+    def queue_state(self) -> dict[str, float] | None:
+        """What only the engine knows of its load, read at push time from another thread:
+        `running` and `waiting` requests, `kv_cache_usage` (0-1); None: nothing more
+        than the replica counts itself (calls in flight, all taken as running)."""
+        return None
+
     def parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters()) if self.model is not None else 0
 

@@ -236,6 +236,15 @@ class CTranslate2Engine(TokenGenerator):
         async for _ in self.generate_stream(GenerationRequest(prompt="warm up", max_tokens=4)):
             pass
 
+    def queue_state(self) -> dict[str, float] | None:
+        running: float = sum(map(len, list(self._running)))
+        waiting: float = len(self._queue)
+        if self._seeded is not None:
+            seeded = self._seeded.queue_state() or {}
+            running += seeded.get("running", 0)
+            waiting += seeded.get("waiting", 0)
+        return {"running": running, "waiting": waiting}
+
     async def stop(self, reason: str) -> None:
         self._stopping = reason
         if self._timer is not None:
@@ -338,6 +347,7 @@ class CTranslate2Engine(TokenGenerator):
             self._queue = deque(r for r in self._queue if r not in taken)
             self._busy += 1
             self._running.append(batch)
+            self.on_batch(len(batch))
             done = loop.run_in_executor(self._pool, self._decode, batch)
             done.add_done_callback(functools.partial(self._finish, batch))
 

@@ -250,8 +250,14 @@ class EmbeddingEngine(Engine):
             if not rows:  # only cancelled requests were queued
                 continue
             self._busy += 1
+            self.on_batch(len(rows))
             done = self._loop.run_in_executor(self._pool, self._forward, rows)
             done.add_done_callback(functools.partial(self._finish, batch))
+
+    def queue_state(self) -> dict[str, float] | None:
+        """Requests none of whose rows a batch has taken yet are waiting."""
+        queued = list(self._queue)  # one C call: safe beside the loop's thread
+        return {"waiting": sum(1 for job in queued if job.next == 0 and not job.future.done())}
 
     def _take(self, share: int) -> list[tuple[_Job, int, int]]:
         """Up to `share` rows from the head of the queue, within the padded-token budget."""

@@ -55,9 +55,12 @@ def load_engine(
     """Resolve the weights (under the allowed roots) and build the engine for `spec.task`."""
     from dify_serving.engines import weights
 
+    progress.report(f"resolving {spec.model_id}")
     path = weights.resolve(spec.model_id, home, sources, spec.revision)
     task, runtime = Task(spec.task), runtimes.resolve(spec)
-    progress.report(f"loading {spec.model_id} on {runtime}")
+    size = weights.weights_bytes(path)
+    of = f" ({size / 1e6:,.1f} MB)" if size else ""
+    progress.report(f"loading weights{of} of {spec.model_id} on {runtime}")
     try:
         return engine_class(task, runtime)(name, spec, path, home=home)
     except ConversionFailed as exc:  # the fast engine could not take the model: torch can

@@ -11,6 +11,7 @@ batch.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import uuid
@@ -166,6 +167,20 @@ class TextGenerationEngine(TokenGenerator):
 
     def info(self) -> dict[str, Any]:
         return {**super().info(), "active_requests": len(self._requests)}
+
+    def queue_state(self) -> dict[str, float] | None:
+        """The scheduler's active and waiting requests and the paged cache's use."""
+        processor: Any = getattr(self.manager, "batch_processor", None)
+        scheduler = getattr(processor, "scheduler", None)
+        if scheduler is None:  # not started, or between runs
+            return {"running": len(self._requests), "waiting": 0}
+        state: dict[str, float] = {
+            "running": len(scheduler.active_requests),
+            "waiting": len(scheduler.waiting_requests),
+        }
+        with contextlib.suppress(Exception):  # transformers moved it: no figure, not a wrong one
+            state["kv_cache_usage"] = 1.0 - float(processor.cache.compute_free_capacity())
+        return state
 
     async def _tokens(
         self, request: GenerationRequest, streaming: bool

@@ -119,6 +119,21 @@ def resolve(
     return cached_snapshot(model_id, revision)
 
 
+#: Files that hold a model's weights, in the formats the engines load.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".onnx", ".gguf")
+
+
+def weights_bytes(path: str | Path) -> int:
+    """Bytes of the weight files in a resolved model folder (0 when it is not one), for
+    the load stage ("loading weights (90.9 MB) ...")."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return 0
+    return sum(
+        f.stat().st_size for f in folder.rglob("*") if f.suffix in WEIGHT_SUFFIXES and f.is_file()
+    )
+
+
 def cached_snapshot(model_id: str, revision: str | None = None) -> str:
     """The folder of a hub id in the local Hugging Face cache; nothing is fetched."""
     from huggingface_hub import try_to_load_from_cache

@@ -17,9 +17,11 @@ from ray import serve
 
 from dify_serving.gateway import errors, metrics, openapi, policy, routers
 from dify_serving.gateway.cache_header import CacheHeader
+from dify_serving.gateway.dataplane import feedback
 from dify_serving.gateway.limits import BodyLimit
 from dify_serving.gateway.metrics import MetricsMiddleware
 from dify_serving.gateway.security import Guard, SecurityMiddleware
+from dify_serving.gateway.served import VersionHeader
 from dify_serving.gateway.state import GatewayState
 from dify_serving.options import GatewayOptions
 from dify_serving.security.secrets import Secrets
@@ -39,15 +41,17 @@ def create_app(state: GatewayState, secrets: Secrets | None = None) -> FastAPI:
     # innermost first: the body limit inside the guard (a refusal is audited, and a
     # client without a key is refused before its body is read), request ids outermost
     app.add_middleware(CacheHeader)  # X-Cache: only requests that got this far
+    app.add_middleware(VersionHeader)  # X-Dify-Model-Version, for versioned models
     app.add_middleware(BodyLimit, limit=state.options.limits.max_body_bytes)
     security = state.options.security
     if security.enabled:
         guard = Guard(security, Path(state.options.home), secrets)
         app.state.guard = guard
         app.add_middleware(SecurityMiddleware, guard=guard)  # inside the request-id one
-    # outside the guard: its refusals are counted too
-    app.add_middleware(MetricsMiddleware)
-    metrics.watch(state)
+    if state.options.metrics_enabled:  # outside the guard: its refusals are counted too
+        app.add_middleware(MetricsMiddleware)
+    metrics.watch(state, app.state.guard.audit if security.enabled else None)
+    feedback.watch(state)  # ratings and satisfaction, read at scrape time
     errors.install(app)
     routers.register(app, state.options.modules)
     openapi.serve_docs(app)

@@ -20,7 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dify_serving.errors import DifyError
 from dify_serving.gateway.metrics import ERRORS
-from dify_serving.specs import NAME_PATTERN
+from dify_serving.specs import MODEL_REF_PATTERN, NAME_PATTERN
 
 log = logging.getLogger(__name__)
 
@@ -92,15 +92,19 @@ def _field(loc: tuple[Any, ...] | list[Any]) -> str:
     return ".".join(parts) or "body"
 
 
+_NAME_RULE = (
+    "must be a Kubernetes name: lowercase letters, digits and '-', starting and "
+    "ending with a letter or digit, at most 63 characters"
+)
+
+
 def _message(error: Any) -> str:
-    if (
-        error.get("type") == "string_pattern_mismatch"
-        and (error.get("ctx") or {}).get("pattern") == NAME_PATTERN
-    ):
-        return (
-            "must be a Kubernetes name: lowercase letters, digits and '-', starting and "
-            "ending with a letter or digit, at most 63 characters"
-        )
+    if error.get("type") == "string_pattern_mismatch":
+        pattern = (error.get("ctx") or {}).get("pattern")
+        if pattern == NAME_PATTERN:
+            return _NAME_RULE
+        if pattern == MODEL_REF_PATTERN:
+            return f"{_NAME_RULE}, optionally followed by @version (a version's name)"
     return str(error.get("msg", "invalid"))
 
 

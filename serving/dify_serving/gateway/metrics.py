@@ -1,18 +1,21 @@
 """The gateway's Prometheus metrics, and `GET /v1/metrics` in the text or OpenMetrics format.
 
 One registry per process (`REGISTRY`, not prometheus-client's global one), filled by a
-pure ASGI middleware (every request: route template, method, status, latency, in flight),
-by the error handlers (errors by code), the guard (refusals), the cache (hits, misses),
-and at scrape time from what the gateway already holds (models' phases from the status
-cache; tasks by status and the depth of each queue from the task rows).
+pure ASGI middleware (every request: route template, method, status, model, version,
+latency, in flight), by the error handlers (errors by code), the guard (refusals), the
+cache (hits, misses), and read when collected from the audit trail (entries pending,
+dropped). What the gateway holds for the whole stack is read at scrape time into a
+second registry (`CLUSTER`: models' phases from the status cache; tasks by status and
+the depth of each queue from the task rows), so it is said once, by the replica scraped.
+
+One scrape shows every replica (`telemetry.py` says how and why): this replica's
+`REGISTRY`, live, beside what every other gateway, model and index replica pushed to
+the metrics hub, each series labelled with its `replica`.
 
 Labels stay bounded: a route is its template (`/v1/tasks/{task_id}`), a path that is no
-route is `(unmatched)`; a model label only ever holds a name the catalog knows; never a
-prompt, key, request id or task id.
-
-This increment covers the gateway replica it runs in. Figures from the model and index
-replicas (tokens, time to first token, batch sizes, GPU through NVML) and the gathering of
-every replica into one scrape are the rest of issue 14.
+route is `(unmatched)`; a model label only ever holds a name the catalog knows (what the
+data plane noted), a version only one of its versions; never a prompt, key, request id
+or task id.
 """
 
 from __future__ import annotations
@@ -22,13 +25,17 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from dify_serving import telemetry
+from dify_serving.gateway.notes import REQUEST, RequestContext
 from dify_serving.gateway.policy import rule_for
 
 REGISTRY = CollectorRegistry(auto_describe=True)
+#: What this gateway knows of the whole stack, said by the replica scraped only.
+CLUSTER = CollectorRegistry(auto_describe=False)
 #: Seconds: fine around 0.5 s, where the P99 alert sits.
 LATENCY_BUCKETS = (
     0.005,
@@ -54,8 +61,8 @@ METRICS_PATH = "/v1/metrics"
 
 REQUESTS = Counter(
     "dify_requests",
-    "HTTP requests answered, by route template, method and status.",
-    ["route", "method", "status"],
+    "HTTP requests answered, by route template, method, status, model and version.",
+    ["route", "method", "status", "model", "version"],
     registry=REGISTRY,
 )
 LATENCY = Histogram(
@@ -104,6 +111,8 @@ class MetricsMiddleware:
             return
         started = time.perf_counter()
         status = {"code": 500}
+        # where the data plane notes the model; the guard puts its own in its place
+        REQUEST.set(RequestContext())
 
         async def counting_send(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -117,7 +126,9 @@ class MetricsMiddleware:
             IN_FLIGHT.dec()
             method = scope["method"]
             route = route_label(method, scope["path"])
-            REQUESTS.labels(route, method, str(status["code"])).inc()
+            noted = REQUEST.get()
+            model, _, version = ((noted.model if noted else None) or "").partition("@")
+            REQUESTS.labels(route, method, str(status["code"]), model, version).inc()
             LATENCY.labels(route, method).observe(time.perf_counter() - started)
 
 
@@ -164,27 +175,66 @@ class StateCollector(Collector):
         yield tasks
 
 
-_COLLECTORS: dict[int, StateCollector] = {}
+class AuditCollector(Collector):
+    """The audit writer of this replica: entries recorded and not yet written, and lost."""
+
+    def __init__(self, audit: Any) -> None:
+        self.audit = audit
+
+    def describe(self) -> Iterable[Any]:
+        return []
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        pending = GaugeMetricFamily(
+            "dify_audit_pending_entries",
+            "Audit entries recorded by this replica and not yet written.",
+        )
+        pending.add_metric([], float(self.audit.pending))
+        yield pending
+        dropped = CounterMetricFamily(
+            "dify_audit_dropped_entries",
+            "Audit entries lost (a full queue, an unstorable value, a dead writer).",
+        )
+        dropped.add_metric([], float(self.audit.dropped))
+        yield dropped
 
 
-def watch(state: Any) -> None:
-    """Report `state`'s models and tasks from this process's registry (one at a time:
-    a newer gateway state in the same process replaces the older one)."""
-    for collector in _COLLECTORS.values():
-        REGISTRY.unregister(collector)
-    _COLLECTORS.clear()
-    collector = StateCollector(state)
-    REGISTRY.register(collector)
-    _COLLECTORS[id(state)] = collector
+_WATCHED: list[tuple[CollectorRegistry, Collector]] = []
+#: This replica's push of `REGISTRY` to the metrics hub (started in a Ray replica only).
+PUSHER = telemetry.Pusher(REGISTRY)
+
+
+def watch(state: Any, audit: Any = None) -> None:
+    """Report `state`'s models and tasks, and `audit`'s writer (one gateway at a time: a
+    newer gateway state in the same process replaces the older one); in a Ray replica,
+    start pushing this replica's figures to the hub."""
+    for registry, collector in _WATCHED:
+        registry.unregister(collector)
+    _WATCHED.clear()
+    watched: list[tuple[CollectorRegistry, Collector]] = [(CLUSTER, StateCollector(state))]
+    if audit is not None:
+        watched.append((REGISTRY, AuditCollector(audit)))
+    for registry, collector in watched:
+        registry.register(collector)
+        _WATCHED.append((registry, collector))
+    PUSHER.start()
+
+
+def families() -> list[Any]:
+    """Everything one scrape shows: this replica's figures live, every other replica's
+    as last pushed to the hub, and what this gateway holds for the whole stack."""
+    own = PUSHER.families()
+    return telemetry.merge([own, *telemetry.others(PUSHER.replica), CLUSTER.collect()])
 
 
 def exposition(accept: str | None) -> tuple[bytes, str]:
     """The registry as text: OpenMetrics when the scraper asks for it, else Prometheus'."""
+    gathered = telemetry.Families(families())
     if accept and "application/openmetrics-text" in accept:
         from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPEN
         from prometheus_client.openmetrics.exposition import generate_latest as open_latest
 
-        return open_latest(REGISTRY), OPEN
+        return open_latest(gathered), OPEN  # type: ignore[arg-type]
     from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+    return generate_latest(gathered), CONTENT_TYPE_LATEST  # type: ignore[arg-type]

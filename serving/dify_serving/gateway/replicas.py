@@ -15,8 +15,9 @@ task worker of later issues use these same clients.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, ClassVar, Concatenate, ParamSpec, TypeVar
 
 from ray import serve
@@ -57,7 +58,7 @@ class ReplicaClient:
     def app_name(self, name: str) -> str:
         raise NotImplementedError
 
-    def statuses(self) -> dict[str, dict[str, Any]]:
+    def statuses(self) -> Mapping[str, dict[str, Any]]:
         raise NotImplementedError
 
     def bound(self, name: str) -> int:
@@ -106,9 +107,16 @@ class ReplicaClient:
         return handle
 
     def forget(self, name: str) -> None:
-        """Drop the handle (its replica went) and the bound (the spec may change)."""
-        self._handles.pop(self.app_name(name), None)
+        """Drop the handle (its replica went) and the bound (the spec may change); for a
+        model's name, those of all its versions too."""
+        app = self.app_name(name)
+        for held in [a for a in self._handles if a == app or a.startswith(f"{app}.")]:
+            self._handles.pop(held, None)
         self._bounds.pop(name, None)
+
+    def held(self, name: str) -> int:
+        """Calls to `name` in flight from this gateway replica now."""
+        return self._in_flight.held(name)
 
     def _take(self, name: str) -> None:
         """Count a call to `name` against its bound (503 overloaded past it)."""
@@ -127,9 +135,14 @@ class ReplicaClient:
         note(**{self.kind: name})
         self._take(name)
         response = None
+        cold = self.kind == "model" and self.status.asleep(name)  # Serve queues it: a wake
+        started = time.monotonic()
         try:
             response = getattr(self.handle(name), method).remote(*args, **kwargs)
-            return await asyncio.wait_for(response, self.timeout_s)
+            result = await asyncio.wait_for(response, self.timeout_s)
+            if cold:
+                self.status.woke(name, time.monotonic() - started)
+            return result
         except asyncio.CancelledError:
             # the caller went away (a client, a cancelled task): so does the replica's work,
             # which frees its batch slot
@@ -158,8 +171,11 @@ class ReplicaClient:
             self._in_flight.give_back(name)
 
     async def info(self, name: str) -> dict[str, Any]:
-        """The replica's `info()` when it is serving, else {} (never an error, ≤ 5 s)."""
-        if not self.status.serving(self.statuses(), name):
+        """The replica's `info()` when it is serving, else {} (never an error, ≤ 5 s); a
+        model scaled to zero is not woken to be shown."""
+        if not self.status.serving(self.statuses(), name) or (
+            self.kind == "model" and self.status.asleep(name)
+        ):
             return {}
         try:
             info: dict[str, Any] = await asyncio.wait_for(self.call(name, "info"), 5)
@@ -177,19 +193,26 @@ class ModelClient(ReplicaClient):
         self._streams: dict[str, set[Any]] = defaultdict(set)  # in-flight stream responses
         self._unloaded: set[Any] = set()  # streams cancelled because their model went
 
+    # A model is called by its target: `name`, or `name@version` for one version of a
+    # versioned model (`DifyModel.target`); each version is its own app.
     def app_name(self, name: str) -> str:
-        return model_app_name(name)
+        model, _, version = name.partition("@")
+        return model_app_name(model, version or None)
 
-    def statuses(self) -> dict[str, dict[str, Any]]:
-        return self.status.models
+    def statuses(self) -> Mapping[str, dict[str, Any]]:
+        return self.status.targets
 
     def bound(self, name: str) -> int:
-        model = self.catalog.models().get(name)
+        model = self.catalog.models().get(name.partition("@")[0])
         return model_bound(model.spec) if model else INDEX_BOUND
 
     def model_id(self, name: str) -> str | None:
-        model = self.catalog.models().get(name)
-        return model.spec.model_id if model else None
+        base, _, version = name.partition("@")
+        model = self.catalog.models().get(base)
+        if model is None:
+            return None
+        served = model.spec.version(version) if version else None
+        return served.model_id if served is not None else model.spec.model_id
 
     async def invoke(
         self,
@@ -217,6 +240,7 @@ class ModelClient(ReplicaClient):
         self.require_serving(name)
         note(model=name)
         self._take(name)
+        cold, started = self.status.asleep(name), time.monotonic()  # a wake: timed to 1st item
         try:
             streaming = self.handle(name).options(stream=True)
             response = getattr(streaming, method.__name__).remote(*args, **kwargs)
@@ -229,6 +253,9 @@ class ModelClient(ReplicaClient):
         try:
             async for item in response:
                 watch.last = loop.time()
+                if cold:
+                    cold = False
+                    self.status.woke(name, time.monotonic() - started)
                 yield item
                 watch.last = loop.time()  # the client's own pace is not the model's silence
             if watch.fired:  # cancelled between two items: the generator just ends
@@ -260,10 +287,12 @@ class ModelClient(ReplicaClient):
         )
 
     def end_streams(self, name: str) -> None:
-        """The model was unloaded: its streams end with `model_unloaded`."""
-        for response in self._streams.pop(name, set()):
-            self._unloaded.add(response)
-            response.cancel()
+        """The model was unloaded: its streams (all its versions') end with
+        `model_unloaded`."""
+        for target in [t for t in self._streams if t == name or t.startswith(f"{name}@")]:
+            for response in self._streams.pop(target, set()):
+                self._unloaded.add(response)
+                response.cancel()
         self.forget(name)
 
 
@@ -275,7 +304,7 @@ class IndexClient(ReplicaClient):
     def app_name(self, name: str) -> str:
         return index_app_name(name)
 
-    def statuses(self) -> dict[str, dict[str, Any]]:
+    def statuses(self) -> Mapping[str, dict[str, Any]]:
         return self.status.indexes
 
     def bound(self, name: str) -> int:

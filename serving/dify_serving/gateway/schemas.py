@@ -31,7 +31,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from dify_serving.specs import ResourceName
+from dify_serving.specs import MODEL_REF_PATTERN, DifyIndexSpec, ResourceName, SwitchStrategy
 
 #: Characters of one prompt, one text to embed, or one conversation: about a 128k-token
 #: context, and at most 2 MiB in UTF-8 (one call between deployments carries 4 MiB).
@@ -123,6 +123,8 @@ def _conversation(messages: list[ChatMessage]) -> list[ChatMessage]:
 
 
 Name = ResourceName
+#: A model a request names: `name`, or `name@version` to pin one of its versions.
+ModelRef = Annotated[str, Field(min_length=1, max_length=127, pattern=MODEL_REF_PATTERN)]
 Text = Annotated[str, Field(min_length=1), _chars(MAX_TEXT_CHARS)]
 DocumentId = Annotated[str, Field(min_length=1, max_length=ID_CHARS)]
 Filter = Annotated[
@@ -145,7 +147,7 @@ class SamplingParams(_Body):
 
 
 class InferenceRequest(SamplingParams):
-    model: Name | None = Field(None, description="Model name; the default model if left out.")
+    model: ModelRef | None = Field(None, description="Model name; the default model if left out.")
     prompt: Text | None = Field(None, description="Text to continue (text-generation).")
     input: str | list[str] | None = Field(
         None,
@@ -184,7 +186,7 @@ MAX_BATCH_REQUESTS = 4096
 class BatchItem(InferenceRequest):
     """One request of a batch: a `/v1/inference` body for the batch's model, answered whole."""
 
-    model: Name | None = Field(
+    model: ModelRef | None = Field(
         None, description="Leave out, or the batch's model: one batch is one model."
     )
     stream: bool = Field(False, description="Must be false: a batch answers whole.")
@@ -200,7 +202,7 @@ class BatchItem(InferenceRequest):
 
 
 class BatchRequest(_Body):
-    model: Name | None = Field(
+    model: ModelRef | None = Field(
         None,
         description="The model of every item; the default model if neither it nor an item "
         "names one.",
@@ -283,8 +285,31 @@ class LoadRequest(BaseModel):
     name: Name | None = Field(None, description="Resource name; derived from modelId if absent.")
 
 
+class SwitchRequest(_Body):
+    version: Name = Field(..., description="The version to move traffic to.")
+    strategy: SwitchStrategy = Field(
+        SwitchStrategy.BLUE_GREEN,
+        description="blue-green: all traffic once it is Ready, then the old retires; "
+        "canary: `weight` percent of it, the rest stays.",
+    )
+    weight: int | None = Field(
+        None, ge=1, le=100, description="The canary's share in percent (canary only)."
+    )
+
+
 class UnloadRequest(_Body):
     name: Name = Field(..., description="Name of the model to unload.")
+
+
+class CreateIndexRequest(DifyIndexSpec):
+    """`POST /v1/indexes`: a DifyIndex spec (camelCase or snake_case) with its name.
+
+    The spec's own validation, unknown keys refused; every field is bounded there. The
+    name becomes a Kubernetes object name, a Serve app name and the default collection
+    (a folder), so it is an RFC 1123 label.
+    """
+
+    name: Name = Field(..., description="Index name (lower-case RFC 1123, at most 63 chars).")
 
 
 class ModelCard(BaseModel):
@@ -319,7 +344,7 @@ Messages = Annotated[
 
 class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
-    model: Name | None = None
+    model: ModelRef | None = None
     index: Name | None = Field(None, description="Answer from this knowledge index (extension).")
     top_k: int = Field(4, ge=1, le=50, description="Chunks retrieved when `index` is given.")
     messages: Messages
@@ -335,7 +360,7 @@ class ChatCompletionRequest(BaseModel):
 
 class CompletionRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
-    model: Name | None = None
+    model: ModelRef | None = None
     prompt: str | list[str] = Field(...)
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
@@ -355,7 +380,7 @@ class CompletionRequest(BaseModel):
 
 class EmbeddingRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
-    model: Name | None = None
+    model: ModelRef | None = None
     input: str | list[str] = Field(..., description=f"Text or texts (at most {MAX_INPUTS}).")
     encoding_format: Literal["float", "base64"] = "float"
     truncate: bool = False
@@ -450,7 +475,7 @@ class CleanRequest(_Body):
 
 
 class EmbedRequest(_Body):
-    model: Name | None = Field(None, description="Embedding model; the first one if left out.")
+    model: ModelRef | None = Field(None, description="Embedding model; the first one if left out.")
     input: str | list[str] = Field(
         ..., description=f"Text or texts to embed (at most {MAX_INPUTS})."
     )
@@ -541,7 +566,7 @@ class DeleteRequest(_Body):
 
 
 class KnowledgeChatRequest(SamplingParams):
-    model: Name | None = Field(None, description="Generation model; the default if left out.")
+    model: ModelRef | None = Field(None, description="Generation model; the default if left out.")
     index: Name = Field(..., description="Index to retrieve from.")
     messages: Messages = Field(..., description="The conversation.")
     top_k: int = Field(4, ge=1, le=50, description="Chunks to retrieve.")

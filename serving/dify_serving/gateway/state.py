@@ -9,19 +9,24 @@ too; the operations themselves are the data plane's (`dataplane/`).
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import Any
 
-from dify_serving.catalog import open_catalog
+from dify_serving.catalog import IndexRemoval, open_catalog
 from dify_serving.control import AsyncRayDashboard
 from dify_serving.gateway import access
 from dify_serving.gateway.cleaner import Cleaner
 from dify_serving.gateway.errors import ApiError
 from dify_serving.gateway.replicas import IndexClient, ModelClient
+from dify_serving.gateway.rollouts import Rollouts
+from dify_serving.gateway.served import record as record_version
 from dify_serving.gateway.status_cache import SERVING, StatusCache
 from dify_serving.options import GatewayOptions
+from dify_serving.rollout import loaded_versions
 from dify_serving.security.secrets import Secrets, read_secret
 from dify_serving.specs import DifyIndex, DifyModel, Task
+from dify_serving.status import index_status
 from dify_serving.tasks.cache import ResultCache, open_cache
 from dify_serving.tasks.queue import Publisher
 from dify_serving.tasks.store import TaskStore
@@ -35,6 +40,8 @@ class GatewayState:
         self.status = StatusCache(self.catalog, self.dashboard)
         self.model_replicas = ModelClient(self.catalog, self.status, options)
         self.index_replicas = IndexClient(self.catalog, self.status, options)
+        self.rollouts = Rollouts(self.catalog, self.status, self.model_replicas, options)
+        self.status.after_refresh = self.rollouts.tick
         self.coalescers: dict[str, Any] = {}  # model → EmbedCoalescer (dataplane)
         self.cleaner = Cleaner()  # /v1/data/clean, off the event loop
         self._tasks: tuple[TaskStore, Publisher] | None = None  # opened on first use
@@ -53,6 +60,7 @@ class GatewayState:
         if self._tasks is not None:
             self._tasks[0].close()
             self._tasks[1].close()
+        self.cache.close()
 
     def task_backend(self) -> tuple[TaskStore, Publisher]:
         """The task store and the broker publisher (async tasks), opened on first use."""
@@ -68,17 +76,21 @@ class GatewayState:
                 Publisher(options.home, options.tasks),
             )
         return self._tasks
-        self.cache.close()
 
     # lookups a key's rights govern ------------------------------------------------------
     def model(self, name: str | None, task: Task | None = None) -> DifyModel:
-        """The model a request names, or the first fitting one the key may use.
+        """The model a request names, or the first fitting one the key may use; for a
+        versioned model, the version that serves this request (`served`).
 
-        403 when the key may not use it (checked before existence, so a confined key
-        learns nothing of other names); 404 when it does not exist.
+        `name@version` pins a version. 403 when the key may not use the model (checked
+        before existence, so a confined key learns nothing of other names); 404 when it
+        does not exist.
         """
         models = self.catalog.models()
         wanted = task or Task.TEXT_GENERATION
+        pinned = None
+        if name is not None:
+            name, _, pinned = name.partition("@")
         if name is None:
             name = self.options.default_model
             if (
@@ -102,7 +114,42 @@ class GatewayState:
         model = models.get(name)
         if model is None:
             raise ApiError(404, "model_not_found", f"model {name!r} is not loaded")
-        return model
+        return self.served(model, pinned or None)
+
+    def served(self, model: DifyModel, pinned: str | None = None) -> DifyModel:
+        """`model` as the version that answers one request: `pinned`, else one drawn by
+        the weights among the versions with traffic that serve (all of them when none
+        does, so the request gets their clear 503). Unversioned: `model` itself."""
+        spec = model.spec
+        if not spec.versions:
+            if pinned:
+                raise ApiError(404, "version_not_found", f"model {model.name!r} has no versions")
+            return model
+        if pinned:
+            if spec.version(pinned) is None:
+                raise ApiError(
+                    404,
+                    "version_not_found",
+                    f"model {model.name!r} has no version {pinned!r}",
+                )
+            if pinned not in loaded_versions(spec):
+                raise ApiError(
+                    404,
+                    "version_not_found",
+                    f"version {pinned!r} of model {model.name!r} is not loaded "
+                    "(weight 0); switch to it first",
+                )
+            record_version(pinned)
+            return model.at_version(pinned)
+        live = [v for v in spec.versions if v.weight > 0]
+        targets = self.status.targets
+        serving = [
+            v for v in live if targets.get(f"{model.name}@{v.name}", {}).get("phase") in SERVING
+        ]
+        pool = serving or live
+        chosen = random.choices(pool, weights=[v.weight for v in pool])[0]
+        record_version(chosen.name)
+        return model.at_version(chosen.name)
 
     def index(self, name: str) -> DifyIndex:
         """The index a request names; 403 when the key may not use it, else 404 if absent."""
@@ -124,6 +171,31 @@ class GatewayState:
             raise ApiError(404, "model_not_found", f"model {name!r} is not loaded")
         self.model_replicas.end_streams(name)
         self.status.forget(name)
+
+    async def create_index(self, index: DifyIndex) -> dict[str, Any]:
+        """Local: store + apply. Cluster: write the DifyIndex; the operator applies it.
+        Returns its first status: Pending while its embedding model is missing, Failed
+        when that model does not embed (as for an index from a manifest)."""
+        self.index_replicas.forget(index.name)
+        phase = await self.catalog.create_index(index)
+        models = self.catalog.models()
+        status = index_status(index.name, index.spec, models, {})
+        model = models.get(index.spec.embedding_model)
+        if model is not None and model.spec.task == Task.FEATURE_EXTRACTION:
+            status.update(phase=phase.value, message=f"{phase.value}: starting its replica")
+        self.status.indexes[index.name] = status
+        self.status.refresh_soon()
+        return status
+
+    async def delete_index(self, name: str) -> IndexRemoval:
+        """Remove the index (its app, then its vectors with `reclaimPolicy: Delete`)."""
+        removal = await self.catalog.delete_index(name)
+        if removal is None:
+            raise ApiError(404, "index_not_found", f"index {name!r} does not exist")
+        self.index_replicas.forget(name)
+        self.status.indexes.pop(name, None)
+        self.status.refresh_soon()
+        return removal
 
 
 def _cache_redis_url(options: GatewayOptions) -> str | None:

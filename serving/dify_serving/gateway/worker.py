@@ -89,7 +89,7 @@ class TaskWorker:
         text: list[str] = []
         flushed = time.monotonic()
         usage = None
-        stream = self.state.model_replicas.stream(model.name, Generator.generate_stream, gen)
+        stream = self.state.model_replicas.stream(model.target, Generator.generate_stream, gen)
         async for delta in stream:
             text.append(delta.delta)
             if delta.finish_reason:
@@ -120,10 +120,12 @@ class TaskWorker:
         return Outcome(summary, progress=progress, request=kept)
 
     def _model(self, name: str | None) -> DifyModel:
-        model = self.state.catalog.models().get(name or "")
+        """The task's model, as the version that runs it (drawn now, or pinned)."""
+        base, _, pinned = (name or "").partition("@")
+        model = self.state.catalog.models().get(base)
         if model is None:
             raise DifyError(404, "model_not_found", f"model {name!r} is not loaded")
-        return model
+        return self.state.served(model, pinned or None)
 
     def __del__(self) -> None:
         if getattr(self, "runner", None) is not None:

@@ -26,6 +26,10 @@ cannot keep its answer afterwards: erased text is never answered from the cache.
 in-process LRU (`tasks/cache.py`) is exact for that reason even in a cluster (one
 replica per index), where a shared cache would need the version shared too. Its bound is
 a share of the gateway's (`INDEX_CACHE_SHARE`): each index replica is a process of its own.
+
+Its figures (points, searches by cache outcome, upserts, deletes, latencies; the index
+name as the only label) are pushed to the metrics hub for `GET /v1/metrics`
+(`telemetry.IndexTelemetry`).
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ from dify_serving.options import CacheOptions, ModelSourceOptions
 from dify_serving.render import model_app_name
 from dify_serving.specs import DifyIndexSpec, DifyModelSpec, store_address
 from dify_serving.tasks.cache import LocalCache, cache_key, model_tag
+from dify_serving.telemetry import IndexTelemetry
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +136,18 @@ class IndexServer:
         #: subject → (write version of its erasure, when): an upsert that began before
         #: the erasure writes none of that subject's documents (see `upsert`)
         self._erased: dict[str, tuple[int, float]] = {}
+        self._counted: tuple[int, int] | None = None  # (write version, points) for metrics
+        self.telemetry = IndexTelemetry(name, self._points)
+        self.telemetry.pusher.start()
+
+    def _points(self) -> int | None:
+        """Points stored, counted again only after a write (read by the metrics push)."""
+        if self.mismatch is not None:
+            return None
+        version = self.write_version
+        if self._counted is None or self._counted[0] != version:
+            self._counted = (version, int(self.backend.count()))
+        return self._counted[1]
 
     @property
     def collection(self) -> str:
@@ -196,6 +213,19 @@ class IndexServer:
         return out
 
     async def upsert(self, documents: list[dict[str, Any]]) -> dict[str, Any]:
+        """`_upsert`, counted (calls, chunks written, time)."""
+        started = time.perf_counter()
+        try:
+            result = await self._upsert(documents)
+        except BaseException:
+            self.telemetry.errors.labels(self.name, "upsert").inc()
+            raise
+        self.telemetry.upserts.inc()
+        self.telemetry.upserted_chunks.inc(sum(d["chunks"] for d in result["documents"]))
+        self.telemetry.upsert_seconds.observe(time.perf_counter() - started)
+        return result
+
+    async def _upsert(self, documents: list[dict[str, Any]]) -> dict[str, Any]:
         """Replace each document's chunks; all documents are embedded before any write.
 
         An erasure that lands while this upsert embeds wins: the documents about an erased
@@ -255,6 +285,16 @@ class IndexServer:
     async def search(self, request: dict[str, Any]) -> dict[str, Any]:
         """Nearest chunks; `request["cache"]` (scope, read, keep) is the gateway's say over
         the cache, and the answer's `cache` says HIT or MISS (None when it is off)."""
+        started = time.perf_counter()
+        try:
+            answer = await self._search_cached(request)
+        except BaseException:
+            self.telemetry.errors.labels(self.name, "search").inc()
+            raise
+        self.telemetry.searched(answer.get("cache"), time.perf_counter() - started)
+        return answer
+
+    async def _search_cached(self, request: dict[str, Any]) -> dict[str, Any]:
         self._check()
         wishes = request.get("cache") or {}
         request = {k: v for k, v in request.items() if k != "cache"}
@@ -321,6 +361,7 @@ class IndexServer:
 
     async def delete(self, document_ids: list[str] | None, subject_id: str | None) -> int:
         """Remove documents, or everything about one subject; returns the points removed."""
+        self.telemetry.deletes.inc()
         async with self._writes:
             try:
                 if subject_id is not None:
@@ -402,6 +443,9 @@ class IndexServer:
                 log.warning("index %s: optimize failed: %s", self.name, exc)
 
     def __del__(self) -> None:
+        telemetry = getattr(self, "telemetry", None)
+        if telemetry is not None:
+            telemetry.pusher.stop()
         backend = getattr(self, "backend", None)
         if backend is not None:
             backend.close()

@@ -1,8 +1,9 @@
-"""One way to open the keys and audit databases: SQLite files by default, PostgreSQL when set.
+"""One way to open the gateway's databases: SQLite files by default, PostgreSQL when set.
 
-Keys and audit rows live in the database of `DIFY_MIRROR_DATABASE_URL` (a secret) or,
-on one machine, in two SQLite files under `DIFY_MIRROR_HOME` (`keys.db`, `audit.db`:
-two files, so the audit writer's exclusive transactions never make a key lookup wait).
+Keys, audit, task and feedback rows live in the database of `DIFY_MIRROR_DATABASE_URL`
+(a secret) or, on one machine, in one SQLite file each under `DIFY_MIRROR_HOME`
+(`keys.db`, `audit.db`, `tasks.db`, `feedback.db`: apart, so the audit writer's
+exclusive transactions never make a key lookup wait).
 `postgresql://` URLs get the psycopg 3 driver; SQLite files run in WAL mode, and
 writers wait for each other instead of failing with "database is locked".
 """
@@ -16,12 +17,17 @@ import sqlalchemy as sa
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.pool import StaticPool
 
-Database = Literal["keys", "audit"]
+Database = Literal["keys", "audit", "tasks", "feedback"]
 
 
-def database_url(home: Path, configured: str | None, which: Database) -> str:
+def sqlite_file(home: str | Path, which: Database) -> Path:
+    """This machine's SQLite file for `which`."""
+    return (Path(home) / f"{which}.db").resolve()
+
+
+def database_url(home: str | Path, configured: str | None, which: Database) -> str:
     """The configured URL, else this machine's SQLite file for `which`."""
-    return configured or f"sqlite:///{(Path(home) / f'{which}.db').resolve()}"
+    return configured or f"sqlite:///{sqlite_file(home, which)}"
 
 
 def create_engine(url: str, *, file_only: bool = False) -> Engine:

@@ -27,7 +27,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from dify_serving.security.db import create_engine
+from dify_serving.security.db import create_engine, database_url
 
 PENDING, RUNNING, COMPLETED, FAILED, CANCELLED = (
     "PENDING",
@@ -161,9 +161,8 @@ class TaskStore:
         metadata.create_all(self.engine)
 
     @classmethod
-    def open(cls, home: str | Path, database_url: str | None, ttl_s: float) -> TaskStore:
-        url = database_url or f"sqlite:///{(Path(home) / 'tasks.db').resolve()}"
-        return cls(url, ttl_s)
+    def open(cls, home: str | Path, configured: str | None, ttl_s: float) -> TaskStore:
+        return cls(database_url(home, configured, "tasks"), ttl_s)
 
     def close(self) -> None:
         self.engine.dispose()

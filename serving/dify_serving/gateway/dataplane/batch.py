@@ -66,7 +66,7 @@ async def infer_batch(
     state: GatewayState, model: DifyModel, items: Sequence[InferenceRequest], rid: str
 ) -> BatchResponse:
     """Every item through `inference.infer`, together; results in the items' order."""
-    state.model_replicas.require_serving(model.name)
+    state.model_replicas.require_serving(model.target)
     running = asyncio.Semaphore(slots(model))
     answers = await asyncio.gather(*(_answer(state, model, item, rid, running) for item in items))
     _unavailable_for_all(answers)
@@ -86,7 +86,7 @@ async def infer_batch(
             results.append(BatchItemFailed(index=index, error=error))
     usage = _total(answers)
     _note(model, items, usage, failed=sum(isinstance(a, DifyError) for a in answers))
-    return BatchResponse(id=rid, model=model.name, results=results, usage=usage)
+    return BatchResponse(id=rid, model=model.target, results=results, usage=usage)
 
 
 async def _answer(
@@ -103,7 +103,7 @@ async def _answer(
         except DifyError as exc:
             return exc
         except Exception:
-            log.exception("batch %s: an item failed on model %s", rid, model.name)
+            log.exception("batch %s: an item failed on model %s", rid, model.target)
             return ApiError(500, *INTERNAL)
 
 

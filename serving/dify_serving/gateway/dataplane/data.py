@@ -15,7 +15,7 @@ from typing import Any
 
 from dify_serving.catalog.local import LocalCatalog
 from dify_serving.gateway import access, cache_header
-from dify_serving.gateway.dataplane import tasks
+from dify_serving.gateway.dataplane import feedback, tasks
 from dify_serving.gateway.errors import ApiError
 from dify_serving.gateway.limits import (
     call_budget,
@@ -238,6 +238,7 @@ async def erase(
     if subject_id is not None and any(m in state.options.modules for m in TASK_MODULES):
         store, _ = state.task_backend()
         tasks_removed = await asyncio.to_thread(store.erase_subject, subject_id)
+    feedback_removed = 0 if subject_id is None else await feedback.erase_subject(state, subject_id)
     outcomes = await asyncio.gather(
         *(state.index_replicas.delete(n, document_ids, subject_id) for n in targets),
         return_exceptions=True,
@@ -274,6 +275,7 @@ async def erase(
         "removed": removed,
         "points_removed": sum(r["points"] for r in removed),
         "tasks_removed": tasks_removed,
+        "feedback_removed": feedback_removed,
     }
 
 

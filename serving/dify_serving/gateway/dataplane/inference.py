@@ -58,7 +58,7 @@ def expect_task(model: DifyModel, *tasks: Task) -> None:
         raise ApiError(
             400,
             "wrong_task",
-            f"model {model.name!r} is {model.spec.task}, this route needs {wanted}",
+            f"model {model.target!r} is {model.spec.task}, this route needs {wanted}",
         )
 
 
@@ -80,7 +80,7 @@ def generation_request(
         raise ApiError(
             422,
             "invalid_request",
-            f"{field}: {max_tokens} is over the limit of model {model.name!r} "
+            f"{field}: {max_tokens} is over the limit of model {model.target!r} "
             f"({gen.max_new_tokens})",
         )
     return GenerationRequest(
@@ -98,14 +98,16 @@ async def generate(state: GatewayState, model: DifyModel, request: GenerationReq
     key = None
     if state.cache.enabled and (request.temperature == 0 or request.seed is not None):
         key = cache_key(
-            "generate", model_tag(model.name, model.spec), request, cache_header.key_scope()
+            "generate", model_tag(model.target, model.spec), request, cache_header.key_scope()
         )
         cached = await cache_header.lookup(state.cache, key)
         if cached is not None:
             text, finish, prompt_tokens, completion_tokens = json.loads(cached)
-            note(model=model.name, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
+            note(
+                model=model.target, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens
+            )
             return Generation(text, finish, prompt_tokens, completion_tokens)
-    result = await state.model_replicas.invoke(model.name, Generator.generate, request)
+    result = await state.model_replicas.invoke(model.target, Generator.generate, request)
     note(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens)
     if key is not None:
         answer = [result.text, result.finish_reason, result.prompt_tokens, result.completion_tokens]
@@ -117,7 +119,7 @@ async def generate_stream(
     state: GatewayState, model: DifyModel, request: GenerationRequest
 ) -> AsyncIterator[GenerationDelta]:
     replicas = state.model_replicas
-    async for delta in replicas.stream(model.name, Generator.generate_stream, request):
+    async for delta in replicas.stream(model.target, Generator.generate_stream, request):
         if delta.finish_reason:
             note(prompt_tokens=delta.prompt_tokens, completion_tokens=delta.completion_tokens)
         yield delta
@@ -130,17 +132,17 @@ async def embed(
     if not texts or any(not isinstance(t, str) or not t for t in texts):
         raise ApiError(422, "invalid_request", "input: give one or more non-empty strings")
     note_text(lambda: "\n".join(texts))
-    coalescer = state.coalescers.get(model.name)
+    coalescer = state.coalescers.get(model.target)
     if coalescer is None:
 
         async def call(requests: list[EmbedRequest]) -> list[Embeddings | EngineError]:
-            return await state.model_replicas.invoke(model.name, Embedder.embed_each, requests)
+            return await state.model_replicas.invoke(model.target, Embedder.embed_each, requests)
 
-        coalescer = state.coalescers[model.name] = EmbedCoalescer(call, model.name)
-    note(model=model.name)
+        coalescer = state.coalescers[model.target] = EmbedCoalescer(call, model.target)
+    note(model=model.target)
     key = None
     if state.cache.enabled:
-        tag = model_tag(model.name, model.spec)
+        tag = model_tag(model.target, model.spec)
         key = cache_key("embed", tag, texts, truncate, cache_header.key_scope())
         cached = await cache_header.lookup(state.cache, key)
         if cached is not None:
@@ -172,8 +174,8 @@ def _embeddings_from(data: bytes) -> Embeddings:
 
 async def predict(state: GatewayState, model: DifyModel, request: PredictionRequest) -> list[Any]:
     """Classification or captioning of a batch (texts, or base64 images)."""
-    check_call_size("input", request.inputs, f"model {model.name!r}")
-    return await state.model_replicas.invoke(model.name, Predictor.predict, request)
+    check_call_size("input", request.inputs, f"model {model.target!r}")
+    return await state.model_replicas.invoke(model.target, Predictor.predict, request)
 
 
 def check_text_chars(field: str, texts: list[str]) -> None:
@@ -217,7 +219,7 @@ async def infer(
         result = await generate(state, model, generation_from(model, body))
         return InferenceResponse(
             id=rid,
-            model=model.name,
+            model=model.target,
             output=result.text,
             usage=usage(result),
             finish_reason=result.finish_reason,
@@ -233,7 +235,7 @@ async def infer(
         tokens = embedded.prompt_tokens
         return InferenceResponse(
             id=rid,
-            model=model.name,
+            model=model.target,
             output=vectors if isinstance(inputs, list) else vectors[0],
             usage=Usage(prompt_tokens=tokens, total_tokens=tokens),
         )
@@ -241,7 +243,7 @@ async def infer(
     output = await predict(state, model, predicted)
     return InferenceResponse(
         id=rid,
-        model=model.name,
+        model=model.target,
         output=output if isinstance(inputs, list) else output[0],
         usage=Usage(prompt_tokens=0),
     )

@@ -12,6 +12,7 @@ from dify_serving.engines import runtimes, weights
 from dify_serving.gateway import access
 from dify_serving.gateway.errors import ApiError, describe_validation
 from dify_serving.gateway.state import GatewayState
+from dify_serving.rollout import loaded_versions
 from dify_serving.specs import (
     DifyModel,
     DifyModelSpec,
@@ -36,11 +37,14 @@ async def status(state: GatewayState) -> list[dict[str, Any]]:
     statuses = await state.status.refresh()
     models = state.catalog.models()
     names = access.visible_models(statuses)
-    infos = await asyncio.gather(*(state.model_replicas.info(n) for n in names))
+    infos = await asyncio.gather(*(_info(state, models[n]) for n in names))
     out = []
     for name, info in zip(names, infos, strict=True):
         spec = models[name].spec
         status = statuses[name]
+        if "versions" in status:  # each loaded version's own requests
+            for version in status["versions"]:
+                version["active_requests"] = info.get("by_version", {}).get(version["name"])
         out.append(
             {
                 **status,
@@ -56,9 +60,31 @@ async def status(state: GatewayState) -> list[dict[str, Any]]:
                 "engine_note": info.get("engine_note"),
                 # requests the engine is running or has queued (engines that count them)
                 "active_requests": info.get("active_requests"),
+                "running_requests": info.get("running_requests"),
+                "waiting_requests": info.get("waiting_requests"),
+                "hint": state.status.waiting_hint(name, spec, info.get("waiting_requests")),
             }
         )
     return out
+
+
+async def _info(state: GatewayState, model: DifyModel) -> dict[str, Any]:
+    """The replica's `info()`; for a versioned model, that of its first loaded version
+    with the requests of all of them (`by_version` says each one's)."""
+    if not model.spec.versions:
+        return await state.model_replicas.info(model.name)
+    versions = loaded_versions(model.spec)
+    infos = await asyncio.gather(
+        *(state.model_replicas.info(f"{model.name}@{v}") for v in versions)
+    )
+    by_version = {v: i.get("active_requests") for v, i in zip(versions, infos, strict=True)}
+    merged = next((i for i in infos if i), {})
+    counted = [n for n in by_version.values() if n is not None]
+    return {
+        **merged,
+        "active_requests": sum(counted) if counted else None,
+        "by_version": by_version,
+    }
 
 
 def parse_load(body: dict[str, Any], roots: list[Path] | None = None) -> DifyModel:
@@ -69,10 +95,18 @@ def parse_load(body: dict[str, Any], roots: list[Path] | None = None) -> DifyMod
     """
     body = dict(body)
     name = body.pop("name", None)
+    if "rollout" in body:
+        raise ApiError(
+            422,
+            "invalid_spec",
+            "rollout: written by POST /v1/models/{name}/switch, not by a load",
+        )
     try:
         spec = DifyModelSpec.model_validate(body)
-        if roots is not None and is_local_model_id(spec.model_id):
-            weights.check_local(spec.model_id, roots, follow_links=False)
+        if roots is not None:  # the model's weights, and every version's
+            for model_id in (spec.model_id, *(v.model_id for v in spec.versions)):
+                if is_local_model_id(model_id):
+                    weights.check_local(model_id, roots, follow_links=False)
         name = name or name_from_model_id(spec.model_id)
         runtimes.resolve(spec)  # 422 naming the extra when that engine is not installed
         return DifyModel(metadata=ObjectMeta(name=name), spec=spec)

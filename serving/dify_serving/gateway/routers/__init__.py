@@ -7,7 +7,9 @@ from fastapi import FastAPI
 from dify_serving.gateway.routers import (
     admin,
     data,
+    feedback,
     health,
+    indexes,
     inference,
     metrics,
     models,
@@ -34,4 +36,8 @@ def register(app: FastAPI, modules: list[str]) -> None:
     if "inference" in modules:
         app.include_router(tasks.submit_router)
     for module in modules:
+        if module == "models":  # first: /v1/models/feedback is no model's name
+            app.include_router(feedback.router)
         app.include_router(ROUTERS[module])
+    if "data" in modules:  # the indexes the data routes write: list, create, delete
+        app.include_router(indexes.router)

@@ -22,6 +22,7 @@ from dify_serving.gateway import access
 from dify_serving.gateway.errors import ApiError
 from dify_serving.gateway.notes import note
 from dify_serving.gateway.policy import needs
+from dify_serving.gateway.routers.deps import parse_time
 from dify_serving.gateway.security import Guard
 from dify_serving.security.grants import (
     ADMIN,
@@ -154,22 +155,6 @@ async def revoke_key(key_id: str, guard: GuardDep) -> dict[str, Any]:
     return {"id": key_id, "revoked": True}
 
 
-def _time(value: str | None, name: str) -> float | None:
-    if value is None:
-        return None
-    try:
-        return float(value)
-    except ValueError:
-        pass
-    try:
-        stamp = datetime.fromisoformat(value)
-    except ValueError:
-        raise ApiError(
-            422, "invalid_request", f"{name}: give an ISO time or unix seconds, not {value!r}"
-        ) from None
-    return (stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)).timestamp()
-
-
 class AuditFilters(BaseModel):
     since: str | None = Field(
         None, max_length=64, description="ISO time or unix seconds (inclusive)."
@@ -195,8 +180,8 @@ class AuditFilters(BaseModel):
                 )
             key_id = key.id
         return {
-            "since": _time(self.since, "since"),
-            "until": _time(self.until, "until"),
+            "since": parse_time(self.since, "since"),
+            "until": parse_time(self.until, "until"),
             "key_id": key_id,
             "route": self.route,
             "status": self.status,

@@ -1,4 +1,4 @@
-"""Data routes: clean, embed, upsert, search, delete (GDPR erasure), indexes, knowledge chat.
+"""Data routes: clean, embed, upsert, search, delete (GDPR erasure), knowledge chat.
 
 The wire format in and out; the work is the data plane's (`dataplane/data.py`).
 """
@@ -67,7 +67,7 @@ async def embed(body: EmbedRequest, state: StateDep) -> dict[str, Any]:
     result = await inference.embed(state, model, texts, body.truncate)
     vectors = result.vectors
     return {
-        "model": model.name,
+        "model": model.target,
         "dimension": int(vectors.shape[1]) if len(vectors) else 0,
         "data": vectors.tolist(),
         "usage": {"prompt_tokens": result.prompt_tokens},
@@ -107,15 +107,6 @@ async def delete(body: DeleteRequest, state: StateDep) -> dict[str, Any]:
     return await plane.erase(state, body.index, body.document_ids, body.subject_id)
 
 
-@router.get(
-    "/indexes",
-    summary="Indexes: model, dimension, points, status",
-    openapi_extra=needs(DATA_READ),
-)
-async def list_indexes(state: StateDep) -> dict[str, Any]:
-    return {"object": "list", "data": await plane.list_indexes(state)}
-
-
 @router.post(
     "/chat",
     summary="Answer from an index: retrieve, generate, cite (stream too)",
@@ -141,7 +132,7 @@ async def chat(body: KnowledgeChatRequest, request: Request, state: StateDep) ->
         top_p=body.top_p,
         seed=body.seed,
     )
-    base = {"id": inference.new_id("chat"), "model": model.name, "index": body.index}
+    base = {"id": inference.new_id("chat"), "model": model.target, "index": body.index}
     cites = retrieval.citations(hits)
     if body.stream:
         return StreamingResponse(

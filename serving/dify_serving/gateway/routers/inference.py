@@ -61,7 +61,8 @@ async def inference_batch(body: BatchRequest, request: Request, state: StateDep)
     batch.check_count(state, len(body.requests))
     if body.async_:  # one task: 202 now, the results by polling /v1/tasks/{id}
         request_body = body.model_dump(mode="json", exclude={"async_"}, exclude_none=True)
-        request_body["model"] = model.name
+        # a version is drawn when the task runs, unless the request pinned one
+        request_body["model"] = model.target if "@" in (body.model_name() or "") else model.name
         task = await tasks.submit(state, kind="batch", request=request_body, model=model)
         view = await tasks.view(state, task)
         return JSONResponse(view, status_code=202, headers={"Location": f"/v1/tasks/{task.id}"})
@@ -76,12 +77,12 @@ async def _deltas(
         if item.finish_reason:
             yield {
                 "id": rid,
-                "model": model.name,
+                "model": model.target,
                 "delta": item.delta,
                 "index": index,
                 "finish_reason": item.finish_reason,
                 "usage": plane.usage(item).model_dump(),
             }
         else:
-            yield {"id": rid, "model": model.name, "delta": item.delta, "index": index}
+            yield {"id": rid, "model": model.target, "delta": item.delta, "index": index}
         index += 1

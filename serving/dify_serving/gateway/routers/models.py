@@ -13,10 +13,16 @@ from dify_serving.gateway.dataplane import models as plane
 from dify_serving.gateway.policy import needs
 from dify_serving.gateway.routers.deps import StateDep
 from dify_serving.gateway.routers.health import READY_CACHE_S
-from dify_serving.gateway.schemas import LoadRequest, ModelCard, ModelList, UnloadRequest
+from dify_serving.gateway.schemas import (
+    LoadRequest,
+    ModelCard,
+    ModelList,
+    SwitchRequest,
+    UnloadRequest,
+)
 from dify_serving.gateway.status_cache import SERVING
 from dify_serving.security.grants import INFERENCE, MODELS_ADMIN
-from dify_serving.specs import NAME_PATTERN, Phase
+from dify_serving.specs import NAME_PATTERN, Phase, Rollout
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -115,3 +121,39 @@ async def load_model(
 async def unload_model(state: StateDep, body: UnloadRequest) -> dict[str, Any]:
     await plane.unload(state, body.name)
     return {"name": body.name, "phase": "Unloading"}
+
+
+ModelName = Annotated[str, Path(max_length=63, pattern=NAME_PATTERN)]
+
+
+@router.post(
+    "/{name}/switch",
+    status_code=202,
+    summary="Move traffic to another version (blue-green or canary) without dropping a "
+    "request: it loads beside the old, gets traffic once Ready, the old drains and retires",
+    openapi_extra=needs(MODELS_ADMIN, sensitive=True),
+)
+async def switch_version(name: ModelName, body: SwitchRequest, state: StateDep) -> Any:
+    access.check_model(name)
+    rollout = await state.rollouts.switch(name, body.version, body.strategy, body.weight)
+    return _rollout_answer(name, rollout)
+
+
+@router.post(
+    "/{name}/rollback",
+    status_code=202,
+    summary="Go back to the versions and weights before the last switch",
+    openapi_extra=needs(MODELS_ADMIN, sensitive=True),
+)
+async def rollback_version(name: ModelName, state: StateDep) -> Any:
+    access.check_model(name)
+    return _rollout_answer(name, await state.rollouts.rollback(name))
+
+
+def _rollout_answer(name: str, rollout: Rollout) -> JSONResponse:
+    body = {
+        "name": name,
+        "rollout": rollout.model_dump(mode="json"),
+        "status_url": "/v1/models/status",
+    }
+    return JSONResponse(body, status_code=202, headers={"Location": "/v1/models/status"})

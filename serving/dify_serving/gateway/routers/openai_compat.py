@@ -69,7 +69,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
         seed=body.seed,
     )
     cid, created = plane.new_id("chatcmpl"), int(time.time())
-    base: dict[str, Any] = {"id": cid, "created": created, "model": model.name}
+    base: dict[str, Any] = {"id": cid, "created": created, "model": model.target}
     if body.stream:
         usage = bool((body.stream_options or {}).get("include_usage"))
         return StreamingResponse(
@@ -143,7 +143,7 @@ async def completions(body: CompletionRequest, request: Request, state: StateDep
     base = {
         "id": plane.new_id("cmpl"),
         "created": int(time.time()),
-        "model": model.name,
+        "model": model.target,
         "object": "text_completion",
     }
     if body.stream:
@@ -204,6 +204,6 @@ async def embeddings(body: EmbeddingRequest, state: StateDep) -> Any:
     tokens = result.prompt_tokens
     return EmbeddingList(
         data=[{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(data)],
-        model=model.name,
+        model=model.target,
         usage={"prompt_tokens": tokens, "total_tokens": tokens},
     )

@@ -81,7 +81,8 @@ async def submit(body: AsyncInferenceRequest, state: StateDep) -> JSONResponse:
     request = body.model_dump(
         mode="json", exclude={"callback_url", "subject_id"}, exclude_none=True
     )
-    request["model"] = model.name
+    # a version is drawn when the task runs, unless the request pinned one
+    request["model"] = model.target if "@" in (body.model or "") else model.name
     task = await plane.submit(
         state,
         kind="inference",

@@ -67,6 +67,9 @@ LOG = Table(
 Index("ix_audit_log_time", LOG.c.time)
 Index("ix_audit_log_key_id_time", LOG.c.key_id, LOG.c.time)
 Index("ix_audit_log_route_time", LOG.c.route, LOG.c.time)
+# Feedback finds the request it rates by id (`feedback/served.py`): without this index a
+# lookup deep in a busy key's history scanned its (key_id, time) rows for seconds.
+Index("ix_audit_log_request_id", LOG.c.request_id)
 # No index on status or client_ip: each one costs every insert a B-tree write, and those
 # filters are answered by scanning in `seq` order within the page bound (and usually a
 # time range), which stays cheap.
@@ -96,6 +99,8 @@ class AuditDatabase:
             return
         with self.write_transaction() as conn:
             METADATA.create_all(conn)
+            for index in LOG.indexes:  # create_all adds none to a table from an older release
+                index.create(conn, checkfirst=True)
         self._ready = True
 
     @contextmanager
