@@ -97,7 +97,9 @@ def test_an_address_that_keeps_failing_is_refused_before_the_key_store(
     fresh = new_key(admin, scopes=["inference"])  # valid, never used from the peer
     client = gateway(home, peer=peer, redis_url=redis_url)
     guard = client.app.state.guard  # type: ignore[attr-defined]
-    guard.failures = AddressFailures(guard.limiter, clock=_StoppedClock())
+    # A budget that earns nothing back while the test runs (the limiter's own clock, or
+    # Redis TIME, keeps going: at 1/s a slow machine would earn the 21st request a 401).
+    guard.failures = AddressFailures(guard.limiter, per_s=0.001, clock=_StoppedClock())
     try:
         assert client.get("/v1/models", headers=AUTH).status_code == 200  # verified here
         queries: list[str] = []
