@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install run test test-unit test-services test-stack test-operator lint crds bench clean
+.PHONY: install run test test-slow test-unit test-services test-stack test-operator lint crds proto bench clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -43,6 +43,13 @@ lint: $(STAMP)
 
 crds: $(STAMP)
 	$(PY) -m dify_serving.crdgen crds
+
+# gRPC stubs from dify.proto (generated, committed; tests/unit/test_grpc_schema.py fails
+# when they are stale). grpcio-tools is pinned in dev so the output is the same anywhere.
+PROTO := serving/dify_serving/grpc/dify.proto
+proto: $(STAMP)
+	$(PY) -m grpc_tools.protoc -I serving --python_out=serving --pyi_out=serving \
+		--grpc_python_out=serving $(PROTO)
 
 BENCH_STAMP := $(VENV)/.bench-installed
 $(BENCH_STAMP): $(STAMP)

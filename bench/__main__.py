@@ -36,6 +36,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from bench import batch, cache, coldstart, knowledge, load, metrics, security, tasks
+from bench import grpc as rpc_bench
 from bench.anchors import (
     SAME_VECTORS,
     EncodeAnchor,
@@ -162,7 +163,16 @@ def served(base: str) -> dict[str, str]:
     return {m["name"]: f"engine {m['engine']}, {m['precision']}" for m in answer.json()["models"]}
 
 
-SECTIONS = ("generation", "embeddings", "knowledge", "tasks", "coldstart", "security", "metrics")
+SECTIONS = (
+    "generation",
+    "embeddings",
+    "knowledge",
+    "tasks",
+    "coldstart",
+    "security",
+    "metrics",
+    "grpc",
+)
 
 
 def main(argv: list[str]) -> int:
@@ -187,6 +197,10 @@ def main(argv: list[str]) -> int:
         print("metrics: request metrics on against off", flush=True)
         rows += metrics.overhead_rows(free_port(), free_port())
         print(rows[-1], flush=True)
+    if "grpc" in sections:  # its own Ray, before the stack's
+        print("grpc: Serve's gRPC proxy against the replica's own port", flush=True)
+        rows += rpc_bench.proxy_rows()
+        print(rows[-1], flush=True)
     key = "dm_benchadmin01_" + secrets.token_hex(20)  # the stack's first admin key
     os.environ["DIFY_MIRROR_BOOTSTRAP_KEY"] = key
     load.HEADERS["Authorization"] = f"Bearer {key}"
@@ -196,7 +210,11 @@ def main(argv: list[str]) -> int:
         docs.append(coldstart.model_doc())
     cpus = max(8, THREADS * len(docs))  # Ray's logical CPUs: every replica gets its share
     settings = Settings(
-        home=home, port=free_port(), ray_num_cpus=cpus, ray_dashboard_port=free_port()
+        home=home,
+        port=free_port(),
+        grpc_port=free_port(),
+        ray_num_cpus=cpus,
+        ray_dashboard_port=free_port(),
     )
     vectors = None
     if "knowledge" in sections:
@@ -208,6 +226,8 @@ def main(argv: list[str]) -> int:
         docs += [search_index, knowledge.index_doc("ingest", chunking={"maxTokens": 256})]
     elif "metrics" in sections:  # two indexes for the scrape
         docs += [knowledge.index_doc("metrics-a"), knowledge.index_doc("metrics-b")]
+    if "grpc" in sections:
+        docs.append(rpc_bench.index_doc())
     stack = LocalStack(settings, object_store_memory=200 * 1024 * 1024)
     stack.start()
     try:
@@ -249,6 +269,9 @@ def main(argv: list[str]) -> int:
             indexes = ["bench", "ingest"] if vectors is not None else ["metrics-a", "metrics-b"]
             rows += metrics.scrape_rows(base, ["demo-llm", "minilm", "minilm-bf16"], indexes)
             print(rows[-1], flush=True)
+        if "grpc" in sections:
+            print("grpc: each RPC against its REST twin", flush=True)
+            rows += asyncio.run(rpc_bench.grpc_rows(base, settings.grpc_port, engines))
     finally:
         stack.stop()
     write_report(rows)
@@ -514,6 +537,7 @@ def write_report(rows: list[tuple[str, str, str, str]]) -> None:
         "cold": 7,
         "security:": 8,
         "metrics:": 9,
+        "grpc:": 10,
     }
     table.sort(key=lambda r: order.get(r[0].split(" ", 1)[0], 9))
     lines = [

@@ -28,6 +28,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The session stack keeps Ray Serve's own 4 MiB limit between deployments (the local
 # stack raises it to 64 MiB), so the tests reach the gateway's 413 for what would not fit.
 os.environ.setdefault("RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH", str(4 * 1024 * 1024))
+# No stack binds the default gRPC port 9000 (the port is shared by SO_REUSEPORT, so two
+# stacks on it would split each other's calls); a test that wants gRPC picks a free port.
+os.environ.setdefault("DIFY_MIRROR_GRPC_PORT", "0")
 # The admin key every stack and gateway the tests start is bootstrapped with (Ray workers
 # and subprocesses inherit the environment); `support.API_KEY` reads it back.
 os.environ.setdefault(

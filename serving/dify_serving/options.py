@@ -167,6 +167,10 @@ class GatewayOptions(_Options):
     replicas: int = Field(1, ge=1, le=64)
     listen_host: str | None = Field(None, description="Serve HTTP here directly (no proxy)")
     listen_port: int | None = None
+    grpc_host: str = Field("127.0.0.1", description="Address the gRPC port listens on")
+    grpc_port: int | None = Field(
+        None, ge=1, le=65535, description="Serve DifyService over gRPC here (None: off)"
+    )
     request_timeout_s: float = Field(300.0, gt=0, description="Longest wait for a model")
     metrics_enabled: bool = Field(
         True, description="count requests for GET /v1/metrics (off: only what replicas push)"

@@ -63,6 +63,12 @@ class Settings(BaseSettings):
     home: Path = Field(Path(".dify-mirror"), description="State folder.")
     host: str = Field("127.0.0.1", description="Address the HTTP port listens on.")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port of the gateway.")
+    grpc_port: int = Field(
+        9000,
+        ge=0,
+        le=65535,
+        description="gRPC port of the gateway (DifyService, reflection, health); 0: off.",
+    )
     modules: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: list(ALL_MODULES),
         description="Gateway modules to run, comma-separated (models,inference,openai,data).",
@@ -288,6 +294,8 @@ class Settings(BaseSettings):
             default_model=self.default_model,
             home=home,
             replicas=self.gateway_replicas,
+            grpc_host=self.host,
+            grpc_port=self.grpc_port or None,
             request_timeout_s=self.request_timeout_s,
             metrics_enabled=self.metrics_enabled,
             limits=LimitOptions(

@@ -67,6 +67,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path) -> Iterator[
     settings = Settings(
         home=home,
         port=free_port(),
+        grpc_port=free_port(),
         ray_num_cpus=2,
         ray_dashboard_port=free_port(),
         model_roots=[str(tiny_dir), str(home / "models")],

@@ -38,7 +38,8 @@ ENV = {
     "DIFY_MIRROR_MODEL_ROOTS": "/srv/models",
     "DIFY_MIRROR_HOME": "/srv/dify",
 }
-CONTROL = {"control", "dashboard_url", "listen_host", "listen_port"}
+# where each listens: the host differs by design (a pod listens on every address)
+CONTROL = {"control", "dashboard_url", "listen_host", "listen_port", "grpc_host"}
 
 
 @pytest.fixture()

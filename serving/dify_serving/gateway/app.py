@@ -20,6 +20,7 @@ from dify_serving.gateway.cache_header import CacheHeader
 from dify_serving.gateway.dataplane import feedback
 from dify_serving.gateway.limits import BodyLimit
 from dify_serving.gateway.metrics import MetricsMiddleware
+from dify_serving.gateway.protobuf_body import ProtobufBodies
 from dify_serving.gateway.security import Guard, SecurityMiddleware
 from dify_serving.gateway.served import VersionHeader
 from dify_serving.gateway.state import GatewayState
@@ -42,6 +43,7 @@ def create_app(state: GatewayState, secrets: Secrets | None = None) -> FastAPI:
     # client without a key is refused before its body is read), request ids outermost
     app.add_middleware(CacheHeader)  # X-Cache: only requests that got this far
     app.add_middleware(VersionHeader)  # X-Dify-Model-Version, for versioned models
+    app.add_middleware(ProtobufBodies)  # inside the limit: protobuf bytes count too
     app.add_middleware(BodyLimit, limit=state.options.limits.max_body_bytes)
     security = state.options.security
     if security.enabled:
@@ -69,22 +71,35 @@ class Gateway:
     With `listen_port` set it also serves that port itself, with SO_REUSEPORT so every
     replica on a node shares it: a request then costs one process hop, where Serve's
     proxy adds a second one and two actor calls per request (what dominated CPU on two
-    cores). Serve's own proxy keeps serving the same app on its port.
+    cores). Serve's own proxy keeps serving the same app on its port. With `grpc_port`
+    set it serves DifyService there the same way (`rpc/server.py`).
     """
 
     async def __init__(self, **options: Any) -> None:  # type: ignore[misc]
         self.state = GatewayState(GatewayOptions.model_validate(options))
         self.fastapi = create_app(self.state)
         self.server: Any = None
-        if self.state.options.listen_port:
-            security = self.state.options.security
+        self.rpc: Any = None
+        config, security = self.state.options, self.state.options.security
+        tls = (
+            (security.tls_certfile, security.tls_keyfile)
+            if security.tls_certfile and security.tls_keyfile
+            else None
+        )
+        if config.listen_port:
             self.server = await serve_directly(
-                self.fastapi,
-                self.state.options.listen_host or "127.0.0.1",
-                self.state.options.listen_port,
-                tls=(security.tls_certfile, security.tls_keyfile)
-                if security.tls_certfile and security.tls_keyfile
-                else None,
+                self.fastapi, config.listen_host or "127.0.0.1", config.listen_port, tls=tls
+            )
+        if config.grpc_port:
+            from dify_serving.gateway.rpc.server import start_grpc
+
+            self.rpc = await start_grpc(
+                self.state,
+                getattr(self.fastapi.state, "guard", None),
+                self.fastapi.routes,
+                config.grpc_host,
+                config.grpc_port,
+                tls=tls,
             )
 
     def __serve_build_asgi_app__(self) -> FastAPI:
@@ -94,6 +109,8 @@ class Gateway:
     async def __del__(self) -> None:
         if self.server is not None:
             self.server.should_exit = True
+        if self.rpc is not None:
+            await self.rpc.stop()
         self.state.close()
         guard = getattr(self.fastapi.state, "guard", None)
         if guard is not None:

@@ -112,6 +112,13 @@ def describe_validation(errors: list[Any]) -> str:
     return "; ".join(f"{_field(e.get('loc', ()))}: {_message(e)}" for e in errors)
 
 
+def invalid_body(errors: list[Any]) -> ApiError:
+    """A body the schema refused: 413 for a bound on size (`schemas.py`), else 422."""
+    if any(e.get("type") == "too_large" for e in errors):
+        return ApiError(413, "payload_too_large", describe_validation(errors))
+    return ApiError(422, "invalid_request", describe_validation(errors))
+
+
 class RequestIdMiddleware:
     """Sets `scope["state"]["request_id"]` and, unless a proxy did, `X-Request-ID`."""
 
@@ -156,9 +163,8 @@ def install(app: FastAPI) -> None:
         errors = list(exc.errors())
         if any(e.get("type") == "json_invalid" for e in errors):
             return error_response(request, 400, "malformed_json", "request body is not valid JSON")
-        if any(e.get("type") == "too_large" for e in errors):  # see gateway/schemas.py
-            return error_response(request, 413, "payload_too_large", describe_validation(errors))
-        return error_response(request, 422, "invalid_request", describe_validation(errors))
+        refused = invalid_body(errors)
+        return error_response(request, refused.status, refused.code, refused.message)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -67,7 +67,7 @@ class BodyLimit:
                 return
             body.append(chunk)
             more = message.get("more_body", False)
-        await self.app(scope, _replay(b"".join(body), receive), send)
+        await self.app(scope, replay_body(b"".join(body), receive), send)
 
     async def _refuse(self, scope: Scope, send: Send, code: str) -> None:
         if code == "payload_too_large":
@@ -81,7 +81,7 @@ class BodyLimit:
         await send_error(send, status, code, message, scope.get("state", {}).get("request_id", ""))
 
 
-def _replay(body: bytes, receive: Receive) -> Receive:
+def replay_body(body: bytes, receive: Receive) -> Receive:
     """The buffered body once, then the real channel (disconnects during a stream)."""
     sent = False
 

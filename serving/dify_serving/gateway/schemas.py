@@ -32,6 +32,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from dify_serving.specs import MODEL_REF_PATTERN, DifyIndexSpec, ResourceName, SwitchStrategy
+from dify_serving.tasks.webhook import MAX_URL_CHARS
 
 #: Characters of one prompt, one text to embed, or one conversation: about a 128k-token
 #: context, and at most 2 MiB in UTF-8 (one call between deployments carries 4 MiB).
@@ -161,6 +162,22 @@ class InferenceRequest(SamplingParams):
     @classmethod
     def _inputs(cls, value: str | list[str] | None) -> str | list[str] | None:
         return None if value is None else _texts(value, MAX_INPUTS, MAX_INPUT_CHARS)
+
+
+class AsyncInferenceRequest(InferenceRequest):
+    """`/v1/inference`'s body, run as a task; `stream` makes its partial output visible."""
+
+    callback_url: str | None = Field(
+        None,
+        max_length=MAX_URL_CHARS,
+        description="POST the finished task here, signed (X-Dify-Signature: sha256=HMAC).",
+    )
+    subject_id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=ID_CHARS,
+        description="Data subject the request is about: erasing the subject removes the task.",
+    )
 
 
 class Usage(BaseModel):

@@ -165,6 +165,58 @@ class Guard:
             raise _too_many_failures(ip, blocked)
         return await self.keys.aauthenticate(token)
 
+    async def admit(
+        self, rule: Rule, headers: dict[bytes, bytes], ip: str | None, request: RequestContext
+    ) -> KeyRecord:
+        """The key of a request on `rule`, or the Refusal that says why not (any transport:
+        the HTTP middleware and the gRPC servicer both ask here)."""
+        if not self.allowlist.allows(ip):
+            request.anonymous = True
+            raise Refusal(403, "address_not_allowed", f"client address {ip} is not allowed")
+        try:
+            key = await self.authenticate(headers, ip)
+        except Refusal:  # the address failed too often: refused before the key store
+            request.anonymous = True
+            request.detail = "auth: address blocked after repeated failures"
+            raise
+        except AuthError as exc:
+            request.anonymous = True
+            request.detail = f"auth: {exc}"
+            request.key_id = exc.key_id
+            wait = await self.failures.failed(ip)
+            if wait:
+                raise _too_many_failures(ip, wait) from None
+            raise Refusal(
+                401,
+                "unauthorized",
+                "missing or invalid API key (Authorization: Bearer dm_...)",
+                {"WWW-Authenticate": "Bearer"},
+            ) from None
+        request.key_id = key.id  # a refusal from here on is still the key's row
+        if key.ip_allowlist and not _key_allowlist(key.ip_allowlist).allows(ip):
+            raise Refusal(403, "address_not_allowed", f"key {key.id} may not be used from {ip}")
+        missing = [s for s in rule.scopes if not allows(key, s)]
+        if missing and (not rule.any_scope or len(missing) == len(rule.scopes)):
+            joined = (" or " if rule.any_scope else ", ").join(missing)
+            raise Refusal(403, "forbidden", f"key {key.id} lacks scope {joined} for this route")
+        if rule.sensitive:
+            await self.second_factor(key, headers)
+        return key
+
+    def client_ip(self, peer: str | None, headers: dict[bytes, bytes]) -> str | None:
+        """The client's address: the peer, or what trusted proxies forwarded for it."""
+        forwarded = headers.get(b"x-forwarded-for")
+        if forwarded and self.trusted:
+            return client_ip(peer, forwarded.decode("latin-1"), self.trusted)
+        return peer  # nobody to believe but the peer
+
+    def record(self, entry: AuditEntry, request: RequestContext) -> None:
+        """The request's audit row; refusals before a key is known are aggregated."""
+        if request.anonymous:
+            self.refusals.add(entry.client_ip, entry)
+        else:
+            self.audit.record(entry)
+
     async def second_factor(self, key: KeyRecord, headers: dict[bytes, bytes]) -> None:
         if key.totp_secret is None:
             if self.config.require_totp_for_admin:
@@ -321,7 +373,7 @@ class SecurityMiddleware:
             await send(message)
 
         try:
-            key = await self._admit(rule, headers, ip, request)
+            key = await self.guard.admit(rule, headers, ip, request)
             await self.guard.limit(rule, key)
             request.key = key
             await self.app(scope, receive, counting_send)
@@ -349,17 +401,11 @@ class SecurityMiddleware:
                 bytes_out=counts["out"],
                 detail=request.audit_detail(),
             )
-            if request.anonymous:  # refused before a key was known: bounded rows
-                self.guard.refusals.add(ip, entry)
-            else:
-                self.guard.audit.record(entry)
+            self.guard.record(entry, request)
 
     def _client_ip(self, scope: Scope, headers: dict[bytes, bytes]) -> str | None:
         peer = scope["client"][0] if scope.get("client") else None
-        forwarded = headers.get(b"x-forwarded-for")
-        if forwarded and self.guard.trusted:
-            return client_ip(peer, forwarded.decode("latin-1"), self.guard.trusted)
-        return peer  # nobody to believe but the peer
+        return self.guard.client_ip(peer, headers)
 
     async def _close_websocket(self, scope: Scope, send: Send) -> None:
         """Refuse the handshake (HTTP 403 on the wire) and leave an aggregated audit row."""
@@ -378,39 +424,3 @@ class SecurityMiddleware:
             detail="websocket refused: the API has no WebSocket routes",
         )
         self.guard.refusals.add(ip, entry)
-
-    async def _admit(
-        self, rule: Rule, headers: dict[bytes, bytes], ip: str | None, request: RequestContext
-    ) -> KeyRecord:
-        if not self.guard.allowlist.allows(ip):
-            request.anonymous = True
-            raise Refusal(403, "address_not_allowed", f"client address {ip} is not allowed")
-        try:
-            key = await self.guard.authenticate(headers, ip)
-        except Refusal:  # the address failed too often: refused before the key store
-            request.anonymous = True
-            request.detail = "auth: address blocked after repeated failures"
-            raise
-        except AuthError as exc:
-            request.anonymous = True
-            request.detail = f"auth: {exc}"
-            request.key_id = exc.key_id
-            wait = await self.guard.failures.failed(ip)
-            if wait:
-                raise _too_many_failures(ip, wait) from None
-            raise Refusal(
-                401,
-                "unauthorized",
-                "missing or invalid API key (Authorization: Bearer dm_...)",
-                {"WWW-Authenticate": "Bearer"},
-            ) from None
-        request.key_id = key.id  # a refusal from here on is still the key's row
-        if key.ip_allowlist and not _key_allowlist(key.ip_allowlist).allows(ip):
-            raise Refusal(403, "address_not_allowed", f"key {key.id} may not be used from {ip}")
-        missing = [s for s in rule.scopes if not allows(key, s)]
-        if missing and (not rule.any_scope or len(missing) == len(rule.scopes)):
-            joined = (" or " if rule.any_scope else ", ").join(missing)
-            raise Refusal(403, "forbidden", f"key {key.id} lacks scope {joined} for this route")
-        if rule.sensitive:
-            await self.guard.second_factor(key, headers)
-        return key

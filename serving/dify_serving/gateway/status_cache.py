@@ -139,7 +139,9 @@ class StatusCache:
             if name in self.models:
                 self.models[name]["last_cold_start_s"] = seconds
         loading = [
-            n for n, s in self.models.items() if s["phase"] in LOADING_PHASES and not s["reason"]
+            n
+            for n, s in self.models.items()
+            if s["phase"] in LOADING_PHASES and not s.get("reason")  # versioned: no reason
         ]
         if loading:  # what those replicas do now (converting, warming up), not a bare phase
             stages = await asyncio.to_thread(loading_stages, set(models))

@@ -25,7 +25,7 @@ from dify_serving.gateway.limits import (
     utf8_size,
 )
 from dify_serving.gateway.notes import TEXT_CHARS, note, note_text
-from dify_serving.gateway.schemas import MAX_BULK_DOCUMENTS, Document
+from dify_serving.gateway.schemas import MAX_BULK_DOCUMENTS, Document, UpsertRequest
 from dify_serving.gateway.state import GatewayState
 from dify_serving.layout import index_shard_dir
 from dify_serving.render import TASK_MODULES
@@ -102,6 +102,17 @@ def _check_documents(
 
 def _documents_text(documents: list[Document]) -> str:
     return "\n\n".join(f"[{d.id}] {d.text[:TEXT_CHARS]}" for d in documents)
+
+
+async def upsert_or_submit(
+    state: GatewayState, body: UpsertRequest, body_bytes: int | None
+) -> tuple[bool, dict[str, Any]]:
+    """`POST /v1/data/upsert` (and gRPC `Upsert`): (False, what was stored), or (True,
+    the task) when the body asks for one or holds more documents than one call takes."""
+    if body.async_ or len(body.documents) > state.options.limits.max_documents:
+        task = await submit_bulk(state, body.index, body.documents)
+        return True, await tasks.view(state, task)
+    return False, await upsert(state, body.index, body.documents, body_bytes)
 
 
 async def upsert(

@@ -32,7 +32,7 @@ from dify_serving.engines.protocol import (
     PredictionRequest,
     Predictor,
 )
-from dify_serving.gateway import cache_header
+from dify_serving.gateway import cache_header, schemas
 from dify_serving.gateway.coalesce import EmbedCoalescer
 from dify_serving.gateway.errors import ApiError
 from dify_serving.gateway.limits import check_call_size
@@ -125,6 +125,21 @@ async def generate_stream(
         yield delta
 
 
+async def deltas(
+    state: GatewayState, model: DifyModel, request: GenerationRequest, rid: str
+) -> AsyncIterator[dict[str, Any]]:
+    """A stream's events as `/v1/inference` sends them (SSE) and `GenerateTextStream`
+    (gRPC): one per delta, the last with `finish_reason` and `usage`."""
+    index = 0
+    async for item in generate_stream(state, model, request):
+        event = {"id": rid, "model": model.target, "delta": item.delta, "index": index}
+        if item.finish_reason:
+            event["finish_reason"] = item.finish_reason
+            event["usage"] = usage(item).model_dump()
+        yield event
+        index += 1
+
+
 async def embed(
     state: GatewayState, model: DifyModel, texts: list[str], truncate: bool
 ) -> Embeddings:
@@ -154,6 +169,20 @@ async def embed(
     if key is not None:
         await cache_header.store(state.cache, key, _embeddings_bytes(result))
     return result
+
+
+async def embed_texts(state: GatewayState, body: schemas.EmbedRequest) -> dict[str, Any]:
+    """`POST /v1/data/embed` (and gRPC `Embed`): the vectors of `body.input`."""
+    model = state.model(body.model, Task.FEATURE_EXTRACTION)
+    texts = [body.input] if isinstance(body.input, str) else body.input
+    result = await embed(state, model, texts, body.truncate)
+    vectors = result.vectors
+    return {
+        "model": model.target,
+        "dimension": int(vectors.shape[1]) if len(vectors) else 0,
+        "data": vectors.tolist(),
+        "usage": {"prompt_tokens": result.prompt_tokens},
+    }
 
 
 #: prompt tokens, rows, dimension; then the vectors as little-endian float32.

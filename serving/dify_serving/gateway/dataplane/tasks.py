@@ -17,9 +17,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from dify_serving.gateway import access
+from dify_serving.gateway.dataplane import inference
 from dify_serving.gateway.errors import ApiError
+from dify_serving.gateway.schemas import AsyncInferenceRequest, InferenceRequest
 from dify_serving.gateway.state import GatewayState
 from dify_serving.specs import DifyModel
+from dify_serving.specs import Task as ModelTask
 from dify_serving.tasks import store as rows
 from dify_serving.tasks.queue import SHARED_QUEUE, BrokerUnavailable, model_queue
 from dify_serving.tasks.runner import task_view
@@ -51,6 +54,40 @@ async def check_callback(state: GatewayState, url: str | None) -> str | None:
         return await asyncio.to_thread(check_url, url, allow)
     except CallbackRefused as exc:
         raise ApiError(422, "invalid_request", str(exc)) from None
+
+
+def check_inference(model: DifyModel, body: InferenceRequest) -> None:
+    """Refuse now what the task would fail on later (422/413, as `/v1/inference` does)."""
+    if model.spec.task == ModelTask.TEXT_GENERATION:
+        inference.generation_from(model, body)
+        return
+    if body.stream:
+        raise ApiError(422, "invalid_request", f"stream: {model.spec.task} models do not stream")
+    inputs = body.input if body.input is not None else body.prompt
+    if inputs is None:
+        raise ApiError(422, "invalid_request", "input: required for this model")
+    if model.spec.task == ModelTask.FEATURE_EXTRACTION:
+        inference.check_text_chars("input", inputs if isinstance(inputs, list) else [inputs])
+
+
+async def submit_inference(state: GatewayState, body: AsyncInferenceRequest) -> dict[str, Any]:
+    """`POST /v1/inference/async`: the task, checked and queued, as the API shows it."""
+    model = state.model(body.model)
+    check_inference(model, body)
+    request = body.model_dump(
+        mode="json", exclude={"callback_url", "subject_id"}, exclude_none=True
+    )
+    # a version is drawn when the task runs, unless the request pinned one
+    request["model"] = model.target if "@" in (body.model or "") else model.name
+    task = await submit(
+        state,
+        kind="inference",
+        request=request,
+        model=model,
+        subject_id=body.subject_id,
+        callback_url=body.callback_url,
+    )
+    return await view(state, task)
 
 
 async def submit(

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from dify_serving.engines.protocol import GenerationRequest
 from dify_serving.gateway.dataplane import data as plane
-from dify_serving.gateway.dataplane import inference, retrieval, tasks
+from dify_serving.gateway.dataplane import inference, retrieval
 from dify_serving.gateway.errors import ApiError, describe_validation, request_id
 from dify_serving.gateway.policy import needs
 from dify_serving.gateway.routers.deps import StateDep
@@ -62,16 +62,7 @@ async def clean(body: CleanRequest, state: StateDep) -> dict[str, Any]:
     openapi_extra=needs(DATA_READ),
 )
 async def embed(body: EmbedRequest, state: StateDep) -> dict[str, Any]:
-    model = state.model(body.model, Task.FEATURE_EXTRACTION)
-    texts = [body.input] if isinstance(body.input, str) else body.input
-    result = await inference.embed(state, model, texts, body.truncate)
-    vectors = result.vectors
-    return {
-        "model": model.target,
-        "dimension": int(vectors.shape[1]) if len(vectors) else 0,
-        "data": vectors.tolist(),
-        "usage": {"prompt_tokens": result.prompt_tokens},
-    }
+    return await inference.embed_texts(state, body)
 
 
 @router.post(
@@ -80,13 +71,14 @@ async def embed(body: EmbedRequest, state: StateDep) -> dict[str, Any]:
     openapi_extra=needs(DATA_WRITE),
 )
 async def upsert(body: UpsertRequest, request: Request, state: StateDep) -> Any:
-    if body.async_ or len(body.documents) > state.options.limits.max_documents:
-        task = await plane.submit_bulk(state, body.index, body.documents)
-        view = await tasks.view(state, task)
-        return JSONResponse(view, status_code=202, headers={"Location": f"/v1/tasks/{task.id}"})
     length = request.headers.get("content-length", "")
-    body_bytes = int(length) if length.isdigit() else None
-    return await plane.upsert(state, body.index, body.documents, body_bytes)
+    as_task, answer = await plane.upsert_or_submit(
+        state, body, int(length) if length.isdigit() else None
+    )
+    if as_task:
+        location = f"/v1/tasks/{answer['task_id']}"
+        return JSONResponse(answer, status_code=202, headers={"Location": location})
+    return answer
 
 
 @router.post(

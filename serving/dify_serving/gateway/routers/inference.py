@@ -3,13 +3,11 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from dify_serving.engines.protocol import GenerationRequest
 from dify_serving.gateway.dataplane import batch, tasks
 from dify_serving.gateway.dataplane import inference as plane
 from dify_serving.gateway.errors import ApiError, request_id
@@ -22,9 +20,8 @@ from dify_serving.gateway.schemas import (
     InferenceRequest,
     InferenceResponse,
 )
-from dify_serving.gateway.state import GatewayState
 from dify_serving.security.grants import INFERENCE
-from dify_serving.specs import DifyModel, Task
+from dify_serving.specs import Task
 
 router = APIRouter(prefix="/v1", tags=["inference"])
 
@@ -45,7 +42,7 @@ async def inference(body: InferenceRequest, request: Request, state: StateDep) -
             )
         gen = plane.generation_from(model, body)
         return StreamingResponse(
-            sse_stream(_deltas(state, model, gen, rid), rid), media_type="text/event-stream"
+            sse_stream(plane.deltas(state, model, gen, rid), rid), media_type="text/event-stream"
         )
     return await plane.infer(state, model, body, rid)
 
@@ -67,22 +64,3 @@ async def inference_batch(body: BatchRequest, request: Request, state: StateDep)
         view = await tasks.view(state, task)
         return JSONResponse(view, status_code=202, headers={"Location": f"/v1/tasks/{task.id}"})
     return await batch.infer_batch(state, model, body.requests, request_id(request))
-
-
-async def _deltas(
-    state: GatewayState, model: DifyModel, gen: GenerationRequest, rid: str
-) -> AsyncIterator[dict[str, Any]]:
-    index = 0
-    async for item in plane.generate_stream(state, model, gen):
-        if item.finish_reason:
-            yield {
-                "id": rid,
-                "model": model.target,
-                "delta": item.delta,
-                "index": index,
-                "finish_reason": item.finish_reason,
-                "usage": plane.usage(item).model_dump(),
-            }
-        else:
-            yield {"id": rid, "model": model.target, "delta": item.delta, "index": index}
-        index += 1
