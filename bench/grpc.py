@@ -1,14 +1,20 @@
 """gRPC against REST on the same stack: each RPC against its REST twin, same concurrency.
 
 The gateway replica serves both ports (`gateway/rpc/server.py`), so the pair differs only
-in the transport: protobuf over HTTP/2 (grpc.aio, one channel per worker on its own
-connection) against JSON over HTTP/1.1 (`bench/load.py`, one connection per worker).
+in the transport: protobuf over HTTP/2 (grpc.aio, the workers' calls multiplexed on
+one channel) against JSON over HTTP/1.1 (`bench/load.py`, one connection per worker).
 Both clients are closed loops in this process, taking turns, which goes first
-alternating, so drift on the shared cores hits both; medians of the rounds.
+alternating, so drift on the shared cores hits both; medians of the rounds. Each row
+also gives the client's CPU per request (this process, gRPC's C threads included), so a
+gap the client makes shows as such.
 
 Every request carries a fresh nonce in its prompt, query or text, on both transports,
 so the result cache (greedy inference, search by query) never answers one: each figure
 is the full path, embedding and generation included.
+
+Where to serve gRPC: one Serve deployment answers a fixed `GetModelStatus` through Ray
+Serve's gRPC proxy and from a grpc.aio server on the replica's own port (what the
+gateway does), in a process of its own with its own Ray (`python -m bench.grpc proxy`).
 """
 
 from __future__ import annotations
@@ -41,6 +47,8 @@ CASES = (
 )
 GENERATE_TOKENS = 16
 _nonce = itertools.count()
+#: Seconds of this process's CPU per request, per transport, of the current row's rounds.
+_CLIENT_CPU: dict[str, list[float]] = {"REST": [], "gRPC": []}
 Row = tuple[str, str, str, str]
 
 
@@ -80,37 +88,35 @@ _MESSAGES = {
 
 
 async def _rest(base: str, rpc: str, path: str, concurrency: int, total: int) -> float:
+    cpu = time.process_time()
     result = await load.run(base, path, lambda i: _bodies(rpc, i), total, concurrency)
+    _CLIENT_CPU["REST"].append((time.process_time() - cpu) / total)
     assert result.errors == 0, f"{path}: {result.errors} errors"
     return result.requests / result.seconds
 
 
 async def _rpc(port: int, rpc: str, concurrency: int, total: int) -> tuple[float, float]:
-    """Requests/s and the median latency of `total` calls, `concurrency` at a time."""
+    """Requests/s and the median latency of `total` calls, `concurrency` at a time on one
+    channel (one HTTP/2 connection, as a gRPC client is meant to be used)."""
     metadata = (("authorization", load.HEADERS["Authorization"]),)
-    options = [("grpc.use_local_subchannel_pool", 1)]  # a connection per channel, as REST
-    channels = [
-        grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) for _ in range(concurrency)
-    ]
-    await asyncio.gather(*(c.channel_ready() for c in channels))
-    counter = iter(range(total))
     latencies: list[float] = []
     message = _MESSAGES[rpc]
-
-    async def worker(channel: grpc.aio.Channel) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        await channel.channel_ready()
         call = getattr(dify_pb2_grpc.DifyServiceStub(channel), rpc)
-        for i in counter:
-            request = message(**_bodies(rpc, i))
-            t0 = time.perf_counter()
-            await call(request, metadata=metadata, timeout=120)
-            latencies.append(time.perf_counter() - t0)
+        counter = iter(range(total))
 
-    started = time.perf_counter()
-    try:
-        await asyncio.gather(*(worker(c) for c in channels))
-    finally:
+        async def worker() -> None:
+            for i in counter:
+                request = message(**_bodies(rpc, i))
+                t0 = time.perf_counter()
+                await call(request, metadata=metadata, timeout=120)
+                latencies.append(time.perf_counter() - t0)
+
+        cpu, started = time.process_time(), time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
         seconds = time.perf_counter() - started
-        await asyncio.gather(*(c.close() for c in channels))
+        _CLIENT_CPU["gRPC"].append((time.process_time() - cpu) / total)
     return total / seconds, statistics.median(latencies)
 
 
@@ -125,6 +131,7 @@ async def _turns(
         else:
             base = await rest()
             rate, p50 = await rpc()
+        print(f"  round {r + 1}: gRPC {rate:.1f} against {base:.1f}", flush=True)
         rests.append(base)
         rpcs.append(rate)
         ratios.append(rate / base)
@@ -148,6 +155,8 @@ async def grpc_rows(base: str, port: int, engines: dict[str, str]) -> list[Row]:
     for rpc, path, concurrency, total in CASES:
         await _rest(base, rpc, path, concurrency, concurrency * 2)  # warm both
         await _rpc(port, rpc, concurrency, concurrency * 2)
+        for kept in _CLIENT_CPU.values():
+            kept.clear()
         rest, rate, ratio, p50 = await _turns(
             functools.partial(_rest, base, rpc, path, concurrency, total),
             functools.partial(_rpc, port, rpc, concurrency, total),
@@ -158,12 +167,14 @@ async def grpc_rows(base: str, port: int, engines: dict[str, str]) -> list[Row]:
             "Embed": f"minilm: {engines.get('minilm', '?')}, one text",
         }[rpc]
         met = "met" if ratio >= TARGET else "NOT met"
+        cpu = {k: statistics.median(v) * 1000 for k, v in _CLIENT_CPU.items()}
         rows.append(
             (
                 f"grpc: {rpc} req/s, concurrency {concurrency} ({served})",
                 f"{rate:.1f}",
                 f"REST POST {path} {rest:.1f}",
-                f"{ratio:.2f}× (target ≥ {TARGET}: {met}); gRPC p50 {p50 * 1000:.1f} ms",
+                f"{ratio:.2f}× (target ≥ {TARGET}: {met}); gRPC p50 {p50 * 1000:.1f} ms; "
+                f"client CPU/request gRPC {cpu['gRPC']:.2f} ms, REST {cpu['REST']:.2f} ms",
             )
         )
         print(rows[-1], flush=True)
@@ -178,6 +189,8 @@ SERVE_ENVIRONMENT = {
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
     "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
 }
+#: Serve's proxy routes by this metadata; the replica's own server ignores it.
+_APPLICATION = (("application", "fixed"),)
 _SERVICER = "dify_serving.grpc.dify_pb2_grpc.add_DifyServiceServicer_to_server"
 
 
@@ -204,7 +217,7 @@ async def _status_rate(port: int, concurrency: int, total: int) -> tuple[float, 
         call = dify_pb2_grpc.DifyServiceStub(channel).GetModelStatus
         for _ in counter:
             t0 = time.perf_counter()
-            answer = await call(pb.ModelStatusRequest(), timeout=60)
+            answer = await call(pb.ModelStatusRequest(), metadata=_APPLICATION, timeout=60)
             latencies.append(time.perf_counter() - t0)
             assert answer.models[0].name == "fixed"
 
@@ -227,7 +240,7 @@ def proxy_main(proxy_port: int, own_port: int, http_port: int) -> None:
 
     @serve.deployment(name="FixedStatus")
     class FixedStatus:
-        async def __init__(self) -> None:
+        async def __init__(self) -> None:  # type: ignore[misc]
             self.server = grpc.aio.server()
             dify_pb2_grpc.add_DifyServiceServicer_to_server(_Fixed(), self.server)
             self.server.add_insecure_port(f"127.0.0.1:{own_port}")
@@ -242,10 +255,12 @@ def proxy_main(proxy_port: int, own_port: int, http_port: int) -> None:
         http_options={"host": "127.0.0.1", "port": http_port},
         grpc_options=gRPCOptions(port=proxy_port, grpc_servicer_functions=[_SERVICER]),
     )
-    serve.run(FixedStatus.bind(), name="fixed", route_prefix=None)
+    app = FixedStatus.bind()  # type: ignore[attr-defined]
+    serve.run(app, name="fixed", route_prefix="/fixed")  # None: no route on the proxy
 
     async def measure() -> tuple[float, float, float, float]:
         c, n = PROXY_CONCURRENCY, PROXY_CALLS
+        await _routed(proxy_port)
         await _status_rate(proxy_port, c, n)  # warm both
         await _status_rate(own_port, c, n)
         return await _turns(
@@ -267,6 +282,21 @@ def proxy_main(proxy_port: int, own_port: int, http_port: int) -> None:
         f"{p50 * 1000:.1f} ms",
     )
     print("ROW " + json.dumps(row), flush=True)
+
+
+async def _routed(port: int, within_s: float = 60.0) -> None:
+    """Until Serve's proxy has the application in its route table."""
+    deadline = time.monotonic() + within_s
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        call = dify_pb2_grpc.DifyServiceStub(channel).GetModelStatus
+        while True:
+            try:
+                await call(pb.ModelStatusRequest(), metadata=_APPLICATION, timeout=10)
+                return
+            except grpc.aio.AioRpcError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.5)
 
 
 async def _first(pair: Awaitable[tuple[float, float]]) -> float:

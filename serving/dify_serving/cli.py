@@ -61,6 +61,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
             f"(docs at /docs); Ctrl-C stops",
             flush=True,
         )
+        if settings.grpc_port:
+            grpc_scheme = "TLS" if settings.tls_certfile else "plaintext"
+            print(
+                f"gRPC DifyService on {settings.host}:{settings.grpc_port} ({grpc_scheme}, "
+                "with reflection and health)",
+                flush=True,
+            )
         key_file = settings.state_dir / "bootstrap.key"
         if settings.auth and key_file.exists():
             print(f"the first admin API key is in {key_file} (Bearer)", flush=True)
