@@ -238,12 +238,14 @@ def main(argv: list[str]) -> int:
         engines = served(base)
         print(engines, flush=True)
         models = home.resolve() / "models"
-        if "generation" in sections:
-            rows += generation_rows(base, str(models / "demo-llm"), engines["demo-llm"])
-            rows += shape_rows(base, str(models / "demo-llm-58m"), engines)
+        if "generation" in sections:  # engines, not the result cache: the prompts repeat
+            with load.uncached():
+                rows += generation_rows(base, str(models / "demo-llm"), engines["demo-llm"])
+                rows += shape_rows(base, str(models / "demo-llm-58m"), engines)
         if "embeddings" in sections:
             minilm = str(packaged_path("all-MiniLM-L6-v2"))
-            rows += embedding_rows(base, minilm, home / "fastembed", engines)
+            with load.uncached():
+                rows += embedding_rows(base, minilm, home / "fastembed", engines)
         if vectors is not None:
             print("knowledge: search", flush=True)
             rows += knowledge.search_rows(base, "bench", vectors)

@@ -66,11 +66,8 @@ async def separate(base: str, model: str, tag: str, items: int) -> tuple[float, 
 async def same_texts(base: str, model: str, items: int) -> int:
     """Items whose batch text is the text of the same prompt sent alone, afresh."""
     _, batched, _ = await one_batch(base, model, "check", items)
-    load.HEADERS["Cache-Control"] = "no-cache"  # read by the connections load.run opens
-    try:
+    with load.uncached("no-cache"):
         _, alone, _ = await separate(base, model, "check", items)
-    finally:
-        del load.HEADERS["Cache-Control"]
     return sum(a == b for a, b in zip(batched, alone, strict=True))
 
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,17 @@ class Result:
 
 #: Sent with every request (the stack's bootstrap admin key, when auth is on).
 HEADERS: dict[str, str] = {}
+
+
+@contextmanager
+def uncached(wish: str = "no-store") -> Iterator[None]:
+    """Connections opened inside send `Cache-Control: <wish>`, so the result cache neither
+    answers nor (with no-store) keeps: a row that times an engine must not time a hit."""
+    HEADERS["Cache-Control"] = wish
+    try:
+        yield
+    finally:
+        del HEADERS["Cache-Control"]
 
 
 class Connection:
