@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install run test test-slow test-unit test-services test-stack test-operator lint crds proto bench clean
+.PHONY: install run test test-slow test-unit test-services test-stack test-operator lint crds sync-crds proto bench e2e clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -44,6 +44,13 @@ lint: $(STAMP)
 crds: $(STAMP)
 	$(PY) -m dify_serving.crdgen crds
 
+# The chart's copies of the CRDs and of the alert rules and dashboard (Helm reads only
+# files inside the chart); tests/unit/test_chart.py fails when they differ.
+CHART := charts/dify-mirror
+sync-crds:
+	cp crds/*.yaml $(CHART)/crds/
+	cp observability/prometheus/alerts.yaml observability/grafana/dify-mirror.json $(CHART)/files/
+
 # gRPC stubs from dify.proto (generated, committed; tests/unit/test_grpc_schema.py fails
 # when they are stale). grpcio-tools is pinned in dev so the output is the same anywhere.
 PROTO := serving/dify_serving/grpc/dify.proto
@@ -58,6 +65,11 @@ $(BENCH_STAMP): $(STAMP)
 
 bench: $(BENCH_STAMP)
 	$(PY) -m bench
+
+# The whole product on a throwaway kind cluster (docker, kind, kubectl and helm needed;
+# it stops at once naming what is missing): e2e/kind.sh. Not part of `make test`.
+e2e: $(STAMP)
+	PYTHON=$(PY) bash e2e/kind.sh
 
 clean:
 	rm -rf $(VENV) .dify-mirror

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import sys
 
 import kopf
@@ -25,6 +26,11 @@ def main() -> None:
         sys.exit(f"dify-operator: bad setting: {explain(exc)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     namespaces = [] if config.cluster_wide else [config.namespace or "default"]
+    # kopf pauses every operator that meets a peer of its own priority: a random one per
+    # start is kopf's recipe for replicas of one Deployment (one runs, the others wait).
+    priority = config.peering_priority
+    if priority is None:
+        priority = random.randint(1, 32767)
     asyncio.run(
         kopf.operator(
             clusterwide=config.cluster_wide,
@@ -33,6 +39,7 @@ def main() -> None:
             memo=kopf.Memo(config=config, options=options),
             standalone=not config.peering,
             peering_name=config.peering or None,
+            priority=priority,
         )
     )
 

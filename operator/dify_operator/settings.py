@@ -26,12 +26,18 @@ class OperatorSettings(Settings):
     )
     cluster_wide: bool = Field(False, description="Watch every namespace.")
     gateway_url: str = Field(
-        "http://dify-mirror-gateway:8000", description="Where users reach the gateway."
+        "http://dify-mirror-gateway:8080", description="Where users reach the gateway."
     )
     status_period_s: float = Field(3.0, gt=0, description="Status refresh while not Ready.")
     ready_period_s: float = Field(30.0, gt=0, description="Status refresh once Ready.")
     retry_delay_s: float = Field(5.0, gt=0, description="Back-off while Ray is unreachable.")
     peering: str | None = Field(
         "dify-mirror", description="kopf peering name (leader election); empty: standalone."
+    )
+    peering_priority: int | None = Field(
+        None,
+        ge=0,
+        description="kopf peering priority: the highest runs, the others wait. Unset: random "
+        "in 1..32767 per start, since replicas with the same priority all pause.",
     )
     liveness_port: int = Field(8080, description="Port of /healthz for the kubelet probes.")

@@ -29,6 +29,10 @@ TASKS_SHUTDOWN_S = 10.0
 GRACEFUL_SHUTDOWN_S = 3.0
 #: Requests one index replica runs at once (`max_ongoing_requests`).
 INDEX_MAX_ONGOING = 256
+#: Ray's own resource of the head node. In a cluster the gateway replicas ask for a sliver
+#: of it: the chart's Service sends the gateway's own ports (HTTP, gRPC) to the head pod,
+#: and a replica with `num_cpus: 0` would otherwise land on any worker, out of its reach.
+HEAD_NODE_RESOURCE = "node:__internal_head__"
 
 
 def model_app_name(name: str, version: str | None = None) -> str:
@@ -193,6 +197,9 @@ def embeds_for_indexes(model: DifyModel) -> bool:
 
 
 def gateway_app(options: GatewayOptions) -> dict[str, Any]:
+    actor: dict[str, Any] = {"num_cpus": 0}
+    if options.control == "kubernetes":
+        actor["resources"] = {HEAD_NODE_RESOURCE: 0.001}
     return {
         "name": GATEWAY_APP,
         "route_prefix": "/",
@@ -203,7 +210,7 @@ def gateway_app(options: GatewayOptions) -> dict[str, Any]:
                 "name": "Gateway",
                 "num_replicas": options.replicas,
                 "max_ongoing_requests": 1000,
-                "ray_actor_options": {"num_cpus": 0},
+                "ray_actor_options": actor,
             }
         ],
     }

@@ -13,8 +13,12 @@ The same RPCs against real engines on Ray Serve are in `tests/stack/test_grpc_st
 from __future__ import annotations
 
 import asyncio
+import json
+import re
+import shlex
 import shutil
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -354,6 +358,42 @@ def test_a_client_without_the_proto_finds_and_calls_the_service_by_reflection(
     request = request_type()
     request.model, request.prompt = "llm", "found"
     assert call(request, metadata=ADMIN).output.string_value == "FOUND"
+
+
+def _readme_grpcurl() -> list[str]:
+    """The README's grpcurl command, its continuation lines joined."""
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    found = re.search(r"^grpcurl .*?(?<!\\)$", readme, re.MULTILINE | re.DOTALL)
+    assert found, "the README has no grpcurl line"
+    return shlex.split(found.group(0).replace("\\\n", " "))
+
+
+def test_the_readmes_grpcurl_line_works_by_reflection_alone(rpc: Rpc) -> None:
+    """The real grpcurl (no .proto given) lists the service and runs the README's call."""
+    grpcurl = Path(sys.executable).with_name("grpcurl")
+    if not grpcurl.exists():
+        pytest.fail("grpcurl is missing: make install puts it in the venv")
+    target = f"127.0.0.1:{rpc.port}"
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(grpcurl), *args], capture_output=True, text=True, timeout=60)
+
+    listed = run("-plaintext", target, "list")
+    assert SERVICE in listed.stdout.split(), listed.stderr
+    described = run("-plaintext", target, "describe", SERVICE)
+    assert "GenerateText ( .difymirror.v1.TextRequest )" in described.stdout, described.stderr
+    method = run("-plaintext", target, "describe", f"{SERVICE}.GenerateText")
+    assert "returns ( .difymirror.v1.TextResponse )" in method.stdout, method.stderr
+    command = _readme_grpcurl()
+    assert command[0] == "grpcurl" and command[-2] == "127.0.0.1:9000"
+    args = [a.replace("$KEY", API_KEY) for a in command[1:-2]]
+    args[args.index("-d") + 1] = args[args.index("-d") + 1].replace('"demo-llm"', '"llm"')
+    answered = run(*args, target, command[-1])
+    assert answered.returncode == 0, answered.stderr
+    assert json.loads(answered.stdout)["output"] == "HELLO"
+    keyless = [a for a in args if not a.startswith(("-H", "authorization:"))]
+    refused = run(*keyless, target, command[-1])
+    assert refused.returncode != 0 and "Unauthenticated" in refused.stderr
 
 
 def test_health_says_serving_for_the_server_and_the_service(rpc: Rpc) -> None:

@@ -89,6 +89,20 @@ def test_gateway_options_reach_the_gateway_app() -> None:
     assert gateway["args"]["default_model"] == "x"
 
 
+def test_in_a_cluster_the_gateway_runs_on_the_head_node() -> None:
+    """The chart's Service sends HTTP and gRPC to the Ray head pod, where the gateway
+    listens itself; on one machine every node is the head, so nothing is asked for."""
+    state = parse_documents([_model("m")])
+    for control, resources in (("kubernetes", {"node:__internal_head__": 0.001}), ("local", None)):
+        opts = ServeOptions(gateway=GatewayOptions(control=control))
+        apps = {a["name"]: a for a in render_serve_config(state, opts)["applications"]}
+        actor = apps["gateway"]["deployments"][0]["ray_actor_options"]
+        assert actor.get("resources") == resources and actor["num_cpus"] == 0
+        # the rest go wherever Ray finds room
+        others = [d for name, a in apps.items() if name != "gateway" for d in a["deployments"]]
+        assert others and not any("resources" in d["ray_actor_options"] for d in others)
+
+
 def test_status_mapping() -> None:
     spec = parse_documents([_model("m", replicas=2)]).models["m"].spec
     assert model_status("m", spec, {})["phase"] == "Pending"

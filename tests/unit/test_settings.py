@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 
 import pytest
+import yaml
 from pydantic import ValidationError
 
 from dify_operator import reconcile
@@ -21,6 +22,8 @@ from dify_serving.render import render_serve_config
 from dify_serving.security import secrets as secrets_module
 from dify_serving.security.secrets import SecretError, Secrets, key_pepper, read_secret
 from dify_serving.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
 
 PASSWORD = "Kn0wnPassw0rd-4-tests"
 ENV = {
@@ -201,3 +204,13 @@ def test_the_pepper_is_never_seen_half_written(
     resume.set()
     slow.join(10)
     assert len(results["fast"]) >= 32 and results["fast"] == results["slow"]
+
+
+def test_the_operators_default_gateway_url_is_the_charts_gateway_service(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Status endpoints name the gateway's Service (its HTTP port, not Serve's 8000)."""
+    monkeypatch.delenv("DIFY_MIRROR_GATEWAY_URL", raising=False)
+    values = yaml.safe_load((ROOT / "charts" / "dify-mirror" / "values.yaml").read_text())
+    port = values["gateway"]["service"]["httpPort"]
+    assert OperatorSettings().gateway_url == f"http://dify-mirror-gateway:{port}"

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -26,6 +27,24 @@ from dify_serving.grpc import dify_pb2_grpc
 
 #: Seconds a stopping server gives calls in flight.
 GRACE_S = 5.0
+
+
+class _Symbols:
+    """The default descriptor pool for reflection, where a method's full name finds its
+    file too: upb's pool finds services and messages only, so `grpcurl describe
+    difymirror.v1.DifyService.GenerateText` answered "Symbol not found"."""
+
+    def __init__(self, pool: Any) -> None:
+        self._pool = pool
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pool, name)
+
+    def FindFileContainingSymbol(self, symbol: str) -> Any:
+        try:
+            return self._pool.FindFileContainingSymbol(symbol)
+        except KeyError:
+            return self._pool.FindMethodByName(symbol).containing_service.file
 
 
 class RpcServer:
@@ -62,7 +81,11 @@ async def start_grpc(
     checker = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(checker, server)
     health_service = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-    reflection.enable_server_reflection((SERVICE, health_service, reflection.SERVICE_NAME), server)
+    reflection.enable_server_reflection(
+        (SERVICE, health_service, reflection.SERVICE_NAME),
+        server,
+        _Symbols(descriptor_pool.Default()),
+    )
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     if tls is not None:
         key, cert = Path(tls[1]).read_bytes(), Path(tls[0]).read_bytes()
