@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install run test test-slow test-unit test-services test-stack test-operator lint crds sync-crds proto bench e2e clean
+.PHONY: install run test test-slow test-unit test-services test-stack test-operator lint crds sync-crds proto bench fuzz e2e clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -65,6 +65,12 @@ $(BENCH_STAMP): $(STAMP)
 
 bench: $(BENCH_STAMP)
 	$(PY) -m bench
+
+# Schemathesis against the gateway's /openapi.json, longer than make test's 10 examples
+# per operation (tests/unit/test_fuzz.py).
+FUZZ_EXAMPLES ?= 300
+fuzz: $(STAMP)
+	DIFY_MIRROR_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest tests/unit/test_fuzz.py -m unit
 
 # The whole product on a throwaway kind cluster (docker, kind, kubectl and helm needed;
 # it stops at once naming what is missing): e2e/kind.sh. Not part of `make test`.

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import numpy as np
 import pyotp
 import pytest
 from google.protobuf import descriptor_pool, message_factory
@@ -35,10 +34,10 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 from grpc_status import rpc_status
+from standins import Embedder, Index, Llm, install
 from support import API_KEY, free_port, index_doc, model_doc, wait_for
 
 from dify_serving.catalog.files import LocalStateStore
-from dify_serving.engines.protocol import Embeddings, Generation, GenerationDelta
 from dify_serving.gateway.app import create_app
 from dify_serving.gateway.rpc.server import start_grpc
 from dify_serving.gateway.state import GatewayState
@@ -46,133 +45,9 @@ from dify_serving.grpc import dify_pb2 as pb
 from dify_serving.grpc import dify_pb2_grpc
 from dify_serving.manifests import parse_documents
 from dify_serving.options import GatewayOptions, SecurityOptions, ServeOptions
-from dify_serving.render import index_app_name, model_app_name
 
 ADMIN = (("authorization", f"Bearer {API_KEY}"),)
 SERVICE = "difymirror.v1.DifyService"
-
-
-# ---- stand-in replicas ------------------------------------------------------------------
-class Call:
-    """A replica call: awaitable, cancellable (as Serve's DeploymentResponse)."""
-
-    def __init__(self, coro: Any, on_cancel: Any) -> None:
-        self.coro, self.on_cancel = coro, on_cancel
-
-    def __await__(self) -> Any:
-        return self.coro.__await__()
-
-    def cancel(self) -> None:
-        self.on_cancel()
-
-
-class Method:
-    def __init__(self, remote: Any) -> None:
-        self.remote = remote
-
-
-class Stream:
-    """ "Hello", then " world" once the test releases it; cancel() before the end counts."""
-
-    def __init__(self, llm: Llm) -> None:
-        self.llm, self.sent, self.stopped = llm, 0, False
-
-    def __aiter__(self) -> Stream:
-        return self
-
-    async def __anext__(self) -> GenerationDelta:
-        if self.sent == 0:
-            self.sent = 1
-            return GenerationDelta("Hello")
-        if self.sent == 1:
-            while not self.llm.release.is_set():
-                if self.stopped:
-                    raise RuntimeError("request cancelled")
-                await asyncio.sleep(0.01)
-            self.sent = 2
-            return GenerationDelta(" world", "stop", 3, 2)
-        raise StopAsyncIteration
-
-    def cancel(self) -> None:
-        self.stopped = True
-        if self.sent < 2:
-            self.llm.cancelled.set()
-
-
-class Llm:
-    def __init__(self) -> None:
-        self.release = threading.Event()
-        self.cancelled = threading.Event()
-        self.slow = False
-
-    def options(self, **_: Any) -> Llm:
-        return self
-
-    @property
-    def generate(self) -> Method:
-        return Method(lambda request: Call(self._generate(request), self.cancelled.set))
-
-    @property
-    def generate_stream(self) -> Method:
-        return Method(lambda request: Stream(self))
-
-    async def _generate(self, request: Any) -> Generation:
-        if self.slow:
-            await asyncio.sleep(30)
-        return Generation(request.prompt.upper(), "length", 3, request.max_tokens)
-
-
-class Embedder:
-    def options(self, **_: Any) -> Embedder:
-        return self
-
-    @property
-    def embed_each(self) -> Method:
-        async def embed(requests: list[Any]) -> list[Embeddings]:
-            return [
-                Embeddings(np.asarray([[0.1, -1 / 3, float(len(t))] for t in r.texts], "f4"), 2)
-                for r in requests
-            ]
-
-        return Method(lambda requests: Call(embed(requests), lambda: None))
-
-
-class Index:
-    def __init__(self) -> None:
-        self.deleted: list[Any] = []
-
-    def options(self, **_: Any) -> Index:
-        return self
-
-    def __getattr__(self, method: str) -> Method:
-        async def answer(*args: Any) -> Any:
-            if method == "search":
-                hit = {
-                    "document_id": "d1",
-                    "chunk_index": 0,
-                    "text": "refunds within 30 days",
-                    "score": 0.75,
-                    "metadata": {"lang": "en", "year": 2024},
-                    "subject_id": None,
-                    "start": 0,
-                    "end": 22,
-                }
-                return {"hits": [hit], "query_tokens": 4, "cache": None}
-            if method == "delete":
-                self.deleted.append(args)
-                return 3
-            documents = args[0]
-            return {
-                "index": "kb",
-                "erased": [],
-                "documents": [
-                    {"id": d["id"], "chunks": 1, "stale_chunks_removed": 0} for d in documents
-                ],
-                "chunks": len(documents),
-                "tokens": 5,
-            }
-
-        return Method(lambda *args: Call(answer(*args), lambda: None))
 
 
 # ---- the gateway ------------------------------------------------------------------------
@@ -198,10 +73,7 @@ class Rpc:
 
         async def build() -> tuple[GatewayState, Any, Any]:
             state = GatewayState(options)
-            handles = state.model_replicas._handles
-            handles[model_app_name("llm")] = self.llm
-            handles[model_app_name("embed")] = Embedder()
-            state.index_replicas._handles[index_app_name("kb")] = self.index
+            install(state, {"llm": self.llm, "embed": Embedder()}, {"kb": self.index})
             cold = {"name": "cold", "phase": "Loading", "message": "loading weights"}
             state.status.models["cold"] = cold
             ready = {"name": "llm", "phase": "Ready", "ready_replicas": 1, "desired_replicas": 1}

@@ -58,8 +58,7 @@ def create_app(state: GatewayState, secrets: Secrets | None = None) -> FastAPI:
     routers.register(app, state.options.modules)
     openapi.serve_docs(app)
     policy.install(app)  # refuses a /v1 route that declares no rule
-    if security.enabled:
-        openapi.declare_security(app)
+    openapi.complete(app, secured=security.enabled)
     return app
 
 

@@ -14,6 +14,7 @@ files from the `swagger-ui-py` package, served by the gateway under `/docs/asset
 from __future__ import annotations
 
 import importlib.util
+import json
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -81,17 +82,125 @@ def _assets() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "static"
 
 
-def declare_security(app: FastAPI) -> None:
-    """Make `app.openapi()` declare the bearer scheme and the one-time-code header."""
+def complete(app: FastAPI, secured: bool) -> None:
+    """Make `app.openapi()` declare what FastAPI cannot see: the error body of every
+    operation, the links between operations and, when `secured`, the bearer scheme and
+    the one-time-code header."""
     build = app.openapi
+    done: list[bool] = []
 
     def openapi() -> dict[str, Any]:
-        schema = build()  # FastAPI caches it; securing it twice changes nothing
-        if BEARER not in schema.get("components", {}).get("securitySchemes", {}):
-            secure(schema)
+        schema = build()  # FastAPI caches it; completing it once is enough
+        if not done:
+            if secured:
+                secure(schema)
+            document_errors(schema)
+            document_links(schema)
+            done.append(True)
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+#: The one error body (`gateway/errors.py`), whatever the status.
+ERROR_SCHEMA = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["code", "message", "request_id"],
+            "properties": {
+                "code": {"type": "string", "description": "Stable, machine-readable."},
+                "message": {"type": "string", "description": "For a person; may change."},
+                "request_id": {"type": "string", "description": "As in X-Request-ID."},
+            },
+        }
+    },
+}
+_ERROR_RESPONSE = {
+    "description": "An error: 400 undecodable body, 401 no or bad key, 403 scope, "
+    "allowlist or second factor, 404 unknown name, 409 conflict, 413 too large, 415 "
+    "media type, 422 invalid field, 429 rate limit (Retry-After), 503 not ready or a "
+    "server it needs is down (Retry-After), 504 timed out.",
+    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+}
+
+
+def document_errors(schema: dict[str, Any]) -> dict[str, Any]:
+    """Every operation's errors: the one `Error` body under `default`, and FastAPI's 422
+    (its own `detail` list, which the gateway never sends) replaced by it."""
+    schema.setdefault("components", {}).setdefault("schemas", {})["Error"] = ERROR_SCHEMA
+    for operations in schema.get("paths", {}).values():
+        for method, operation in operations.items():
+            if method not in _METHODS:
+                continue
+            responses = operation.setdefault("responses", {})
+            if "422" in responses:
+                responses["422"] = {"description": "Invalid field", **_ERROR_RESPONSE}
+                responses["422"]["description"] = "An invalid field (the message names it)."
+            responses.setdefault("default", _ERROR_RESPONSE)
+    schemas = schema["components"]["schemas"]
+    referenced = json.dumps(schema.get("paths", {}))
+    for unused in ("HTTPValidationError", "ValidationError"):
+        if f"#/components/schemas/{unused}" not in referenced:
+            schemas.pop(unused, None)
+    return schema
+
+
+def _ref(path: str, method: str) -> str:
+    return "#/paths/" + path.replace("~", "~0").replace("/", "~1") + "/" + method
+
+
+_TASK_ID = {"task_id": "$response.body#/task_id"}
+_UPSERTED = "$request.body#/documents/0"
+#: What an answer lets a client call next (OpenAPI links: Swagger UI shows them, and
+#: Schemathesis follows them in its stateful runs, tests/unit/test_fuzz.py).
+LINKS: dict[tuple[str, str, str], dict[str, Any]] = {
+    ("/v1/inference/async", "post", "202"): {
+        "GetTask": {"operationRef": _ref("/v1/tasks/{task_id}", "get"), "parameters": _TASK_ID},
+        "CancelTask": {
+            "operationRef": _ref("/v1/tasks/{task_id}", "delete"),
+            "parameters": _TASK_ID,
+        },
+    },
+    ("/v1/data/upsert", "post", "200"): {
+        "SearchUpserted": {
+            "operationRef": _ref("/v1/data/search", "post"),
+            "requestBody": {"index": "$request.body#/index", "query": f"{_UPSERTED}/text"},
+        },
+        "DeleteUpserted": {
+            "operationRef": _ref("/v1/data/delete", "post"),
+            "requestBody": {"index": "$request.body#/index", "document_ids": [f"{_UPSERTED}/id"]},
+        },
+    },
+    ("/v1/admin/keys", "post", "201"): {
+        "RevokeKey": {
+            "operationRef": _ref("/v1/admin/keys/{key_id}", "delete"),
+            "parameters": {"key_id": "$response.body#/id"},
+        },
+    },
+}
+
+
+def document_links(schema: dict[str, Any]) -> dict[str, Any]:
+    """`LINKS` on the responses of the operations this gateway serves."""
+    paths = schema.get("paths", {})
+    for (path, method, status), links in LINKS.items():
+        response = paths.get(path, {}).get(method, {}).get("responses", {}).get(status)
+        if response is not None:
+            response["links"] = {
+                name: link
+                for name, link in links.items()
+                if _target_served(paths, link["operationRef"])
+            }
+    return schema
+
+
+def _target_served(paths: dict[str, Any], ref: str) -> bool:
+    _, _, rest = ref.partition("#/paths/")
+    path, _, method = rest.rpartition("/")
+    return method in paths.get(path.replace("~1", "/").replace("~0", "~"), {})
 
 
 def secure(schema: dict[str, Any]) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import re
 import time
 import uuid
 from datetime import UTC, datetime
@@ -63,6 +64,7 @@ RECENT_S = 1.0
 RECENT_KEYS = 10_000
 #: How often a replica purges audit rows past retention (the purge records itself).
 PURGE_EVERY_S = 24 * 3600
+_OTP_CODE = re.compile(rb"[0-9]{6}")
 _WANTED = frozenset((b"authorization", b"x-forwarded-for", b"x-dify-otp", b"content-length"))
 
 
@@ -218,6 +220,10 @@ class Guard:
             self.audit.record(entry)
 
     async def second_factor(self, key: KeyRecord, headers: dict[bytes, bytes]) -> None:
+        sent = headers.get(b"x-dify-otp")
+        if sent is not None and not _OTP_CODE.fullmatch(sent.strip()):
+            # whatever the key: a malformed code is a client's mistake, never ignored
+            raise Refusal(422, "invalid_request", "X-Dify-OTP: a 6-digit code")
         if key.totp_secret is None:
             if self.config.require_totp_for_admin:
                 raise Refusal(

@@ -214,6 +214,13 @@ async def audit_logs(
     "/audit/export",
     summary="Export audit rows as JSONL or CSV (sensitive)",
     openapi_extra=needs(AUDIT_READ, sensitive=True),
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "description": "One row per line: JSON objects (`format=jsonl`) or CSV.",
+            "content": {"application/x-ndjson": {}, "text/csv": {}},
+        }
+    },
 )
 async def audit_export(
     guard: GuardDep,

@@ -18,7 +18,7 @@ from dify_serving.gateway.dataplane import inference, retrieval
 from dify_serving.gateway.errors import ApiError, describe_validation, request_id
 from dify_serving.gateway.policy import needs
 from dify_serving.gateway.routers.deps import StateDep
-from dify_serving.gateway.routers.sse import sse_stream
+from dify_serving.gateway.routers.sse import STREAMS, sse_stream
 from dify_serving.gateway.schemas import (
     CleanRequest,
     DeleteRequest,
@@ -103,6 +103,7 @@ async def delete(body: DeleteRequest, state: StateDep) -> dict[str, Any]:
     "/chat",
     summary="Answer from an index: retrieve, generate, cite (stream too)",
     openapi_extra=needs(INFERENCE, DATA_READ, generates=True),
+    responses=STREAMS,
 )
 async def chat(body: KnowledgeChatRequest, request: Request, state: StateDep) -> Any:
     model = state.model(body.model)

@@ -13,7 +13,7 @@ from dify_serving.gateway.dataplane import inference as plane
 from dify_serving.gateway.errors import ApiError, request_id
 from dify_serving.gateway.policy import needs
 from dify_serving.gateway.routers.deps import StateDep
-from dify_serving.gateway.routers.sse import sse_stream
+from dify_serving.gateway.routers.sse import STREAMS, sse_stream
 from dify_serving.gateway.schemas import (
     BatchRequest,
     BatchResponse,
@@ -31,6 +31,7 @@ router = APIRouter(prefix="/v1", tags=["inference"])
     response_model=InferenceResponse,
     summary="Run a model: text generation (optionally streamed), embeddings, classification",
     openapi_extra=needs(INFERENCE, generates=True),
+    responses=STREAMS,
 )
 async def inference(body: InferenceRequest, request: Request, state: StateDep) -> Any:
     model = state.model(body.model)

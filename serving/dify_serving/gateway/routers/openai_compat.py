@@ -16,7 +16,7 @@ from dify_serving.gateway.dataplane import retrieval
 from dify_serving.gateway.errors import ApiError, request_id
 from dify_serving.gateway.policy import needs
 from dify_serving.gateway.routers.deps import StateDep
-from dify_serving.gateway.routers.sse import sse_stream
+from dify_serving.gateway.routers.sse import STREAMS, sse_stream
 from dify_serving.gateway.schemas import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -49,6 +49,7 @@ def _text(content: Any) -> str:
     response_model=ChatCompletion,
     summary="OpenAI chat completions (stream too)",
     openapi_extra=needs(INFERENCE, generates=True),
+    responses=STREAMS,
 )
 async def chat_completions(body: ChatCompletionRequest, request: Request, state: StateDep) -> Any:
     model = state.model(body.model)
@@ -121,6 +122,7 @@ async def _chat_chunks(
     response_model=Completion,
     summary="OpenAI text completions (stream too)",
     openapi_extra=needs(INFERENCE, generates=True),
+    responses=STREAMS,
 )
 async def completions(body: CompletionRequest, request: Request, state: StateDep) -> Any:
     model = state.model(body.model)

@@ -12,6 +12,22 @@ from dify_serving.gateway.errors import error_body
 
 log = logging.getLogger(__name__)
 
+#: The `responses` of a route that streams when asked (`stream: true`), or always.
+STREAMS: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The answer; with `stream: true`, server-sent events ending `[DONE]`",
+        "content": {
+            "text/event-stream": {
+                "schema": {  # each event: JSON in `data` (`[DONE]` last), `event: error` on failure
+                    "type": "object",
+                    "required": ["data"],
+                    "properties": {"event": {"type": "string"}, "data": {"type": "string"}},
+                }
+            }
+        },
+    }
+}
+
 
 def sse(data: Any, event: str | None = None) -> bytes:
     payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))

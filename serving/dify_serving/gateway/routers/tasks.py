@@ -15,7 +15,7 @@ from dify_serving.gateway.dataplane import tasks as plane
 from dify_serving.gateway.errors import request_id
 from dify_serving.gateway.policy import needs
 from dify_serving.gateway.routers.deps import StateDep
-from dify_serving.gateway.routers.sse import sse_stream
+from dify_serving.gateway.routers.sse import STREAMS, sse_stream
 from dify_serving.gateway.schemas import AsyncInferenceRequest
 from dify_serving.security.grants import DATA_WRITE, INFERENCE
 
@@ -81,6 +81,7 @@ async def cancel_task(task_id: TaskId, state: StateDep) -> dict[str, Any]:
     "/tasks/{task_id}/events",
     summary="Follow a task as server-sent events: status, output deltas, then the task",
     openapi_extra=TASK_READER,
+    responses=STREAMS,
 )
 async def task_events(task_id: TaskId, request: Request, state: StateDep) -> StreamingResponse:
     await plane.find(state, task_id)  # 404 now, not inside the stream
