@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install run test test-slow test-unit test-services test-stack test-operator lint crds sync-crds proto bench fuzz e2e clean
+.PHONY: install run test test-slow test-unit test-services test-stack test-operator lint crds sync-crds proto bench soak fuzz e2e clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -25,7 +25,11 @@ run: $(STAMP)
 	$(VENV)/bin/dify-mirror serve -f examples/quickstart.yaml
 
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -m "not slow"
+
+# The tests that take minutes each (their own Ray stacks, a stack killed and restarted).
+test-slow: $(STAMP)
+	$(PY) -m pytest -m slow
 
 # One group of tests/ each (see tests/conftest.py); test-unit needs nothing running and
 # spreads over two processes (CPU-bound: in-process gateways, CLI subprocesses).
@@ -65,6 +69,11 @@ $(BENCH_STAMP): $(STAMP)
 
 bench: $(BENCH_STAMP)
 	$(PY) -m bench
+
+# A mixed load on the quickstart stack from a second process (SOAK_SECONDS=120, or
+# SOAK_REQUESTS=N of each kind); fails on an error or a process growing past its bound.
+soak: $(STAMP)
+	$(PY) -m bench.soak --json .dify-mirror/soak.json
 
 # Schemathesis against the gateway's /openapi.json, longer than make test's 10 examples
 # per operation (tests/unit/test_fuzz.py).

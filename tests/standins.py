@@ -3,7 +3,8 @@ the prompt (a stream: "Hello", then " world" once `release` is set), an embedder
 three-number vectors, and an index that answers one hit and acknowledges writes. Each
 answers the way Serve's handles do: awaitable, cancellable calls.
 
-Install them on a `GatewayState` with `install(state, llm=..., embed=..., index=...)`.
+Install them on a `GatewayState` with `install(state, llm=..., embed=..., index=...)`,
+or take a whole guarded gateway over them with `guarded_app(home)`.
 """
 
 from __future__ import annotations
@@ -179,3 +180,33 @@ def install(state: Any, models: dict[str, Any], indexes: dict[str, Any]) -> None
         replicas._handles = _Pinned(replicas._handles)
         for name, replica in given.items():
             replicas._handles[app_name(name)] = replica
+
+
+def guarded_app(home: Any) -> Any:
+    """A gateway with its guard on (keys, audit, limits) over stand-ins: model `llm`
+    (streams end at once), model `embed`, index `kb`; loads, unloads and index changes
+    are applied to a stand-in dashboard. Close it with `app.state.guard.close()`."""
+    from pathlib import Path
+
+    from support import index_doc, model_doc
+
+    from dify_serving.catalog.files import LocalStateStore
+    from dify_serving.gateway.app import create_app
+    from dify_serving.gateway.state import GatewayState
+    from dify_serving.manifests import parse_documents
+    from dify_serving.options import GatewayOptions, SecurityOptions, ServeOptions
+    from dify_serving.security.secrets import Secrets
+
+    docs = [
+        model_doc("llm", "builtin:demo-llm", "text-generation", generation={"maxNewTokens": 16}),
+        model_doc("embed", "sentence-transformers/all-MiniLM-L6-v2", "feature-extraction"),
+        index_doc("kb", "embed"),
+    ]
+    options = GatewayOptions(home=str(home), security=SecurityOptions())
+    LocalStateStore(Path(home)).save(parse_documents(docs), ServeOptions(gateway=options))
+    state = GatewayState(options)
+    llm = Llm()
+    llm.release.set()  # streams end at once
+    install(state, {"llm": llm, "embed": Embedder()}, {"kb": Index()})
+    state.catalog.dashboard = Control()
+    return create_app(state, Secrets(Path(home)))

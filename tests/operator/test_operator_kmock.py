@@ -111,8 +111,16 @@ async def test_peering_lets_only_one_operator_act(
     caplog.set_level(logging.INFO, logger="kopf")
     config = offline_config()
     high = await start_operator(url, config, peering=("dify-mirror", "high", 100))
-    low = await start_operator(url, config, peering=("dify-mirror", "low", 50))
+    low = None
     try:
+        # kopf's peering is eventual: two operators started together may both act for a
+        # moment. Started once the high one is on record, the low one never resumes.
+        async def high_on_record() -> bool:
+            peering = await client.get("kopf.dev/v1/clusterkopfpeerings", "dify-mirror")
+            return "high" in (peering or {}).get("status", {})
+
+        await client.wait_for(high_on_record, what="the high-priority operator's record")
+        low = await start_operator(url, config, peering=("dify-mirror", "low", 50))
         await client.create(DIFYMODELS, model("bad", precision="fp99"))
 
         async def failed() -> bool:
@@ -127,7 +135,8 @@ async def test_peering_lets_only_one_operator_act(
         }
         assert actors == {"kopf-high"}, actors
     finally:
-        await low.stop()
+        if low is not None:
+            await low.stop()
         await high.stop()
 
 

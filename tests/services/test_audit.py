@@ -68,7 +68,7 @@ def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'audit.db'}"
     pg: str = request.getfixturevalue("pg_url")
-    run_sql(pg, "DROP TABLE IF EXISTS audit_log, audit_anchor")
+    run_sql(pg, "DROP TABLE IF EXISTS audit_log, audit_anchor, audit_text_keys")
     return pg
 
 
@@ -526,3 +526,19 @@ def test_entries_survive_an_outage(pg_url: str) -> None:
     finally:
         log.close()
         maintenance(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_shredded_subject_text_reads_erased_and_the_chain_verifies(open_log: OpenLog) -> None:
+    """Crypto-shredding on each backend (`seal.py`; the cases in unit/test_audit_shred.py)."""
+    log = open_log()
+    for n, words, subjects in ((1, "alice's text", ("alice",)), (2, "both", ("alice", "bob"))):
+        log.record(audit.TextEntry.of(entry(n, detail="upsert"), words, subjects))
+    log.record(audit.TextEntry.of(entry(3), "bob's text", ("bob",)))
+    assert log.flush() == 3
+    assert log.shred("alice") == 1
+    assert [row["detail"] for row in all_rows(log)] == [
+        f"upsert; {audit.ERASED}",
+        f"upsert; {audit.ERASED}",
+        "bob's text",
+    ]
+    assert log.verify().ok

@@ -28,6 +28,9 @@ from dify_serving.manifests import load_file, merge_states, parse_documents
 from dify_serving.settings import Settings
 from dify_serving.status import PLACEMENT_GRACE_S
 
+# Minutes of its own Ray stacks: `make test-slow`, not `make test`.
+pytestmark = pytest.mark.slow
+
 QUICKSTART = Path(__file__).parents[2] / "examples" / "quickstart.yaml"
 
 

@@ -26,6 +26,9 @@ from webhooks import Hooks
 
 from dify_serving.tasks.webhook import webhook_secret
 
+# Minutes of its own Ray stacks: `make test-slow`, not `make test`.
+pytestmark = pytest.mark.slow
+
 CLI = [sys.executable, "-m", "dify_serving.cli"]
 FINISHED = ("COMPLETED", "FAILED", "CANCELLED")
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -32,35 +31,15 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import FlakyStrategyDefinition
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import positive_data_acceptance
-from standins import Control, Embedder, Index, Llm, install
-from support import API_KEY, index_doc, model_doc
-
-from dify_serving.catalog.files import LocalStateStore
-from dify_serving.gateway.app import create_app
-from dify_serving.gateway.state import GatewayState
-from dify_serving.manifests import parse_documents
-from dify_serving.options import GatewayOptions, SecurityOptions, ServeOptions
-from dify_serving.security.secrets import Secrets
+from standins import guarded_app
+from support import API_KEY
 
 EXAMPLES = int(os.environ.get("DIFY_MIRROR_FUZZ_EXAMPLES", "10"))
 
 
 @pytest.fixture(scope="module")
 def gateway_app(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    home: Path = tmp_path_factory.mktemp("fuzz")
-    docs = [
-        model_doc("llm", "builtin:demo-llm", "text-generation", generation={"maxNewTokens": 16}),
-        model_doc("embed", "sentence-transformers/all-MiniLM-L6-v2", "feature-extraction"),
-        index_doc("kb", "embed"),
-    ]
-    options = GatewayOptions(home=str(home), security=SecurityOptions())
-    LocalStateStore(home).save(parse_documents(docs), ServeOptions(gateway=options))
-    state = GatewayState(options)
-    llm = Llm()
-    llm.release.set()  # streams end at once
-    install(state, {"llm": llm, "embed": Embedder()}, {"kb": Index()})
-    state.catalog.dashboard = Control()  # loads, unloads and index changes are applied
-    app: FastAPI = create_app(state, Secrets(home))
+    app: FastAPI = guarded_app(tmp_path_factory.mktemp("fuzz"))
     # The auth checks send every operation again without a key and with a wrong one, all
     # from one address: past 20 failures the guard would lock that address out (429,
     # tested in test_security_*), and the checks want the 401 behind it.

@@ -636,7 +636,7 @@ SNAPSHOT: dict[str, dict[str, int]] = {
     "Removed": {"index": 1, "points": 2},
     "DeleteResponse": {
         "receipt_id": 1, "completed_at": 2, "subject_id": 3, "document_ids": 4, "removed": 5,
-        "points_removed": 6, "tasks_removed": 7, "feedback_removed": 8
+        "points_removed": 6, "tasks_removed": 7, "feedback_removed": 8, "audit_text_shredded": 9
     },
     "TaskRequest": {
         "model": 1, "prompt": 2, "input": 3, "max_tokens": 4, "temperature": 5, "top_p": 6,

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
 from ray import serve
 
 from dify_serving.gateway import errors, metrics, openapi, policy, routers
@@ -25,7 +27,10 @@ from dify_serving.gateway.security import Guard, SecurityMiddleware
 from dify_serving.gateway.served import VersionHeader
 from dify_serving.gateway.state import GatewayState
 from dify_serving.options import GatewayOptions
+from dify_serving.security.db import DatabaseError, unreachable
 from dify_serving.security.secrets import Secrets
+
+log = logging.getLogger(__name__)
 
 
 def create_app(state: GatewayState, secrets: Secrets | None = None) -> FastAPI:
@@ -55,11 +60,27 @@ def create_app(state: GatewayState, secrets: Secrets | None = None) -> FastAPI:
     metrics.watch(state, app.state.guard.audit if security.enabled else None)
     feedback.watch(state)  # ratings and satisfaction, read at scrape time
     errors.install(app)
+    app.add_exception_handler(DatabaseError, _database_error)
     routers.register(app, state.options.modules)
     openapi.serve_docs(app)
     policy.install(app)  # refuses a /v1 route that declares no rule
     openapi.complete(app, secured=security.enabled)
     return app
+
+
+async def _database_error(request: Request, exc: Exception) -> Response:
+    """Keys, tasks or ratings in a database that cannot be reached now: a 503 to retry
+    (the catch-all 500 for any other database error)."""
+    if not unreachable(exc):
+        raise exc
+    log.warning("database unreachable on %s: %s", request.url.path, type(exc).__name__)
+    return errors.error_response(
+        request,
+        503,
+        "database_unavailable",
+        "the database is unavailable; retry shortly",
+        {"Retry-After": "2"},
+    )
 
 
 @serve.deployment(name="Gateway")

@@ -3,7 +3,9 @@
 The security middleware puts one `RequestContext` in `REQUEST` for each request it
 guards; code deep in the data plane reads the key (`access.py`) and notes the model,
 index, tokens and text for the audit row (below) without threading the request through
-every call. A streaming response runs in a child task that shares the same object, so a
+every call. Text about a data subject (a document's `subject_id`, the `X-Dify-Subject`
+header) is noted with its subjects, so the audit can seal it under keys that erasure
+destroys. A streaming response runs in a child task that shares the same object, so a
 stream's final token counts land in the row too. With security off there is no context:
 every check allows and every note is dropped.
 
@@ -13,7 +15,7 @@ builds the audit entry from its attributes by name.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextvars import ContextVar
 from typing import Any
 
@@ -37,6 +39,7 @@ class RequestContext:
         "key_id",
         "model",
         "prompt_tokens",
+        "subjects",
         "text",
         "wants_text",
     )
@@ -55,11 +58,15 @@ class RequestContext:
         self.completion_tokens: int | None = None
         self.detail: str | None = None
         self.text: str | None = None
+        #: The data subjects the text is about (`note_subjects`): the audit writer seals
+        #: the text under their keys, which erasing one of them destroys.
+        self.subjects: tuple[str, ...] = ()
 
     def audit_detail(self) -> str | None:
-        """Operational detail, then the request's text when the audit keeps it."""
+        """Operational detail, then the request's text when the audit keeps it in clear
+        (about no subject; the text about subjects travels apart, to be sealed)."""
         detail, text = self.detail, self.text
-        if not text:
+        if not text or self.subjects:
             return detail or None
         return f"{detail}; {text}" if detail else text
 
@@ -90,6 +97,16 @@ def note_text(text: str | Callable[[], str] | None) -> None:
     value = text() if callable(text) else text
     if value:
         request.text = value[:TEXT_CHARS]
+
+
+def note_subjects(subjects: Iterable[str | None]) -> None:
+    """The data subjects the request's text is about; kept only if audit text is on."""
+    request = REQUEST.get()
+    if request is None or not request.wants_text:
+        return
+    added = {s for s in subjects if s} - set(request.subjects)
+    if added:
+        request.subjects = tuple(sorted((*request.subjects, *added)))
 
 
 def note_usage(result: dict[str, Any]) -> None:

@@ -4,7 +4,8 @@ The guard is a middleware, not a FastAPI dependency, so FastAPI cannot see it. T
 bearer scheme and each operation's requirements are therefore added from the policy
 table (`gateway/policy.py`): the rule the guard enforces is the rule the document
 states, and a second factor header is offered where the rule is sensitive, so Swagger
-UI's "Authorize" and "Try it out" work.
+UI's "Authorize" and "Try it out" work; `X-Dify-Subject` (which the guard checks too) is
+offered where a body may carry text about a data subject.
 
 FastAPI's `/docs` page loads Swagger UI from a CDN; a gateway in a cluster without
 outside access would show a blank page. The page here loads the same Swagger UI 5
@@ -45,6 +46,18 @@ _OTP_PARAMETER = {
     "description": "Current 6-digit one-time code; needed on this route by keys that "
     "have a second factor.",
     "schema": {"type": "string", "pattern": "^[0-9]{6}$"},
+}
+
+
+SUBJECT_HEADER = "X-Dify-Subject"
+_SUBJECT_PARAMETER = {
+    "name": SUBJECT_HEADER,
+    "in": "header",
+    "required": False,
+    "description": "The data subject this request is about. Where the audit keeps request "
+    "text, it is sealed under the subject's key, which erasing the subject destroys "
+    "(as for documents with a subject_id).",
+    "schema": {"type": "string", "pattern": "^[A-Za-z0-9._:@+-]{1,128}$"},
 }
 
 
@@ -221,7 +234,13 @@ def secure(schema: dict[str, Any]) -> dict[str, Any]:
                 continue
             operation["security"] = [{BEARER: []}]
             if rule.sensitive:
-                parameters = operation.setdefault("parameters", [])
-                if not any(p.get("name") == OTP_HEADER for p in parameters):
-                    parameters.append(dict(_OTP_PARAMETER))
+                _add_header(operation, _OTP_PARAMETER)
+            if "requestBody" in operation:  # what carries text the audit may keep
+                _add_header(operation, _SUBJECT_PARAMETER)
     return schema
+
+
+def _add_header(operation: dict[str, Any], parameter: dict[str, Any]) -> None:
+    parameters = operation.setdefault("parameters", [])
+    if not any(p.get("name") == parameter["name"] for p in parameters):
+        parameters.append(dict(parameter))

@@ -40,8 +40,8 @@ from dify_serving.gateway.metrics import METRICS_PATH, REFUSALS
 from dify_serving.gateway.notes import REQUEST, RequestContext, note
 from dify_serving.gateway.policy import Rule, rule_for
 from dify_serving.options import SecurityOptions
-from dify_serving.security.audit import AuditEntry, AuditShipper, AuditTrail
-from dify_serving.security.db import database_url
+from dify_serving.security.audit import AuditEntry, AuditShipper, AuditTrail, TextEntry
+from dify_serving.security.db import database_url, unreachable
 from dify_serving.security.failures import AddressFailures, RefusalLog, retry_after
 from dify_serving.security.grants import KeyRecord, allows
 from dify_serving.security.keys import AuthError, KeyStore
@@ -65,7 +65,10 @@ RECENT_KEYS = 10_000
 #: How often a replica purges audit rows past retention (the purge records itself).
 PURGE_EVERY_S = 24 * 3600
 _OTP_CODE = re.compile(rb"[0-9]{6}")
-_WANTED = frozenset((b"authorization", b"x-forwarded-for", b"x-dify-otp", b"content-length"))
+_SUBJECT = re.compile(rb"[A-Za-z0-9._:@+-]{1,128}")
+_WANTED = frozenset(
+    (b"authorization", b"x-forwarded-for", b"x-dify-otp", b"x-dify-subject", b"content-length")
+)
 
 
 class Refusal(ApiError):
@@ -165,7 +168,18 @@ class Guard:
             if known is not None:
                 return known
             raise _too_many_failures(ip, blocked)
-        return await self.keys.aauthenticate(token)
+        try:
+            return await self.keys.aauthenticate(token)
+        except Exception as exc:
+            if not unreachable(exc):
+                raise
+            log.warning("key store unreachable: %s", type(exc).__name__)
+            raise Refusal(
+                503,
+                "database_unavailable",
+                "API keys cannot be checked now; retry shortly",
+                {"Retry-After": "2"},
+            ) from None
 
     async def admit(
         self, rule: Rule, headers: dict[bytes, bytes], ip: str | None, request: RequestContext
@@ -177,9 +191,13 @@ class Guard:
             raise Refusal(403, "address_not_allowed", f"client address {ip} is not allowed")
         try:
             key = await self.authenticate(headers, ip)
-        except Refusal:  # the address failed too often: refused before the key store
+        except Refusal as refused:  # the address failed too often, or no key store answered
             request.anonymous = True
-            request.detail = "auth: address blocked after repeated failures"
+            request.detail = (
+                "auth: key store unreachable"
+                if refused.status == 503
+                else "auth: address blocked after repeated failures"
+            )
             raise
         except AuthError as exc:
             request.anonymous = True
@@ -203,6 +221,9 @@ class Guard:
             raise Refusal(403, "forbidden", f"key {key.id} lacks scope {joined} for this route")
         if rule.sensitive:
             await self.second_factor(key, headers)
+        subject = headers.get(b"x-dify-subject")
+        if subject is not None:
+            _note_subject(subject, request)
         return key
 
     def client_ip(self, peer: str | None, headers: dict[bytes, bytes]) -> str | None:
@@ -213,9 +234,12 @@ class Guard:
         return peer  # nobody to believe but the peer
 
     def record(self, entry: AuditEntry, request: RequestContext) -> None:
-        """The request's audit row; refusals before a key is known are aggregated."""
+        """The request's audit row; refusals before a key is known are aggregated. Text
+        about data subjects goes with them, for the writer to seal (`audit/seal.py`)."""
         if request.anonymous:
             self.refusals.add(entry.client_ip, entry)
+        elif request.subjects and request.text:
+            self.audit.record(TextEntry.of(entry, request.text, request.subjects))
         else:
             self.audit.record(entry)
 
@@ -329,6 +353,18 @@ def _too_many_failures(ip: str | None, wait_s: float) -> Refusal:
 def _key_allowlist(cidrs: tuple[str, ...]) -> Allowlist:
     """A key's networks, parsed once (its record is cached; so is this)."""
     return Allowlist(cidrs)
+
+
+def _note_subject(sent: bytes, request: RequestContext) -> None:
+    """`X-Dify-Subject`: the data subject the request is about. Malformed is a client's
+    mistake, refused whatever the audit keeps (as X-Dify-OTP)."""
+    sent = sent.strip()
+    if not _SUBJECT.fullmatch(sent):
+        raise Refusal(
+            422, "invalid_request", "X-Dify-Subject: 1-128 characters of A-Z a-z 0-9 . _ : @ + -"
+        )
+    if request.wants_text:
+        request.subjects = tuple(sorted({*request.subjects, sent.decode("ascii")}))
 
 
 def _limit_headers(d: Decision) -> dict[str, str]:

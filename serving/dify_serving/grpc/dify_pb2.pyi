@@ -219,7 +219,7 @@ class Removed(_message.Message):
     def __init__(self, index: _Optional[str] = ..., points: _Optional[int] = ...) -> None: ...
 
 class DeleteResponse(_message.Message):
-    __slots__ = ("receipt_id", "completed_at", "subject_id", "document_ids", "removed", "points_removed", "tasks_removed", "feedback_removed")
+    __slots__ = ("receipt_id", "completed_at", "subject_id", "document_ids", "removed", "points_removed", "tasks_removed", "feedback_removed", "audit_text_shredded")
     RECEIPT_ID_FIELD_NUMBER: _ClassVar[int]
     COMPLETED_AT_FIELD_NUMBER: _ClassVar[int]
     SUBJECT_ID_FIELD_NUMBER: _ClassVar[int]
@@ -228,6 +228,7 @@ class DeleteResponse(_message.Message):
     POINTS_REMOVED_FIELD_NUMBER: _ClassVar[int]
     TASKS_REMOVED_FIELD_NUMBER: _ClassVar[int]
     FEEDBACK_REMOVED_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_TEXT_SHREDDED_FIELD_NUMBER: _ClassVar[int]
     receipt_id: str
     completed_at: str
     subject_id: str
@@ -236,7 +237,8 @@ class DeleteResponse(_message.Message):
     points_removed: int
     tasks_removed: int
     feedback_removed: int
-    def __init__(self, receipt_id: _Optional[str] = ..., completed_at: _Optional[str] = ..., subject_id: _Optional[str] = ..., document_ids: _Optional[_Iterable[str]] = ..., removed: _Optional[_Iterable[_Union[Removed, _Mapping]]] = ..., points_removed: _Optional[int] = ..., tasks_removed: _Optional[int] = ..., feedback_removed: _Optional[int] = ...) -> None: ...
+    audit_text_shredded: int
+    def __init__(self, receipt_id: _Optional[str] = ..., completed_at: _Optional[str] = ..., subject_id: _Optional[str] = ..., document_ids: _Optional[_Iterable[str]] = ..., removed: _Optional[_Iterable[_Union[Removed, _Mapping]]] = ..., points_removed: _Optional[int] = ..., tasks_removed: _Optional[int] = ..., feedback_removed: _Optional[int] = ..., audit_text_shredded: _Optional[int] = ...) -> None: ...
 
 class TaskRequest(_message.Message):
     __slots__ = ("model", "prompt", "input", "max_tokens", "temperature", "top_p", "seed", "top_k", "truncate", "stream", "callback_url", "subject_id")

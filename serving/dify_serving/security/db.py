@@ -30,6 +30,18 @@ def database_url(home: str | Path, configured: str | None, which: Database) -> s
     return configured or f"sqlite:///{sqlite_file(home, which)}"
 
 
+#: What a statement raises when the database fails it (`unreachable` tells which kind).
+DatabaseError = sa.exc.DBAPIError
+
+
+def unreachable(exc: BaseException) -> bool:
+    """Whether `exc` says the database cannot be reached now (down, restarting, its
+    connection dropped), not that a statement was wrong: a 503 worth a retry, not a 500."""
+    if isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError):
+        return True
+    return isinstance(exc, sa.exc.DBAPIError) and bool(exc.connection_invalidated)
+
+
 def create_engine(url: str, *, file_only: bool = False) -> Engine:
     """An engine for a SQLite or PostgreSQL URL; `file_only` refuses in-memory SQLite."""
     parsed = make_url(url)

@@ -24,11 +24,12 @@ from dify_serving.gateway.limits import (
     json_size,
     utf8_size,
 )
-from dify_serving.gateway.notes import TEXT_CHARS, note, note_text
+from dify_serving.gateway.notes import TEXT_CHARS, note, note_subjects, note_text
 from dify_serving.gateway.schemas import MAX_BULK_DOCUMENTS, Document, UpsertRequest
 from dify_serving.gateway.state import GatewayState
 from dify_serving.layout import index_shard_dir
 from dify_serving.render import TASK_MODULES
+from dify_serving.security.audit import AuditTrail, AuditUnavailable
 from dify_serving.specs import Cleaning, DifyIndex
 from dify_serving.tasks.store import Task
 
@@ -123,6 +124,7 @@ async def upsert(
     limits = state.options.limits
     _check_documents(index, documents, limits.max_document_bytes, limits.max_documents, body_bytes)
     note_text(lambda: _documents_text(documents))
+    note_subjects(d.subject_id for d in documents)
     result: dict[str, Any] = await state.index_replicas.upsert(
         index, [doc.model_dump() for doc in documents]
     )
@@ -157,6 +159,7 @@ async def submit_bulk(state: GatewayState, index: str, documents: list[Document]
             check_call_bytes(f"documents.{position}", _doc_bytes(doc), f"index {index!r}", budget)
     note_text(lambda: _documents_text(documents[:16]))
     subjects = sorted({d.subject_id for d in documents if d.subject_id})
+    note_subjects(d.subject_id for d in documents[:16])  # those whose text is noted
     return await tasks.submit(
         state,
         kind="upsert",
@@ -218,11 +221,13 @@ async def erase(
     index: str | None,
     document_ids: list[str] | None,
     subject_id: str | None,
+    audit: AuditTrail | None = None,
 ) -> dict[str, Any]:
-    """Delete documents from one index, or a subject from every index the key may write.
+    """Delete documents from one index, or a subject from every index the key may write,
+    and the subject's request text in `audit` (its key destroyed: `audit/seal.py`).
 
-    All or an error: a failure in any index is a 503 that says what was done (deleting
-    again is harmless), and a complete erasure returns a receipt.
+    All or an error: a failure in any index, or in the audit, is a 503 that says what
+    was done (deleting again is harmless), and a complete erasure returns a receipt.
     """
     if (document_ids is None) == (subject_id is None):
         raise ApiError(
@@ -265,18 +270,16 @@ async def erase(
         if not isinstance(r, int)
     ]
     if failed:  # an erasure is complete or it is an error; deleting again is harmless
-        done = ", ".join(f"{r['index']} ({r['points']} points)" for r in removed) or "none"
-        raise ApiError(
-            503,
-            "erasure_incomplete",
-            f"erasure incomplete; failed: {'; '.join(failed)}; done: {done}. Retry the request.",
-            headers={"Retry-After": "2"},
-        )
+        raise _incomplete("; ".join(failed), removed)
+    shredded = 0
+    if subject_id is not None and audit is not None:
+        shredded = await _shred_audit_text(audit, subject_id, removed)
     receipt_id = uuid.uuid4().hex
     what = f"subject {subject_id}" if subject_id else f"{len(document_ids or [])} documents"
     note(
         detail=f"erasure {receipt_id}: {what}; "
         + ", ".join(f"{r['index']}={r['points']}" for r in removed)
+        + (f"; audit text keys destroyed={shredded}" if subject_id is not None else "")
     )
     return {
         "receipt_id": receipt_id,
@@ -287,7 +290,28 @@ async def erase(
         "points_removed": sum(r["points"] for r in removed),
         "tasks_removed": tasks_removed,
         "feedback_removed": feedback_removed,
+        "audit_text_shredded": shredded,
     }
+
+
+async def _shred_audit_text(
+    audit: AuditTrail, subject_id: str, removed: list[dict[str, Any]]
+) -> int:
+    """The subject's audit text keys destroyed; 503 (the rest was done) when it cannot be."""
+    try:
+        return await asyncio.to_thread(audit.shred, subject_id)
+    except AuditUnavailable:
+        raise _incomplete("audit text keys (audit database unavailable)", removed) from None
+
+
+def _incomplete(failed: str, removed: list[dict[str, Any]]) -> ApiError:
+    done = ", ".join(f"{r['index']} ({r['points']} points)" for r in removed) or "none"
+    return ApiError(
+        503,
+        "erasure_incomplete",
+        f"erasure incomplete; failed: {failed}; done: {done}. Retry the request.",
+        headers={"Retry-After": "2"},
+    )
 
 
 def _never_stored(state: GatewayState, index: DifyIndex) -> bool:

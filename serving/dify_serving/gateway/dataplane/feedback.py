@@ -44,7 +44,7 @@ from dify_serving.feedback import (
 from dify_serving.gateway import access, metrics
 from dify_serving.gateway.dataplane import tasks
 from dify_serving.gateway.errors import ApiError
-from dify_serving.gateway.notes import note
+from dify_serving.gateway.notes import note, note_subjects
 from dify_serving.gateway.state import GatewayState
 from dify_serving.security.audit import AuditTrail
 from dify_serving.security.db import database_url
@@ -162,6 +162,7 @@ async def rate(
         )
     )
     note(detail=f"feedback on {kind} {ref}: {rating}" + (" (replaced)" if replaced else ""))
+    note_subjects([subject_id])
     return view(saved), replaced
 
 

@@ -19,6 +19,7 @@ from typing import Any
 from dify_serving.gateway import access
 from dify_serving.gateway.dataplane import inference
 from dify_serving.gateway.errors import ApiError
+from dify_serving.gateway.notes import note_subjects
 from dify_serving.gateway.schemas import AsyncInferenceRequest, InferenceRequest
 from dify_serving.gateway.state import GatewayState
 from dify_serving.specs import DifyModel
@@ -74,6 +75,7 @@ async def submit_inference(state: GatewayState, body: AsyncInferenceRequest) -> 
     """`POST /v1/inference/async`: the task, checked and queued, as the API shows it."""
     model = state.model(body.model)
     check_inference(model, body)
+    note_subjects([body.subject_id])
     request = body.model_dump(
         mode="json", exclude={"callback_url", "subject_id"}, exclude_none=True
     )

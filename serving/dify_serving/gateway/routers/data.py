@@ -17,7 +17,7 @@ from dify_serving.gateway.dataplane import data as plane
 from dify_serving.gateway.dataplane import inference, retrieval
 from dify_serving.gateway.errors import ApiError, describe_validation, request_id
 from dify_serving.gateway.policy import needs
-from dify_serving.gateway.routers.deps import StateDep
+from dify_serving.gateway.routers.deps import AuditDep, StateDep
 from dify_serving.gateway.routers.sse import STREAMS, sse_stream
 from dify_serving.gateway.schemas import (
     CleanRequest,
@@ -95,8 +95,8 @@ async def search(body: SearchRequest, state: StateDep) -> dict[str, Any]:
     summary="Delete documents, or erase a subject in every index",
     openapi_extra=needs(DATA_WRITE, sensitive=True),
 )
-async def delete(body: DeleteRequest, state: StateDep) -> dict[str, Any]:
-    return await plane.erase(state, body.index, body.document_ids, body.subject_id)
+async def delete(body: DeleteRequest, state: StateDep, audit: AuditDep) -> dict[str, Any]:
+    return await plane.erase(state, body.index, body.document_ids, body.subject_id, audit)
 
 
 @router.post(

@@ -1,5 +1,6 @@
-"""What every router takes from the app: the gateway state; and the one reading of a
-time given in a query (the audit and the feedback listings filter by time alike)."""
+"""What every router takes from the app: the gateway state, the audit trail (None with
+security off); and the one reading of a time given in a query (the audit and the
+feedback listings filter by time alike)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from fastapi import Depends, Request
 
 from dify_serving.gateway.errors import ApiError
 from dify_serving.gateway.state import GatewayState
+from dify_serving.security.audit import AuditTrail
 
 
 async def get_state(request: Request) -> GatewayState:
@@ -18,6 +20,14 @@ async def get_state(request: Request) -> GatewayState:
 
 
 StateDep = Annotated[GatewayState, Depends(get_state)]
+
+
+async def get_audit(request: Request) -> AuditTrail | None:
+    guard = getattr(request.app.state, "guard", None)
+    return None if guard is None else guard.audit
+
+
+AuditDep = Annotated[AuditTrail | None, Depends(get_audit)]
 
 
 def parse_time(value: str | None, name: str) -> float | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Body, Query, Request
+from fastapi import APIRouter, Body, Query
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -23,7 +23,7 @@ from dify_serving.feedback import (
 )
 from dify_serving.gateway.dataplane import feedback as plane
 from dify_serving.gateway.policy import needs
-from dify_serving.gateway.routers.deps import StateDep, parse_time
+from dify_serving.gateway.routers.deps import AuditDep, StateDep, parse_time
 from dify_serving.security.grants import INFERENCE, MODELS_ADMIN
 from dify_serving.specs import NAME_PATTERN
 
@@ -94,13 +94,12 @@ async def rate(
             }
         ),
     ],
-    request: Request,
     state: StateDep,
+    audit: AuditDep,
 ) -> JSONResponse:
-    guard = getattr(request.app.state, "guard", None)
     saved, replaced = await plane.rate(
         state,
-        None if guard is None else guard.audit,
+        audit,
         request_id=body.request_id,
         task_id=body.task_id,
         rating=str(body.rating),

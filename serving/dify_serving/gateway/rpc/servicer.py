@@ -67,7 +67,7 @@ TWINS: dict[str, tuple[str, str]] = {
     "GetTask": ("GET", "/v1/tasks/{task_id}"),
     "GetModelStatus": ("GET", "/v1/models/status"),
 }
-_WANTED = frozenset(("authorization", "x-forwarded-for", "x-dify-otp"))
+_WANTED = frozenset(("authorization", "x-forwarded-for", "x-dify-otp", "x-dify-subject"))
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _TASK_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 B = TypeVar("B", bound=BaseModel)
@@ -345,8 +345,9 @@ class DifyServicer(dify_pb2_grpc.DifyServiceServicer):
     async def Delete(self, request: pb.DeleteRequest, context: Any) -> pb.DeleteResponse:
         async def work(call: _Call) -> pb.DeleteResponse:
             asked = body(DeleteRequest, request)
+            audit = self.guard.audit if self.guard else None
             receipt = await data.erase(
-                self.state, asked.index, asked.document_ids, asked.subject_id
+                self.state, asked.index, asked.document_ids, asked.subject_id, audit
             )
             return from_dict(pb.DeleteResponse, receipt)
 

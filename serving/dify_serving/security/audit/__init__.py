@@ -9,6 +9,7 @@ One module per job, each importable alone and none importing another's internals
 * `schema`: the tables and how each backend opens the transactions the chain needs;
 * `writer`: the queue and thread that turn entries into rows, riding out outages;
 * `query`: filters, keyset pages with opaque cursors, JSONL and spreadsheet-safe CSV;
+* `seal`: a data subject's request text encrypted under a key that erasure destroys;
 * `log`: `AuditLog`, which composes them; `ship`: `AuditShipper`, which moves the
   writing into a child process for the gateway; `trail`: `AuditTrail`, the Protocol
   both implement and callers type against.
@@ -16,9 +17,16 @@ One module per job, each importable alone and none importing another's internals
 
 from dify_serving.security.audit.chain import GENESIS, PURGE_ROUTE, ChainKey, Head
 from dify_serving.security.audit.checkpoint import Checkpoint, CheckpointError, CheckpointPlaces
-from dify_serving.security.audit.entry import COLUMNS, FIELDS, MAX_SHORT_TEXT, AuditEntry
+from dify_serving.security.audit.entry import (
+    COLUMNS,
+    FIELDS,
+    MAX_SHORT_TEXT,
+    AuditEntry,
+    TextEntry,
+)
 from dify_serving.security.audit.log import MIN_RETENTION_DAYS, AuditLog, home_chain
 from dify_serving.security.audit.query import MAX_QUERY_LIMIT, AuditFilter
+from dify_serving.security.audit.seal import ERASED
 from dify_serving.security.audit.ship import AuditShipper
 from dify_serving.security.audit.trail import AuditTrail
 from dify_serving.security.audit.verify import (
@@ -31,6 +39,7 @@ from dify_serving.security.audit.verify import (
     TAIL_MISSING,
     VerifyReport,
 )
+from dify_serving.security.audit.writer import AuditUnavailable
 
 __all__ = [
     "ANCHOR_UNVOUCHED",
@@ -38,6 +47,7 @@ __all__ = [
     "CHECKPOINT_MISMATCH",
     "CHECKPOINT_UNREADABLE",
     "COLUMNS",
+    "ERASED",
     "FIELDS",
     "GENESIS",
     "HASH_MISMATCH",
@@ -52,11 +62,13 @@ __all__ = [
     "AuditLog",
     "AuditShipper",
     "AuditTrail",
+    "AuditUnavailable",
     "ChainKey",
     "Checkpoint",
     "CheckpointError",
     "CheckpointPlaces",
     "Head",
+    "TextEntry",
     "VerifyReport",
     "home_chain",
 ]

@@ -43,6 +43,8 @@ GENESIS = "0" * 64
 CHAIN_VERSION = "audit.v2"
 PURGE_ROUTE = "audit.purge"
 MIN_KEY_BYTES = 16
+#: Hex characters of a subject's key reference (128 bits).
+REF_CHARS = 32
 _JSON_VERSION = f'"{CHAIN_VERSION}"'
 
 
@@ -76,6 +78,12 @@ class ChainKey:
 
     def __repr__(self) -> str:
         return f"ChainKey(chain_id={self.chain_id!r})"
+
+    def subject_ref(self, subject: str) -> str:
+        """Names a data subject's text key without naming the subject (`seal.py`)."""
+        mac = self._base.copy()
+        mac.update(b"dify-mirror audit text key\x00" + subject.encode())
+        return mac.hexdigest()[:REF_CHARS]
 
     def digest(self, row: Mapping[str, Any]) -> str:
         """The hash of a stored row (a mapping with `seq`, the fields and `prev_hash`)."""

@@ -7,6 +7,11 @@ together with the names. Text is NUL-free valid UTF-8 and short fields are cappe
 one odd value cannot wedge the queue (PostgreSQL refuses NULs and oversized index keys);
 an entry that cannot be stored at all (non-finite time, missing route) raises, and the
 writer drops and counts it.
+
+A `TextEntry` also carries a request's text and the data subjects it is about: not
+fields (the chain never sees them, so chains written before it still verify) but what
+the writer needs to seal the text under the subjects' keys (`seal.py`). `storable` hands
+it on as a `Sealing` in the `detail` column, which only the writer turns into text.
 """
 
 from __future__ import annotations
@@ -42,11 +47,37 @@ class AuditEntry:
     detail: str | None = None
 
 
+@dataclass(slots=True)
+class TextEntry(AuditEntry):
+    """An entry whose request text the writer seals for `subjects` before chaining it."""
+
+    text: str = ""
+    subjects: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, entry: AuditEntry, text: str, subjects: tuple[str, ...]) -> TextEntry:
+        fields = dict(zip(FIELDS, values_of(entry), strict=True))
+        return cls(**fields, text=text, subjects=subjects)
+
+
+@dataclass(frozen=True, slots=True)
+class Sealing:
+    """What the writer puts in `detail`: the operational part, then the text sealed."""
+
+    detail: str | None
+    text: str
+    subjects: tuple[str, ...]
+
+    def joined(self, sealed: str) -> str:
+        return f"{self.detail}; {sealed}" if self.detail else sealed
+
+
 FIELDS = tuple(f.name for f in dataclasses.fields(AuditEntry))
 #: An entry's values in `FIELDS` order (one C call: the writer process receives these
 #: with the names, `ship.py`).
 values_of: Callable[[AuditEntry], tuple[Any, ...]] = operator.attrgetter(*FIELDS)
 COLUMNS = ("seq", *FIELDS, "prev_hash", "hash")
+DETAIL = FIELDS.index("detail")
 _REQUIRED_TEXT = ("request_id", "method", "route")
 _OPTIONAL_TEXT = ("key_id", "client_ip", "model", "index")
 _OPTIONAL_INT = ("prompt_tokens", "completion_tokens", "bytes_in", "bytes_out")
@@ -54,12 +85,17 @@ FLOATS = ("time", "latency_ms")
 
 
 def storable(entry: AuditEntry) -> tuple[Any, ...]:
-    """The entry's column values in `FIELDS` order: typed, finite, NUL-free, capped."""
+    """The entry's column values in `FIELDS` order: typed, finite, NUL-free, capped; a
+    `TextEntry`'s `detail` is the `Sealing` the writer turns into text."""
     values = _plain(entry)
-    if values is not None:
-        return values
-    row = _checked(entry)
-    return tuple(row[name] for name in FIELDS)
+    if values is None:
+        row = _checked(entry)
+        values = tuple(row[name] for name in FIELDS)
+    if type(entry) is TextEntry and entry.text:  # no subjects: the text stays plain
+        subjects = tuple(sorted({_clean(s, MAX_SHORT_TEXT) for s in entry.subjects if s}))
+        sealing = Sealing(values[DETAIL], _clean(entry.text, None), subjects)
+        values = (*values[:DETAIL], sealing, *values[DETAIL + 1 :])
+    return values
 
 
 _TEXT_FIELDS = frozenset(_REQUIRED_TEXT + _OPTIONAL_TEXT)

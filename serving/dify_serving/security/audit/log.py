@@ -43,6 +43,7 @@ from dify_serving.security.audit.query import (
     query_page,
 )
 from dify_serving.security.audit.schema import ROW_ERRORS, AuditDatabase
+from dify_serving.security.audit.seal import destroy_key, seal_rows
 from dify_serving.security.audit.trail import AuditTrail
 from dify_serving.security.audit.verify import VerifyReport, checkpoint_problem, judge, walk
 from dify_serving.security.audit.writer import AuditWriter
@@ -168,6 +169,18 @@ class AuditLog(AuditTrail):
         log.info("audit purge removed %d rows older than %.0f", removed, cutoff)
         return removed
 
+    def shred(self, subject: str) -> int:
+        """Destroy `subject`'s audit text key after writing every entry queued now, so the
+        subject's text in rows recorded so far becomes unreadable (`seal.py`); the keys
+        destroyed (0 or 1). Raises `AuditUnavailable` while the database is unreachable."""
+        ref = self._chain.subject_ref(subject)
+        return self._writer.after_queue(functools.partial(self._destroy_key, ref))
+
+    def _destroy_key(self, ref: str) -> int:
+        self._ensure_schema()
+        with self._db.write_transaction() as conn:  # the chain lock: no batch is sealing
+            return destroy_key(conn, ref)
+
     def checkpoint(self) -> None:
         """Copy the chain's head to every checkpoint place now (a place that fails is logged
         once until it works again). The writer thread does this every `checkpoint_s`."""
@@ -225,7 +238,7 @@ class AuditLog(AuditTrail):
     def _write(self, rows: list[tuple[Any, ...]]) -> None:
         self._ensure_schema()
         with self._db.write_transaction() as conn:
-            append_rows(conn, rows, self._chain)
+            append_rows(conn, seal_rows(conn, rows, self._chain), self._chain)
 
 
 def home_chain(

@@ -4,7 +4,8 @@ Queries are keyset-paged by `seq` with an opaque cursor and a limit clamped to
 1..`MAX_QUERY_LIMIT`, and exports page internally on a fresh connection per page, so any
 time range costs bounded memory and never holds a transaction open while a client reads
 slowly. Every filter value is a bound parameter. CSV cells a spreadsheet would evaluate
-as formulas are prefixed with `'`; JSONL is the lossless format.
+as formulas are prefixed with `'`; JSONL is the lossless format. Sealed request text is
+shown decrypted, or erased once its subject's key is gone (`seal.py`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from sqlalchemy import ColumnElement, Connection, select
 
 from dify_serving.security.audit.entry import COLUMNS
 from dify_serving.security.audit.schema import LOG, AuditDatabase
+from dify_serving.security.audit.seal import unseal_rows
 
 MAX_QUERY_LIMIT = 1000
 EXPORT_PAGE_ROWS = 1000
@@ -73,7 +75,7 @@ def query_page(
     size = max(1, min(int(limit), MAX_QUERY_LIMIT))
     db.ensure_schema()
     with db.connect() as conn:
-        rows = page(conn, selected, after, size + 1)
+        rows = unseal_rows(conn, page(conn, selected, after, size + 1))
     if len(rows) <= size:
         return rows, None
     return rows[:size], encode_cursor(rows[size - 1]["seq"])
@@ -134,7 +136,7 @@ def _scan(db: AuditDatabase, selected: list[ColumnElement[bool]]) -> Iterator[di
     after = 0
     while True:
         with db.connect() as conn:
-            rows = page(conn, selected, after, EXPORT_PAGE_ROWS)
+            rows = unseal_rows(conn, page(conn, selected, after, EXPORT_PAGE_ROWS))
         yield from rows
         if len(rows) < EXPORT_PAGE_ROWS:
             return

@@ -81,6 +81,16 @@ ANCHOR = Table(
     Column("hash", String(64), nullable=False),
 )
 
+#: One AES-256 key per data subject whose request text was sealed (`seal.py`), named by
+#: a keyed hash of the subject (never the subject itself); erasure deletes the row.
+TEXT_KEYS = Table(
+    "audit_text_keys",
+    METADATA,
+    Column("ref", String(64), primary_key=True),
+    Column("key", String(64), nullable=False),
+    Column("created", Double, nullable=False),
+)
+
 
 class AuditDatabase:
     """The audit tables on one SQLite file or PostgreSQL database; created on first use."""

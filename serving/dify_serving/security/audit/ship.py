@@ -17,6 +17,10 @@ The child also checkpoints the chain's head: it is the process that moves the he
 already holds the database connection and the writer thread that wakes on a timer, and
 the Redis and Kubernetes calls stay off the gateway's event loop. Its database URL, the
 chain key and the Redis URL (secrets) reach it through stdin, never argv.
+
+`shred` goes through the child too, as a message after the entries shipped before it:
+the child writes those (sealing each with the subject's key) before destroying the key,
+so no row recorded before an erasure is written readable after it.
 """
 
 from __future__ import annotations
@@ -34,11 +38,12 @@ from pathlib import Path
 from typing import IO, Any, Unpack
 
 from dify_serving.security.audit.checkpoint import CheckpointPlaces
-from dify_serving.security.audit.entry import FIELDS, AuditEntry, values_of
+from dify_serving.security.audit.entry import FIELDS, AuditEntry, TextEntry, values_of
 from dify_serving.security.audit.log import AuditLog, home_chain
 from dify_serving.security.audit.query import AuditFilter, ExportFormat, Rows
 from dify_serving.security.audit.trail import AuditTrail
 from dify_serving.security.audit.verify import VerifyReport
+from dify_serving.security.audit.writer import AuditUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +76,7 @@ class AuditShipper(AuditTrail):
         self._args = json.dumps(writer).encode() + b"\n"
         self._buffer: list[AuditEntry] = []
         self._lock = threading.Lock()
+        self._asking = threading.Lock()  # one question to the child (F, S) and its answer
         self._timer: asyncio.TimerHandle | None = None
         self._timer_loop: asyncio.AbstractEventLoop | None = None
         self._lost = 0
@@ -124,7 +130,7 @@ class AuditShipper(AuditTrail):
         with self._lock:
             entries, self._buffer = self._buffer, []
             self._timer = None
-            batch = (FIELDS, [values_of(entry) for entry in entries])
+            batch = (FIELDS, [_shipped(entry) for entry in entries])
             payload = pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL) if entries else b""
             if entries or kind != b"E":
                 self._send(kind, payload, len(entries))
@@ -144,12 +150,28 @@ class AuditShipper(AuditTrail):
 
     def flush(self) -> int:
         """Everything recorded so far is in the database when this returns."""
-        self._ship(b"F")
+        with self._asking:
+            self._ship(b"F")
+            line = self._answer()
+        return int(line or b"0")
+
+    def shred(self, subject: str) -> int:
+        """Destroy the subject's text key in the writer process, after every entry recorded
+        here so far (so each is sealed with the key destroyed, `seal.py`)."""
+        with self._asking:
+            self._ship()
+            with self._lock:
+                self._send(b"S", subject.encode(), 0)
+            line = self._answer().strip()
+        if not line.isdigit():
+            raise AuditUnavailable("the audit writer could not destroy the key; retry")
+        return int(line)
+
+    def _answer(self) -> bytes:
         proc = self._proc
         if proc is None or proc.stdout is None:
-            return 0
-        line = proc.stdout.readline()
-        return int(line or b"0")
+            return b""
+        return proc.stdout.readline()
 
     def close(self, timeout_s: float = 5.0) -> None:
         self._ship()
@@ -194,10 +216,25 @@ class AuditShipper(AuditTrail):
         return self.reader.purge(now)
 
 
+def _shipped(entry: AuditEntry) -> tuple[Any, ...]:
+    """The entry's values; a `TextEntry`'s text and subjects after them."""
+    if type(entry) is TextEntry:
+        return (*values_of(entry), entry.text, entry.subjects)
+    return values_of(entry)
+
+
+def _rebuilt(names: tuple[str, ...], values: tuple[Any, ...]) -> AuditEntry:
+    fields = dict(zip(names, values[: len(names)], strict=True))
+    if len(values) > len(names):
+        return TextEntry(**fields, text=values[-2], subjects=tuple(values[-1]))
+    return AuditEntry(**fields)
+
+
 def serve(stdin: IO[bytes], stdout: IO[bytes]) -> None:
     """The writer process: its settings on the first line, then framed batches (`E`
-    records, `F` records and answers with the rows written) until end-of-file. A batch
-    is `(field names, [values, ...])`: entries are rebuilt by name."""
+    records, `F` records and answers with the rows written) until end-of-file, and `S`
+    (a subject, UTF-8) shreds it, answering with the keys destroyed (`!` if it could
+    not). A batch is `(field names, [values, ...])`: entries are rebuilt by name."""
     args = json.loads(stdin.readline())
     places = args["checkpoints"]
     audit = AuditLog(
@@ -213,11 +250,23 @@ def serve(stdin: IO[bytes], stdout: IO[bytes]) -> None:
             if len(head) < 5:
                 return
             payload = stdin.read(int.from_bytes(head[1:], "big"))
+            if head[:1] == b"S":
+                stdout.write(f"{_shred(audit, payload.decode())}\n".encode())
+                stdout.flush()
+                continue
             names, rows = pickle.loads(payload) if payload else ((), [])
             for values in rows:
-                audit.record(AuditEntry(**dict(zip(names, values, strict=True))))
+                audit.record(_rebuilt(names, values))
             if head[:1] == b"F":
                 stdout.write(f"{audit.flush()}\n".encode())
                 stdout.flush()
     finally:
         audit.close()
+
+
+def _shred(audit: AuditLog, subject: str) -> str:
+    try:
+        return str(audit.shred(subject))
+    except Exception as err:  # the gateway's erasure answers 503 and is retried
+        log.warning("audit text key not destroyed: %s", err)
+        return "!"

@@ -17,7 +17,7 @@ from dify_serving.security.audit.verify import VerifyReport
 
 
 class AuditTrail(Protocol):
-    """A tamper-evident trail of requests: record, read back, verify, purge."""
+    """A tamper-evident trail of requests: record, read back, verify, purge, shred."""
 
     @property
     def retention_days(self) -> int:
@@ -62,4 +62,10 @@ class AuditTrail(Protocol):
 
     def purge(self, now: float | None = None) -> int:
         """Remove the rows past retention (a chain prefix) and record it; rows removed."""
+        ...
+
+    def shred(self, subject: str) -> int:
+        """Make `subject`'s request text unreadable in every row recorded so far, the chain
+        unchanged (its key destroyed, `seal.py`); keys destroyed (0 or 1). Raises
+        `AuditUnavailable` when that cannot be done now."""
         ...

@@ -17,7 +17,8 @@ and retries with backoff up to `MAX_BACKOFF_S`.
 The writer knows nothing of SQL or the chain: `write` stores one batch of cleaned rows,
 and `checkpoint` runs on the same thread every `checkpoint_s` after a successful write
 (and once more when the writer stops), so the head is copied out by the process that
-moves it.
+moves it. `after_queue` runs an action ordered after every entry recorded before it
+(erasure destroys a subject's text key there: no row queued before it is written after).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from dify_serving.security.audit.entry import AuditEntry, storable
 
@@ -37,6 +38,11 @@ MAX_BACKOFF_S = 30.0
 
 #: Stores one batch of rows (values in `FIELDS` order) in one transaction.
 WriteBatch = Callable[[list[tuple[Any, ...]]], None]
+T = TypeVar("T")
+
+
+class AuditUnavailable(RuntimeError):
+    """The audit database (or the writer process) cannot be reached now; retry later."""
 
 
 class AuditWriter:
@@ -112,6 +118,17 @@ class AuditWriter:
         """Write what is queued now; returns rows written (entries stay queued on failure)."""
         return self._drain()[0]
 
+    def after_queue(self, action: Callable[[], T]) -> T:
+        """Write what is queued now, then run `action` before any later batch is written.
+
+        Raises `AuditUnavailable` (and `action` does not run) when the queue cannot be
+        written, so nothing queued before it can be written after it.
+        """
+        with self._flush_lock:
+            if not self._drain_locked()[1]:
+                raise AuditUnavailable(f"audit database unavailable; {self.pending} entries queued")
+            return action()
+
     def close(self, timeout_s: float) -> bool:
         """Flush and stop the thread, waiting at most `timeout_s` for it. True when it
         stopped now, so what it used may be released; False when it was already closed
@@ -161,15 +178,18 @@ class AuditWriter:
 
     def _drain(self) -> tuple[int, bool]:
         with self._flush_lock:
-            written = 0
-            for _ in range(-(-self.pending // self._max_batch)):
-                try:
-                    written += self._write_batch()
-                except Exception as err:
-                    self._note_outage(err)
-                    return written, False
-                self._note_recovery()
-            return written, True
+            return self._drain_locked()
+
+    def _drain_locked(self) -> tuple[int, bool]:
+        written = 0
+        for _ in range(-(-self.pending // self._max_batch)):
+            try:
+                written += self._write_batch()
+            except Exception as err:
+                self._note_outage(err)
+                return written, False
+            self._note_recovery()
+        return written, True
 
     def _write_batch(self) -> int:
         batch = self._take(self._max_batch)
