@@ -25,6 +25,7 @@ from gateways import close_all, gateway, new_key, seed_support_and_other
 from support import AUTH
 
 from dify_serving.engines.protocol import Embeddings, Generation, GenerationRequest
+from dify_serving.gateway import cache_header
 from dify_serving.gateway.dataplane import inference as plane
 from dify_serving.gateway.state import GatewayState
 from dify_serving.manifests import parse_documents
@@ -305,6 +306,28 @@ def test_greedy_and_seeded_generation_are_cached_sampled_is_not(tmp_path: Path) 
     state.close()
 
 
+def test_a_task_about_a_data_subject_keeps_nothing_in_the_cache(tmp_path: Path) -> None:
+    """The worker runs a task with a `subject_id` inside `subject_use`: an erasure cannot
+    find cached answers by subject, so none are made."""
+    state = GatewayState(GatewayOptions(home=str(tmp_path)))
+    replicas = StandIn()
+    state.model_replicas.invoke = replicas.invoke  # type: ignore[method-assign]
+    llm = model()
+
+    async def generate(subject: str | None) -> Generation:
+        with cache_header.subject_use(subject):
+            request = plane.generation_request(llm, prompt="about alice", temperature=0)
+            return await plane.generate(state, llm, request)
+
+    asyncio.run(generate("alice"))
+    asyncio.run(generate("alice"))
+    assert replicas.calls == ["generate", "generate"]  # neither read nor kept
+    asyncio.run(generate(None))
+    asyncio.run(generate(None))
+    assert len(replicas.calls) == 3  # without a subject: kept, then read
+    state.close()
+
+
 def test_embeddings_are_cached_whole_and_come_back_equal(tmp_path: Path) -> None:
     state = GatewayState(GatewayOptions(home=str(tmp_path)))
     replicas = StandIn()
@@ -369,6 +392,10 @@ def test_x_cache_and_cache_control_over_http(home: Path) -> None:
     unkept = {**greedy, "prompt": "not kept"}
     post("/v1/inference", unkept, **{"Cache-Control": "no-store"})
     assert post("/v1/inference", unkept).headers["x-cache"] == "MISS"
+    # a request about a data subject is never kept: an erasure leaves nothing behind
+    subject = {**greedy, "prompt": "about alice"}
+    post("/v1/inference", subject, **{"X-Dify-Subject": "alice"})
+    assert post("/v1/inference", subject).headers["x-cache"] == "MISS"
     sampled = {**greedy, "temperature": 0.7}
     assert "x-cache" not in post("/v1/inference", sampled).headers
     completions = {"model": "other-llm", "prompt": "hi", "temperature": 0, "max_tokens": 8}

@@ -11,11 +11,15 @@ nothing (a sampled generation, a stream, a classification) gets no header.
 
 `Cache-Control: no-cache` answers afresh and keeps the fresh answer; `no-store` neither
 reads nor keeps one. A batch (`WISHES_ONLY`) follows the client's wishes but gets no
-header (its items differ); async tasks use the cache as a plain request does.
+header (its items differ); async tasks use the cache as a plain request does. What is
+about a data subject (`X-Dify-Subject`, a task's `subject_id`) is never kept: an erasure
+cannot find cached answers by subject, so none are made.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from contextvars import ContextVar
 from typing import Any
 
@@ -112,11 +116,30 @@ def index_cache_args() -> dict[str, Any]:
 
 
 def _wishes(headers: list[tuple[bytes, bytes]]) -> CacheUse:
+    """The client's `Cache-Control`; a request about a data subject (`X-Dify-Subject`) is
+    never kept, so an erasure leaves no answer of the subject's behind in the cache."""
+    fresh = no_store = False
     for name, value in headers:
         if name == b"cache-control":
             directives = {d.strip() for d in value.lower().split(b",")}
-            return CacheUse(fresh=b"no-cache" in directives, no_store=b"no-store" in directives)
-    return CacheUse()
+            fresh, no_store = b"no-cache" in directives, no_store or b"no-store" in directives
+        elif name == b"x-dify-subject":
+            no_store = True
+    return CacheUse(fresh=fresh, no_store=no_store)
+
+
+@contextlib.contextmanager
+def subject_use(subject_id: str | None) -> Iterator[None]:
+    """Around a task's run: a task about a data subject neither reads nor keeps cached
+    answers (as `X-Dify-Subject` on a request)."""
+    if subject_id is None:
+        yield
+        return
+    token = CACHE.set(CacheUse(no_store=True))
+    try:
+        yield
+    finally:
+        CACHE.reset(token)
 
 
 class CacheHeader:

@@ -30,6 +30,7 @@ from ray.serve.task_consumer import task_consumer, task_handler
 
 from dify_serving.engines.protocol import Generator
 from dify_serving.errors import DifyError
+from dify_serving.gateway import cache_header
 from dify_serving.gateway.dataplane import batch as batch_plane
 from dify_serving.gateway.dataplane import data as data_plane
 from dify_serving.gateway.dataplane import inference as inference_plane
@@ -83,7 +84,8 @@ class TaskWorker:
         model = self._model(body.model)
         if model.spec.task != ModelTask.TEXT_GENERATION or not body.stream:
             # a cancelled task cancels its replica call, which ends its sequence there
-            result = await inference_plane.infer(self.state, model, body, claim.task.id)
+            with cache_header.subject_use(claim.task.subject_id):
+                result = await inference_plane.infer(self.state, model, body, claim.task.id)
             return Outcome(result.output, result.usage.model_dump())
         gen = inference_plane.generation_from(model, body)
         text: list[str] = []
