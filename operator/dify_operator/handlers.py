@@ -9,6 +9,7 @@ an object goes only after its Serve application is gone (and, for an index with
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -43,6 +44,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
         memo.options, RayDashboard(config.ray_dashboard, timeout=10)
     )
     memo.refreshed = {}
+    memo.apply_lock = memo.get("apply_lock") or threading.Lock()
     settings.persistence.finalizer = "difymirror.dev/finalizer"
     settings.posting.level = logging.INFO
     settings.watching.server_timeout = 60
@@ -81,10 +83,17 @@ def _apply(
     patch: kopf.Patch,
     generation: int | None,
 ) -> reconcile.DesiredState:
-    """Apply the whole desired state; Reconciled condition either way."""
-    state, _ = _desired(memo, model_bodies, index_bodies)
+    """Apply the whole desired state; Reconciled condition either way.
+
+    Computed and applied as one step under a lock: handlers run on several threads, and
+    the kopf indexes are live, so the last apply is computed from the newest bodies. (Two
+    indexes deleted together once left the first one's stale view, holding the second,
+    applied last: an orphaned Serve application.)
+    """
     try:
-        memo.applier.apply(state)
+        with memo.apply_lock:
+            state, _ = _desired(memo, model_bodies, index_bodies)
+            memo.applier.apply(state)
     except RayUnavailable as exc:
         patch.status["conditions"] = reconcile.merge_conditions(
             None,
