@@ -42,3 +42,11 @@ def index_shard_lock(home: str | os.PathLike[str], collection: str) -> Path:
     `drop()` that removes the folder.
     """
     return index_shards_root(home) / f".{index_shard_dir(home, collection).name}.lock"
+
+
+def index_write_journal(home: str | os.PathLike[str], collection: str) -> Path:
+    """The journal of the collection's multi-call write in progress
+    (`knowledge.backends.base.WriteJournal`), beside the shard folder like its lock: it
+    must outlive a replica killed in the middle of that write, for the next one to repair.
+    """
+    return index_shards_root(home) / f".{index_shard_dir(home, collection).name}.journal"

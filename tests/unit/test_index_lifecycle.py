@@ -25,7 +25,7 @@ from support import AUTH, index_doc, model_doc
 
 from dify_serving.catalog import local as local_catalog
 from dify_serving.catalog.files import LocalStateStore
-from dify_serving.layout import index_shard_dir, index_shard_lock
+from dify_serving.layout import index_shard_dir, index_shard_lock, index_write_journal
 from dify_serving.manifests import parse_documents
 from dify_serving.options import ServeOptions
 
@@ -91,6 +91,8 @@ def test_create_lists_applies_and_delete_reclaims_the_vectors(
     assert (listed["model"], listed["collection"], listed["status"]) == ("minilm", "kb", "Loading")
 
     shard = _vectors(home, "kb")
+    journal = index_write_journal(home, "kb")  # a write a killed replica left: goes too
+    journal.write_text('{"documents": {}}')
     serve.linger_s = 0.5  # Serve lists the app as DELETING while its replica stops
     started = time.monotonic()
     r = client.delete("/v1/indexes/kb", headers=AUTH)
@@ -103,7 +105,7 @@ def test_create_lists_applies_and_delete_reclaims_the_vectors(
         "vectors": "deleted",
         "message": "collection kb removed",
     }
-    assert not shard.exists() and "index-kb" not in serve.names()
+    assert not shard.exists() and not journal.exists() and "index-kb" not in serve.names()
     assert "kb" not in _listed(client)
     r = client.post("/v1/data/search", json={"index": "kb", "query": "x"}, headers=AUTH)
     assert r.status_code == 404 and r.json()["error"]["code"] == "index_not_found"

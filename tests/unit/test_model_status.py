@@ -240,3 +240,54 @@ def test_the_gateway_times_a_wake_and_never_wakes_a_model_to_show_it() -> None:
         assert await client.info("m") == "ok" and calls == ["predict", "predict", "info"]
 
     asyncio.run(scenario())
+
+
+def test_an_older_status_read_never_replaces_a_newer_one() -> None:
+    """Two refreshes overlap (the background loop and a status request); the first one's
+    read of Serve is slow. Its older view must not land after the newer one: a version
+    that had just taken traffic was seen as starting again, and answered 503 (CI)."""
+    import asyncio
+
+    from dify_serving.gateway.status_cache import StatusCache
+
+    model = DifyModel(metadata=ObjectMeta(name="m"), spec=spec())
+    app = "model-m"
+
+    def serve(status: str, replica: str) -> dict[str, Any]:
+        replicas = [{"state": replica, "pid": 1}]
+        deployment = {"status": "HEALTHY", "replicas": replicas, "target_num_replicas": 1}
+        return {"applications": {app: {"status": status, "deployments": {"d": deployment}}}}
+
+    class Catalog:
+        idle_refresh_s = 5.0
+
+        async def refresh(self) -> None:
+            return None
+
+        def models(self) -> dict[str, Any]:
+            return {"m": model}
+
+        def indexes(self) -> dict[str, Any]:
+            return {}
+
+    class Dashboard:
+        def __init__(self) -> None:
+            self.reads = 0
+
+        async def get_applications(self) -> dict[str, Any]:
+            self.reads += 1
+            if self.reads == 1:  # the older read: Serve still starting the replica, slowly
+                await asyncio.sleep(0.2)
+                return serve("DEPLOYING", "STARTING")
+            return serve("RUNNING", "RUNNING")
+
+    async def scenario() -> None:
+        status = StatusCache(Catalog(), Dashboard())  # type: ignore[arg-type]
+        status.cluster_gpus = 0.0
+        first = asyncio.create_task(status.refresh())
+        await asyncio.sleep(0.01)  # the first read is under way
+        await asyncio.gather(first, status.refresh())
+        assert status.models["m"]["phase"] == "Ready", status.models["m"]
+        assert status.models["m"]["ready_replicas"] == 1
+
+    asyncio.run(scenario())

@@ -22,6 +22,7 @@ from dify_serving.knowledge.errors import (
     UnknownFilterField,
 )
 from dify_serving.knowledge.filters import Match, MatchAny, Range, StoreFilter, build_filter
+from dify_serving.knowledge.journal import versioned_id
 from dify_serving.knowledge.points import ChunkPoint, point_id
 from dify_serving.specs import DifyIndexSpec
 
@@ -404,7 +405,8 @@ def test_hnsw_recall_after_optimize_in_a_child_process(tmp_path: Path) -> None:
         meta = {"lang": LANGS[d % 3], "year": 2000 + d % 25}
         docs.append((f"d{d}", chunks(f"d{d}", rows, metadata=meta)))
     store.upsert_many(docs)
-    ids = np.array([p.id for _, pts in docs for p in pts])
+    # 2,500 points: a journaled write, whose points take ids of its own
+    ids = np.array([versioned_id(p.id, p.payload["version"]) for _, pts in docs for p in pts])
     assert store.info().unindexed == 2500 and store.needs_optimize()
 
     errors: list[BaseException] = []
@@ -620,3 +622,121 @@ def test_backends_answer_alike(tmp_path: Path, distance: str) -> None:
     finally:
         edge.close()
         server.close()
+
+
+# ---- writes that take several engine calls ------------------------------------------------
+class Cut(Exception):
+    """A replica killed at this point of a write."""
+
+
+def versions_of(store: VectorBackend, doc: str) -> dict[str, list[int]]:
+    """Each stored version of `doc` (up to 2,000 points) → its chunk positions."""
+    out: dict[str, list[int]] = {}
+    for hit in store.search(np.ones(DIM), 2000, {"document_id": doc}, exact=True):
+        out.setdefault(hit.payload["version"], []).append(hit.payload["chunk_index"])
+    return {v: sorted(positions) for v, positions in out.items()}
+
+
+@pytest.mark.parametrize("cut_at", ["put 2", "put 3", "delete"])
+def test_a_write_cut_between_engine_calls_leaves_each_document_whole(
+    opener: Opener, monkeypatch: pytest.MonkeyPatch, cut_at: str
+) -> None:
+    """Three engine calls of 4 points (a0-a3 | a4 a5 b0 b1 | b2-b4), cut before the second
+    or the third, or after all of them but before the old versions go. The next opening
+    finishes or undoes each document: never a mix of two texts."""
+    from dify_serving.knowledge.backends import base
+
+    monkeypatch.setattr(base, "UPSERT_BATCH", 4)
+    rng = np.random.default_rng(7)
+    store = opener()
+    store.ensure(DIM)
+    store.upsert_many([("a", chunks("a", unit(rng.normal(size=(3, DIM))), "old"))])
+    assert store.count() == 3  # one call: in place, no journal
+    calls = {"put": 0}
+    engine = type(store)
+
+    def put(self: Any, batch: Any) -> None:
+        calls["put"] += 1
+        if cut_at == f"put {calls['put']}":
+            raise Cut
+        engine._upsert(self, batch)
+
+    def delete(self: Any, flt: Any) -> None:
+        raise Cut
+
+    monkeypatch.setattr(store, "_upsert", put.__get__(store))
+    if cut_at == "delete":
+        monkeypatch.setattr(store, "_delete", delete.__get__(store))
+    new = [
+        ("a", chunks("a", unit(rng.normal(size=(6, DIM))), "new")),
+        ("b", chunks("b", unit(rng.normal(size=(5, DIM))), "new")),
+    ]
+    with pytest.raises(Cut):
+        store.upsert_many(new)
+    assert store.journal.path is not None and store.journal.path.exists()
+    store.close()
+    again = opener()
+    old_a, new_a, new_b = {"old": [0, 1, 2]}, {"new": list(range(6))}, {"new": list(range(5))}
+    expected = {  # a has all 6 new points once the second call is in, b once the third is
+        "put 2": (old_a, {}),
+        "put 3": (new_a, {}),
+        "delete": (new_a, new_b),
+    }[cut_at]
+    assert (versions_of(again, "a"), versions_of(again, "b")) == expected
+    assert again.journal.path is not None and not again.journal.path.exists()
+    # and the journaled path writes whole when nothing cuts it
+    assert again.upsert_many(new) == {"a": 3 if cut_at == "put 2" else 0, "b": 0}
+    assert versions_of(again, "a") == {"new": [0, 1, 2, 3, 4, 5]}
+    assert again.count() == 11
+
+
+WRITER = """
+import sys, numpy as np
+from pathlib import Path
+from dify_serving.knowledge.backends import open_backend
+from tests.unit.test_vector_stores import DIM, INDEX, chunks, make_spec, unit
+store = open_backend(INDEX, make_spec(), Path(sys.argv[1]))
+store.ensure(DIM)
+rng = np.random.default_rng(0)
+docs = [f"d{i}" for i in range(8)]
+store.upsert_many([(d, chunks(d, unit(rng.normal(size=(700, DIM))), "old")) for d in docs])
+print("ready", flush=True)
+while True:  # rewrite them over and over, 5,600 points (six engine calls) each time
+    v = str(rng.integers(1 << 30))
+    store.upsert_many([(d, chunks(d, unit(rng.normal(size=(700, DIM))), v)) for d in docs])
+"""
+
+
+def test_a_writer_killed_mid_write_leaves_every_document_whole(tmp_path: Path) -> None:
+    """A real kill (SIGKILL) of a process rewriting 8 documents of 700 chunks each, at
+    random points of its multi-call writes: on reopening, every document holds exactly one
+    version with all 700 chunks."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(11)
+    for attempt in range(3):
+        home = tmp_path / f"h{attempt}"
+        child = subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(home)],
+            stdout=subprocess.PIPE,
+            cwd=Path(__file__).parents[2],
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+        try:
+            assert child.stdout is not None and child.stdout.readline().strip() == b"ready"
+            time.sleep(float(rng.uniform(0.2, 1.5)))
+            child.send_signal(signal.SIGKILL)
+        finally:
+            child.wait(timeout=30)
+        store = open_backend(INDEX, make_spec(), home)
+        try:
+            for d in (f"d{i}" for i in range(8)):
+                held = {v: len(p) for v, p in versions_of(store, d).items()}
+                assert len(held) == 1 and set(held.values()) == {700}, (d, held)
+                assert next(iter(versions_of(store, d).values())) == list(range(700))
+            assert store.count() == 8 * 700
+        finally:
+            store.close()

@@ -267,6 +267,11 @@ def test_a_blue_green_switch_through_the_api(gw: Gateway) -> None:
     assert {gw.infer().headers["x-dify-model-version"] for _ in range(10)} == {"v2"}
     status = gw.http.get("/v1/models/status").json()["models"][0]
     assert status["rollout"]["phase"] == "Draining" and status["rollout"]["draining"] == ["v1"]
+    gw.statuses["v2"] = LOADING  # v2's replica restarts while v1 drains: v1 answers meanwhile
+    gw.publish()
+    assert {gw.infer().headers["x-dify-model-version"] for _ in range(10)} == {"v1"}
+    gw.statuses["v2"] = READY
+    gw.publish()
     gw.state.rollouts.drain_min_s = 0.0
     gw.replicas["v1"].active = 1  # v1 still runs a stream
     gw.tick()

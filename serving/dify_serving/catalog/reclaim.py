@@ -29,7 +29,12 @@ from urllib.parse import urlsplit
 import httpx
 
 from dify_serving.errors import DifyError
-from dify_serving.layout import index_shard_dir, index_shard_lock, index_shards_root
+from dify_serving.layout import (
+    index_shard_dir,
+    index_shard_lock,
+    index_shards_root,
+    index_write_journal,
+)
 from dify_serving.specs import DifyIndexSpec, is_name, qdrant_server, store_address
 
 #: Seconds `reclaim_vectors` waits for a replica still stopping to let go of the shard.
@@ -85,6 +90,7 @@ def reclaim_vectors(
             shard.unlink()
         else:
             shutil.rmtree(shard, ignore_errors=True)
+        index_write_journal(home, collection).unlink(missing_ok=True)
     return f"embedded collection {collection} removed from {root}"
 
 

@@ -118,8 +118,9 @@ class GatewayState:
 
     def served(self, model: DifyModel, pinned: str | None = None) -> DifyModel:
         """`model` as the version that answers one request: `pinned`, else one drawn by
-        the weights among the versions with traffic that serve (all of them when none
-        does, so the request gets their clear 503). Unversioned: `model` itself."""
+        the weights among the versions with traffic that serve, else among the loaded
+        versions without traffic that serve, else among all those with traffic (the
+        request gets their clear 503). Unversioned: `model` itself."""
         spec = model.spec
         if not spec.versions:
             if pinned:
@@ -143,11 +144,20 @@ class GatewayState:
             return model.at_version(pinned)
         live = [v for v in spec.versions if v.weight > 0]
         targets = self.status.targets
-        serving = [
-            v for v in live if targets.get(f"{model.name}@{v.name}", {}).get("phase") in SERVING
+
+        def serves(name: str) -> bool:
+            return targets.get(f"{model.name}@{name}", {}).get("phase") in SERVING
+
+        serving = [v for v in live if serves(v.name)]
+        # none of them serves: a version still loaded beside them (one draining after a
+        # switch, or a switch's target) answers rather than a 503, as old pods keep
+        # serving until the new ones are Ready
+        loaded = set(loaded_versions(spec))
+        standby = [
+            v for v in spec.versions if v.weight == 0 and v.name in loaded and serves(v.name)
         ]
-        pool = serving or live
-        chosen = random.choices(pool, weights=[v.weight for v in pool])[0]
+        pool = serving or standby or live
+        chosen = random.choices(pool, weights=[max(v.weight, 1) for v in pool])[0]
         record_version(chosen.name)
         return model.at_version(chosen.name)
 

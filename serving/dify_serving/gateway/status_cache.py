@@ -55,6 +55,10 @@ class StatusCache:
         self._wake = asyncio.Event()
         self._refresh_started = float("-inf")
         self._on_demand: asyncio.Task[None] | None = None
+        # One read at a time: two overlapping reads could end in the other order, and the
+        # older view would replace the newer (a version that just took traffic seen as
+        # still starting: 503s until the next refresh; CI saw it during a switch).
+        self._reading = asyncio.Lock()
 
     def start(self, background: bool) -> None:
         if self._refresher is None and background:
@@ -100,10 +104,12 @@ class StatusCache:
             await self.refresh()
 
     async def refresh(self) -> dict[str, dict[str, Any]]:
-        """Read Serve's status now; records when it worked or why it did not."""
+        """Read Serve's status now (after a read already running); records when it
+        worked or why it did not."""
         self._refresh_started = time.monotonic()
         try:
-            statuses = await self._read()
+            async with self._reading:
+                statuses = await self._read()
         except RayUnavailable as exc:
             self.refresh_failure = "ray_unavailable"
             log.warning("status refresh failed: %s", exc)

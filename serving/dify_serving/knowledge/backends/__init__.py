@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from dify_serving.knowledge.backends.base import VectorBackend
-from dify_serving.layout import index_shard_dir
+from dify_serving.layout import index_shard_dir, index_write_journal
 from dify_serving.specs import DifyIndexSpec, is_name, store_address
 
 __all__ = ["VectorBackend", "open_backend"]
@@ -32,7 +32,9 @@ def open_backend(
     `store.type: qdrant` uses `store.url`; an embedded index uses the `qdrant_url` setting
     when one is given, else a Qdrant Edge shard in `layout.index_shard_dir` (the rule of
     `specs.store_address`, which the collection clash check and reclaim follow too).
-    `client` injects a ready `QdrantClient` (tests: local mode).
+    `client` injects a ready `QdrantClient` (tests: local mode). The backend keeps its
+    multi-call writes' journal under `home` (`layout.index_write_journal`), and repairs a
+    write a killed replica left half done before it returns.
 
     Raises:
         ValueError: the collection is not a lower-case RFC 1123 name (it becomes a folder
@@ -46,10 +48,14 @@ def open_backend(
         from qdrant_client import QdrantClient
 
         client = QdrantClient(url=url, timeout=30)
+    backend: VectorBackend
     if client is not None:
         from dify_serving.knowledge.backends.qdrant_server import QdrantServerBackend
 
-        return QdrantServerBackend(client, collection, spec)
-    from dify_serving.knowledge.backends.qdrant_edge import QdrantEdgeBackend
+        backend = QdrantServerBackend(client, collection, spec)
+    else:
+        from dify_serving.knowledge.backends.qdrant_edge import QdrantEdgeBackend
 
-    return QdrantEdgeBackend(index_shard_dir(home, collection), collection, spec)
+        backend = QdrantEdgeBackend(index_shard_dir(home, collection), collection, spec)
+    backend.open_journal(index_write_journal(home, collection))
+    return backend

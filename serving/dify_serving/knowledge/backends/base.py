@@ -8,10 +8,14 @@ tests). `BackendBase` holds the behaviour, so a backend only supplies the engine
 `open_backend` (the package) picks one. Nothing here imports a backend.
 
 Replacement. Point ids are stable per (index, document, position) and every point carries
-the `version` of the upsert that wrote it: a re-upsert overwrites chunks in place, then
-the document's points of any other version (the old tail when the new text has fewer
-chunks) are deleted. A search between the two steps may see the old tail; a crash between
-them leaves it until the document is written again.
+the `version` of the upsert that wrote it: a re-upsert that fits one engine call
+(`UPSERT_BATCH` points, applied whole) overwrites chunks in place, then the document's
+points of any other version (the old tail when the new text has fewer chunks) are
+deleted. A search between the two steps may see the old tail; a crash between them leaves
+it until the document is written again. A larger write takes several calls, so it is
+journaled and writes new ids beside the old points (`knowledge/journal.py`): a replica
+killed in the middle leaves each document wholly old or wholly new once the next replica
+opens the collection.
 
 Payload indexes are keyword indexes on `document_id`, `subject_id`, `version` and each
 `metadata.<field>`, untyped on purpose. Scores are Qdrant's: similarity for Cosine and Dot
@@ -21,9 +25,11 @@ of Qdrant Edge, and why the index typing is what it is: docs/knowledge.md.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -37,6 +43,7 @@ from dify_serving.knowledge.filters import (
     build_filter,
     payload_key,
 )
+from dify_serving.knowledge.journal import PendingDocument, WriteJournal, versioned_id
 from dify_serving.knowledge.points import ChunkPoint, Hit, StoreInfo
 from dify_serving.specs import DifyIndexSpec, Quantization
 
@@ -46,6 +53,8 @@ INDEXING_THRESHOLD_KB = 10_000
 FULL_SCAN_THRESHOLD_KB = 10_000
 #: Points per engine call: bounds request size (server) and GIL hold time (embedded).
 UPSERT_BATCH = 1024
+log = logging.getLogger(__name__)
+
 #: Keyword indexes every collection gets.
 INDEXED_FIELDS = ("document_id", "subject_id", "version")
 
@@ -109,6 +118,7 @@ class VectorBackend(Protocol):
     def optimize(self) -> bool: ...
     def close(self) -> None: ...
     def drop(self) -> None: ...
+    def open_journal(self, path: Path) -> dict[str, str]: ...
 
 
 class BackendBase:
@@ -122,6 +132,7 @@ class BackendBase:
         self.allowed_fields = frozenset({*POINT_FIELDS, *spec.filterable_fields})
         self._writes = threading.Lock()
         self._dimension: int | None = None
+        self.journal = WriteJournal(None)
 
     # engine calls --------------------------------------------------------------------
     def _upsert(self, batch: list[RawPoint]) -> None:
@@ -244,14 +255,69 @@ class BackendBase:
         if emptied:
             stale.append(StoreFilter(must=(MatchAny("document_id", tuple(emptied)),)))
         removed = dict.fromkeys(latest, 0)
+        points = [point for points in latest.values() for point in points]
+        several = len(points) > UPSERT_BATCH  # several engine calls: journaled, new ids
         with self._writes:
-            self._put([point for points in latest.values() for point in points])
+            if several:
+                self.journal.begin(
+                    {
+                        doc_id: PendingDocument(
+                            str(doc_points[0].payload["version"]), len(doc_points)
+                        )
+                        for doc_id, doc_points in latest.items()
+                        if doc_points
+                    }
+                )
+                points = [
+                    ChunkPoint(versioned_id(p.id, str(p.payload["version"])), p.vector, p.payload)
+                    for p in points
+                ]
+            self._put(points)
             for flt in stale:
                 counts = self._per_document(flt, limit=len(latest))
                 if counts:
                     self._delete(flt)
                     removed.update(counts)
+            if several:
+                self.journal.end()
         return removed
+
+    def open_journal(self, path: Path) -> dict[str, str]:
+        """Keep multi-call writes' journal at `path`, first finishing or undoing the write
+        a killed replica left there (see `knowledge/journal.py`); returns what became of
+        each of its documents ("finished" or "undone")."""
+        journal = WriteJournal(path)
+        outcome: dict[str, str] = {}
+        with self._writes:
+            pending = journal.pending()
+            if pending and self._dimension is not None:
+                for doc_id, write in pending.items():
+                    mine = StoreFilter(
+                        must=(Match("document_id", doc_id), Match("version", write.version))
+                    )
+                    if self._count(mine) == write.points:
+                        others = StoreFilter(
+                            must=(Match("document_id", doc_id),),
+                            must_not=(Match("version", write.version),),
+                        )
+                        if self._count(others):
+                            self._delete(others)
+                        outcome[doc_id] = "finished"
+                    else:
+                        if self._count(mine):
+                            self._delete(mine)
+                        outcome[doc_id] = "undone"
+            journal.end()
+            self.journal = journal
+        if outcome:
+            undone = sum(1 for o in outcome.values() if o == "undone")
+            log.warning(
+                "index %s: a write cut short was repaired: %d document(s) finished, %d undone",
+                self.name,
+                len(outcome) - undone,
+                undone,
+            )
+        return outcome
 
     def search(
         self,
