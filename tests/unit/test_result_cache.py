@@ -97,6 +97,21 @@ def test_entries_expire_after_their_ttl() -> None:
     assert len(cache) == 0 and cache.size_bytes == 0
 
 
+def test_expired_entries_nobody_asks_for_again_free_their_memory() -> None:
+    """New texts only (a soak, a crawl): entries past their TTL go at the next store,
+    not at eviction once the cache is full."""
+    clock = Clock()
+    cache = LocalCache(max_bytes=1_000_000, ttl_s=60, clock=clock)
+    for i in range(100):
+        cache.store(f"old{i}", b"x" * 100)
+        clock.now += 0.1
+    held = cache.size_bytes
+    clock.now += 60  # all 100 expired, none looked up again
+    cache.store("new", b"y" * 100)
+    assert held > 100 * 100 and len(cache) == 1 and cache.size_bytes == cost("new", b"y" * 100)
+    assert cache.lookup("new") == b"y" * 100
+
+
 def test_a_ttl_of_zero_switches_the_cache_off() -> None:
     off = open_cache(CacheOptions(ttl_s=0))
     assert isinstance(off, NullCache) and not off.enabled

@@ -178,13 +178,26 @@ class LocalCache:
             old = self._entries.pop(key, None)
             if old is not None:
                 self._bytes -= _cost(key, old[0])
+            now = self._clock()
+            self._drop_expired(now)
             if ttl <= 0 or cost > self.max_entry:
                 return
-            self._entries[key] = (value, self._clock() + ttl)
+            self._entries[key] = (value, now + ttl)
             self._bytes += cost
             while self._bytes > self.max_bytes:
                 evicted, (dropped, _) = self._entries.popitem(last=False)
                 self._bytes -= _cost(evicted, dropped)
+
+    def _drop_expired(self, now: float) -> None:
+        """Drop expired entries from the least recently used end (where they gather, the
+        TTL being one for nearly all): without it an expired entry nobody asks for again
+        would hold its memory until eviction, and a cache of new texts only fills."""
+        while self._entries:
+            key, (value, expires) = next(iter(self._entries.items()))
+            if expires > now:
+                return
+            del self._entries[key]
+            self._bytes -= _cost(key, value)
 
     def clear(self) -> None:
         with self._lock:
