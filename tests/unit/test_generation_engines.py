@@ -344,3 +344,27 @@ def test_int8_serves_only_where_it_agrees_with_fp32_and_says_how_much(
 def test_int8_is_refused_where_nothing_checks_it(fields: dict[str, str]) -> None:
     with pytest.raises(ValueError, match="precision int8 is offered for text-generation on CPU"):
         spec(**fields)
+
+
+def test_a_conversation_the_chat_template_refuses_is_a_422_with_its_words(demo: Path) -> None:
+    """A template that raises (roles out of order, say) is the caller's error, with the
+    template's own message; never a 500."""
+    from transformers import AutoTokenizer
+
+    from dify_serving.engines.prompts import encode
+
+    tokenizer = AutoTokenizer.from_pretrained(demo)
+    tokenizer.chat_template = (
+        "{% if messages[0]['role'] != 'user' %}"
+        "{{ raise_exception('Conversation roles must start with user') }}{% endif %}"
+        "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    )
+    ok = GenerationRequest(messages=[{"role": "user", "content": "hi"}], max_tokens=1)
+    assert encode(tokenizer, ok)
+    refused = GenerationRequest(messages=[{"role": "tool", "content": "hi"}], max_tokens=1)
+    with pytest.raises(EngineError) as caught:
+        encode(tokenizer, refused)
+    assert (caught.value.status, caught.value.code) == (422, "invalid_request")
+    assert caught.value.message == (
+        "messages: the model's chat template refused them: Conversation roles must start with user"
+    )

@@ -162,6 +162,12 @@ def test_without_a_key_the_body_is_not_even_looked_at(gateway: TestClient) -> No
         ),
         (
             "/v1/chat/completions",
+            {"messages": [{"role": "root", "content": "x"}]},
+            422,
+            ("messages", "role", "'user'"),
+        ),
+        (
+            "/v1/chat/completions",
             {"index": "../../etc", "messages": [{"role": "user", "content": "x"}]},
             422,
             ("index", "Kubernetes name"),

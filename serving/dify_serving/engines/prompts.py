@@ -18,9 +18,19 @@ def encode(tokenizer: Any, request: GenerationRequest) -> list[int]:
     messages = request.messages
     if messages:
         if tokenizer.chat_template:
-            chat: Any = tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=True, return_dict=False
-            )
+            from jinja2 import TemplateError
+
+            try:
+                chat: Any = tokenizer.apply_chat_template(
+                    messages, add_generation_prompt=True, tokenize=True, return_dict=False
+                )
+            except TemplateError as exc:  # the template's own words (raise_exception)
+                reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+                raise EngineError(
+                    422,
+                    "invalid_request",
+                    f"messages: the model's chat template refused them: {reason}",
+                ) from None
             return [int(i) for i in chat]
         text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
     else:

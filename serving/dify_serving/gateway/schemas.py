@@ -346,7 +346,8 @@ class ModelList(BaseModel):
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
-    role: str = Field(..., min_length=1, max_length=32)
+    #: OpenAI's roles; a chat template knows no others (`function` is its legacy `tool`).
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | Annotated[list[dict[str, Any]], Field(max_length=MAX_CONTENT_PARTS)] | None = (
         None
     )
