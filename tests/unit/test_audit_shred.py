@@ -3,7 +3,9 @@ unreadable, everyone else's still reads, the stored rows and the chain stay as t
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +30,13 @@ def text_entry(n: int, words: str, *subjects: str) -> TextEntry:
 
 
 def stored(path: Path) -> dict[str, Any]:
-    """request_id → the stored detail, read behind the log's back."""
+    """request_id → the stored detail, and the refs of the keys still held, read behind
+    the log's back."""
     engine = create_engine(f"sqlite:///{path}")
     try:
         with engine.connect() as conn:
             rows = conn.execute(text("SELECT request_id, detail FROM audit_log")).all()
-            keys = conn.execute(text("SELECT ref FROM audit_text_keys")).all()
+            keys = conn.execute(text("SELECT ref FROM audit_text_keys WHERE key != ''")).all()
     finally:
         engine.dispose()
     return {"rows": dict(rows), "keys": [k for (k,) in keys]}
@@ -85,10 +88,47 @@ def test_shred_hides_only_the_subjects_text_and_the_chain_verifies(tmp_path: Pat
     report = audit.verify()
     assert report.ok and report.rows_checked == 4, report.summary()
 
-    audit.record(text_entry(5, "alice again", "alice"))  # a later request: a new key
+    later = dataclasses.replace(text_entry(5, "alice again", "alice"), time=time.time() + 1)
+    audit.record(later)  # a request after the erasure: a new key
     audit.flush()
-    assert details(list(audit.export("jsonl")))["req-5"] == "upsert; alice again"
+    read = details(list(audit.export("jsonl")))
+    assert read["req-5"] == "upsert; alice again"
+    assert read["req-1"] == read["req-3"] == f"upsert; {ERASED}"  # not the new key's
     audit.close()
+
+
+def test_a_row_recorded_before_an_erasure_and_written_after_it_is_written_erased(
+    tmp_path: Path,
+) -> None:
+    """Two gateway replicas, each with its own writer, on one database: the first still
+    holds rows about alice recorded before the second erased her (or before her text was
+    ever written). They are written with ERASED in place of the text, never sealed under
+    a key made after the erasure; text about her recorded later is sealed and reads."""
+    url = f"sqlite:///{tmp_path / 'audit.db'}"
+    first = AuditLog(url, key=LOG_KEY, flush_interval_s=60.0)
+    second = AuditLog(url, key=LOG_KEY, flush_interval_s=60.0)
+    try:
+        first.record(text_entry(1, "alice's secret", "alice"))  # recorded a minute ago
+        first.record(text_entry(2, "bob's secret", "bob"))
+        assert second.shred("alice") == 0  # no key yet: the erasure's time still counts
+        first.flush()
+        later = dataclasses.replace(text_entry(3, "alice again", "alice"), time=time.time() + 1)
+        first.record(later)
+        first.flush()
+        rows = stored(tmp_path / "audit.db")["rows"]
+        assert "alice's secret" not in rows["req-1"] and rows["req-1"] == f"upsert; {ERASED}"
+        read = details(list(second.export("jsonl")))
+        assert read == {
+            "req-1": f"upsert; {ERASED}",
+            "req-2": "upsert; bob's secret",
+            "req-3": "upsert; alice again",
+        }
+        assert second.shred("alice") == 1  # the new key
+        assert details(list(first.export("jsonl")))["req-3"] == f"upsert; {ERASED}"
+        assert first.verify().ok
+    finally:
+        first.close()
+        second.close()
 
 
 def test_shred_through_the_shipper_seals_what_was_recorded_before_it(tmp_path: Path) -> None:
@@ -175,3 +215,24 @@ def test_no_key_is_destroyed_while_rows_queued_before_it_cannot_be_written(
     assert audit.shred("alice") == 1
     assert set(details(list(audit.export("jsonl"))).values()) == {f"upsert; {ERASED}"}
     audit.close()
+
+
+def test_a_key_table_from_before_erasure_times_gains_the_column(tmp_path: Path) -> None:
+    path = tmp_path / "audit.db"
+    engine = create_engine(f"sqlite:///{path}")
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "CREATE TABLE audit_text_keys (ref VARCHAR(64) PRIMARY KEY, "
+                "key VARCHAR(64) NOT NULL, created FLOAT NOT NULL)"
+            )
+        )
+    engine.dispose()
+    audit = AuditLog(f"sqlite:///{path}", key=LOG_KEY)
+    try:
+        record_four(audit)
+        audit.flush()
+        assert audit.shred("alice") == 1
+        assert details(list(audit.export("jsonl")))["req-1"] == f"upsert; {ERASED}"
+    finally:
+        audit.close()

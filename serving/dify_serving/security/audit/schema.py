@@ -29,6 +29,7 @@ from sqlalchemy import (
     Text,
     event,
     exc,
+    inspect,
     text,
 )
 
@@ -82,13 +83,16 @@ ANCHOR = Table(
 )
 
 #: One AES-256 key per data subject whose request text was sealed (`seal.py`), named by
-#: a keyed hash of the subject (never the subject itself); erasure deletes the row.
+#: a keyed hash of the subject (never the subject itself). Erasure blanks the key and
+#: records when (`erased`): a row recorded before that time and written after it, by any
+#: replica's writer, is written erased; text recorded later gets a new key.
 TEXT_KEYS = Table(
     "audit_text_keys",
     METADATA,
     Column("ref", String(64), primary_key=True),
-    Column("key", String(64), nullable=False),
+    Column("key", String(64), nullable=False),  # hex; "" once destroyed
     Column("created", Double, nullable=False),
+    Column("erased", Double),  # time of the subject's last erasure
 )
 
 
@@ -111,6 +115,10 @@ class AuditDatabase:
             METADATA.create_all(conn)
             for index in LOG.indexes:  # create_all adds none to a table from an older release
                 index.create(conn, checkfirst=True)
+            present = {c["name"] for c in inspect(conn).get_columns(TEXT_KEYS.name)}
+            if "erased" not in present:  # a table from before erasure times were kept
+                kind = TEXT_KEYS.c.erased.type.compile(dialect=conn.dialect)
+                conn.execute(text(f"ALTER TABLE {TEXT_KEYS.name} ADD COLUMN erased {kind}"))
         self._ready = True
 
     @contextmanager

@@ -8,9 +8,13 @@ the ciphertext stays, and reads show `ERASED` where it used to decrypt.
 
 * **Off the request path.** The gateway hands the text and subjects over as a
   `TextEntry`; the writer seals them inside the write transaction, under the chain lock
-  that `shred` takes too, so a row is either written before a key is destroyed (and
-  sealed with it) or after (with a new key). Keys are read per batch, not cached: a key
-  another gateway replica destroyed is never used again.
+  that `shred` takes too. Keys are read per batch, not cached: a key another gateway
+  replica destroyed is never used again.
+* **Erasure is a time.** Destroying a key blanks it and records when (`erased`), so
+  a row recorded before the erasure but written after it (another replica's writer
+  still held it) is written with `ERASED` in place of its text, never sealed under a
+  new key; text recorded after the erasure gets a new key. A subject erased before any
+  of its text was written still gets that record.
 * **Several subjects.** The text is encrypted once per subject, one layer inside the
   next, so destroying any one subject's key makes it unreadable.
 * **Self-describing.** The detail's text part becomes
@@ -27,14 +31,15 @@ import os
 import re
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from sqlalchemy import Connection, delete, insert, select
+from sqlalchemy import Connection, insert, select, update
 
 from dify_serving.security.audit.chain import REF_CHARS, ChainKey
-from dify_serving.security.audit.entry import DETAIL, Sealing
+from dify_serving.security.audit.entry import DETAIL, TIME, Sealing
 from dify_serving.security.audit.schema import TEXT_KEYS
 
 #: What a read shows for text whose key (any one of them) was destroyed.
@@ -50,27 +55,51 @@ def seal_rows(
     conn: Connection, rows: list[tuple[Any, ...]], chain: ChainKey
 ) -> list[tuple[Any, ...]]:
     """`rows` with each `Sealing` in `detail` replaced by its text sealed (plain without
-    subjects); the subjects' keys are created on first use. The caller holds the chain lock."""
+    subjects, `ERASED` when a subject was erased after the row was recorded); the
+    subjects' keys are created on first use. The caller holds the chain lock."""
     sealings = [row[DETAIL] for row in rows if isinstance(row[DETAIL], Sealing)]
     if not sealings:
         return rows
     refs = {s: chain.subject_ref(s) for sealing in sealings for s in sealing.subjects}
-    keys = _keys(conn, refs.values()) if refs else {}
-    missing = [ref for ref in set(refs.values()) if ref not in keys]
+    known = _keys(conn, refs.values()) if refs else {}
+    erased = {ref: k.erased for ref, k in known.items() if k.erased is not None}
+
+    def erased_since(row: tuple[Any, ...], sealing: Sealing) -> bool:
+        return any(erased.get(refs[s], float("-inf")) >= row[TIME] for s in sealing.subjects)
+
+    keys = {ref: k.key for ref, k in known.items() if k.key is not None}
+    needed = {
+        refs[s]
+        for row in rows
+        if isinstance(row[DETAIL], Sealing) and not erased_since(row, row[DETAIL])
+        for s in row[DETAIL].subjects
+    }
+    missing = needed - keys.keys()
     if missing:
         created = {ref: AESGCM.generate_key(bit_length=256) for ref in missing}
         now = time.time()
-        conn.execute(
-            insert(TEXT_KEYS),
-            [{"ref": ref, "key": key.hex(), "created": now} for ref, key in created.items()],
-        )
+        fresh = [ref for ref in created if ref not in known]
+        if fresh:
+            conn.execute(
+                insert(TEXT_KEYS),
+                [{"ref": ref, "key": created[ref].hex(), "created": now} for ref in fresh],
+            )
+        for ref in created.keys() - set(fresh):  # erased before: a new key, the time kept
+            conn.execute(
+                update(TEXT_KEYS)
+                .where(TEXT_KEYS.c.ref == ref)
+                .values(key=created[ref].hex(), created=now)
+            )
         keys.update(created)
     sealed = []
     for row in rows:
         sealing = row[DETAIL]
         if isinstance(sealing, Sealing):
-            layers = [(refs[s], keys[refs[s]]) for s in sealing.subjects]
-            text = seal_text(sealing.text, layers) if layers else sealing.text
+            if erased_since(row, sealing):
+                text = ERASED
+            else:
+                layers = [(refs[s], keys[refs[s]]) for s in sealing.subjects]
+                text = seal_text(sealing.text, layers) if layers else sealing.text
             row = (*row[:DETAIL], sealing.joined(text), *row[DETAIL + 1 :])
         sealed.append(row)
     return sealed
@@ -105,26 +134,56 @@ def unseal_rows(conn: Connection, rows: list[dict[str, Any]]) -> list[dict[str, 
     return rows
 
 
-def open_token(refs: list[str], encoded: str, keys: dict[str, bytes]) -> str | None:
-    """The text inside a token; `ERASED` when a key is gone; None when it does not
-    decrypt (not a token this writer made: shown as stored)."""
-    if any(ref not in keys for ref in refs):
+@dataclass(frozen=True, slots=True)
+class SubjectKey:
+    key: bytes | None  # None: destroyed
+    erased: float | None  # when the subject was last erased
+
+
+def open_token(refs: list[str], encoded: str, keys: dict[str, SubjectKey]) -> str | None:
+    """The text inside a token; `ERASED` when a key is gone or was replaced after an
+    erasure; None when it does not decrypt otherwise (not a token this writer made:
+    shown as stored)."""
+    held = [keys.get(ref) for ref in refs]
+    if any(k is None or k.key is None for k in held):
         return ERASED
     try:
         data = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4))
         for ref in refs:
-            data = AESGCM(keys[ref]).decrypt(data[:_NONCE], data[_NONCE:], ref.encode())
+            key = keys[ref].key
+            assert key is not None
+            data = AESGCM(key).decrypt(data[:_NONCE], data[_NONCE:], ref.encode())
         return data.decode()
     except (InvalidTag, ValueError):
-        return None
+        # sealed under a key an erasure destroyed, the subject's new key here since
+        return ERASED if any(k is not None and k.erased is not None for k in held) else None
 
 
-def destroy_key(conn: Connection, ref: str) -> int:
-    """Delete one subject's key: the keys destroyed (0 or 1)."""
-    return int(conn.execute(delete(TEXT_KEYS).where(TEXT_KEYS.c.ref == ref)).rowcount)
+def destroy_key(conn: Connection, ref: str, now: float | None = None) -> int:
+    """Blank one subject's key and record the erasure's time: the keys destroyed (0 or 1)."""
+    now = time.time() if now is None else now
+    destroyed = conn.execute(
+        update(TEXT_KEYS)
+        .where(TEXT_KEYS.c.ref == ref, TEXT_KEYS.c.key != "")
+        .values(key="", erased=now)
+    ).rowcount
+    if not destroyed:  # no key (yet, or any more): the time still counts for late rows
+        found = conn.execute(select(TEXT_KEYS.c.ref).where(TEXT_KEYS.c.ref == ref)).first()
+        if found is None:
+            conn.execute(insert(TEXT_KEYS).values(ref=ref, key="", created=now, erased=now))
+        else:
+            conn.execute(update(TEXT_KEYS).where(TEXT_KEYS.c.ref == ref).values(erased=now))
+    return int(destroyed)
 
 
-def _keys(conn: Connection, refs: Iterable[str]) -> dict[str, bytes]:
+def _keys(conn: Connection, refs: Iterable[str]) -> dict[str, SubjectKey]:
     wanted = sorted(set(refs))
-    rows = conn.execute(select(TEXT_KEYS.c.ref, TEXT_KEYS.c.key).where(TEXT_KEYS.c.ref.in_(wanted)))
-    return {str(row.ref): bytes.fromhex(row.key) for row in rows}
+    rows = conn.execute(
+        select(TEXT_KEYS.c.ref, TEXT_KEYS.c.key, TEXT_KEYS.c.erased).where(
+            TEXT_KEYS.c.ref.in_(wanted)
+        )
+    )
+    return {
+        str(row.ref): SubjectKey(bytes.fromhex(row.key) if row.key else None, row.erased)
+        for row in rows
+    }
