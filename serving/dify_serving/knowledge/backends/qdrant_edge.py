@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,6 +36,11 @@ from dify_serving.knowledge.filters import Condition, MatchAny, Range, StoreFilt
 from dify_serving.specs import DifyIndexSpec
 
 log = logging.getLogger(__name__)
+
+#: Seconds between flushes while writes go on (Qdrant's own `flush_interval_sec`). Until a
+#: flush the write-ahead log holds every update: a shard of 768 points rewritten 15,000
+#: times grew 13 MiB of RSS and 100 MiB of disk without, under 1 MiB and none with it.
+FLUSH_INTERVAL_S = 5.0
 
 _OPTIMIZE_CHILD = (
     "import sys, qdrant_edge\n"
@@ -124,6 +130,7 @@ class QdrantEdgeBackend(BackendBase):
         self.indexing_threshold_kb = indexing_threshold_kb
         self.optimize_in_subprocess = optimize_in_subprocess
         self._gate = _Gate()
+        self._flushed = time.monotonic()
         self._shard: Any = None
         self._generation = 0
         self._closed = False
@@ -207,13 +214,24 @@ class QdrantEdgeBackend(BackendBase):
             raise StoreError(f"collection {self.name!r} does not exist (call ensure first)")
         return self._shard
 
+    def _flush_now_and_then(self, shard: Any) -> None:
+        """Flush at most every `FLUSH_INTERVAL_S` while writes go on (the caller holds the
+        gate): the write-ahead log keeps every update, in memory and on disk, until a
+        flush; Qdrant's server does this on its own, Edge leaves it to us."""
+        now = time.monotonic()
+        if now - self._flushed >= FLUSH_INTERVAL_S:
+            shard.flush()
+            self._flushed = now
+
     # engine calls ------------------------------------------------------------------------
     def _upsert(self, batch: list[RawPoint]) -> None:
         import qdrant_edge as qe
 
         with self._gate.shared():
             points = [qe.Point(*point) for point in batch]
-            self._shard_now().update(qe.UpdateOperation.upsert_points(points))
+            shard = self._shard_now()
+            shard.update(qe.UpdateOperation.upsert_points(points))
+            self._flush_now_and_then(shard)
 
     def _count(self, flt: StoreFilter | None) -> int:
         import qdrant_edge as qe
@@ -227,7 +245,9 @@ class QdrantEdgeBackend(BackendBase):
         import qdrant_edge as qe
 
         with self._gate.shared():
-            self._shard_now().update(qe.UpdateOperation.delete_points_by_filter(_edge_filter(flt)))
+            shard = self._shard_now()
+            shard.update(qe.UpdateOperation.delete_points_by_filter(_edge_filter(flt)))
+            self._flush_now_and_then(shard)
 
     def _facet(self, flt: StoreFilter, limit: int) -> Iterable[Any]:
         import qdrant_edge as qe
@@ -282,10 +302,13 @@ class QdrantEdgeBackend(BackendBase):
             else:
                 self._adopt(self._dimension, dimension)
             with self._gate.shared():
-                for key in self._missing_indexes(self._shard.info().payload_schema):
+                schema = self._shard.info().payload_schema
+                for key in self._missing_indexes(schema):
                     self._shard.update(
                         qe.UpdateOperation.create_field_index(key, qe.PayloadSchemaType.Keyword)
                     )
+                for key in self._retired_indexes(schema):
+                    self._shard.update(qe.UpdateOperation.delete_field_index(key))
             if not (self.directory / "CURRENT").is_file():
                 self._point_to(self._generation)  # the shard exists once CURRENT names it
 

@@ -102,6 +102,8 @@ class QdrantServerBackend(BackendBase):
                 self.client.create_payload_index(
                     self.name, key, models.PayloadSchemaType.KEYWORD, wait=True
                 )
+            for key in self._retired_indexes(known):
+                self.client.delete_payload_index(self.name, key, wait=True)
 
     # engine calls ------------------------------------------------------------------------
     def _upsert(self, batch: list[RawPoint]) -> None:
