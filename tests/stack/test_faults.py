@@ -5,9 +5,10 @@ each request with the model's answer or a retryable 503 (Retry-After, the JSON e
 shape), never a 500, a transport's text or a hang, and an index write is all or
 nothing per document: every chunk of the version that was sent, or none of it.
 
-A model that fails to load while the others serve is asserted where the session's
+A model whose load raises while the others serve is asserted where the session's
 `broken` model is first used: `test_models_api.py` (Failed with its reason beside the
-Ready models) and `test_inference.py` (its 503, the others answering).
+Ready models) and `test_inference.py` (its 503, the others answering). Here a model's
+replica process is killed while it loads: the others keep serving throughout.
 """
 
 from __future__ import annotations
@@ -171,6 +172,52 @@ def test_a_killed_model_replica_is_replaced_and_fails_requests_only_retryably(
             assert served(client.post(path, json=body, headers=FRESH, timeout=CLIENT_TIMEOUT_S))
     finally:  # the session's other tests share the model: leave it serving
         assert wait_for(lambda: model_phase(client, model) == ("Ready", 1), REPLACED_WITHIN_S)
+
+
+def test_a_model_killed_while_loading_leaves_the_others_serving(
+    base_url: str, client: httpx.Client
+) -> None:
+    """SIGKILL of a new model's replica while its constructor loads the weights (a crash,
+    an OOM kill): embeddings on another model under load get through all along, and the
+    crashed model either loads again (Serve replaces the replica) or says why it failed,
+    answering meanwhile only with retryable 503s."""
+    name, app = "crash-while-loading", model_app_name("crash-while-loading")
+    spec = {
+        "name": name,
+        "modelId": "builtin:demo-llm-58m",
+        "task": "text-generation",
+        "engine": "torch",
+        "resources": {"cpus": 0.1},
+        "generation": {"maxNewTokens": 8, "maxContextTokens": 128},
+    }
+    _, path, body = LOADS["embeddings"]
+    body = {"model": "minilm", **body}
+    try:
+        with Load(base_url, path, body, threads=2) as load:
+            assert wait_for(lambda: load.served_since(0) >= 4, 60), load.outcomes[-3:]
+            assert client.post("/v1/models/load", json=spec).status_code == 202
+            assert wait_for(lambda: bool(live_replicas(app)), 120), "no replica started"
+            assert model_phase(client, name)[1] == 0  # still loading when killed
+            killed_at = time.monotonic()
+            dead = kill_replica(app)
+            r = client.post("/v1/inference", json={"model": name, "prompt": "x"}, headers=FRESH)
+            assert_retryable(r)
+            assert wait_for(
+                lambda: model_phase(client, name)[0] in ("Ready", "Failed"), REPLACED_WITHIN_S
+            ), model_phase(client, name)
+            assert load.served_since(killed_at) >= 2
+        for _, outcome in load.outcomes:
+            assert served(outcome), outcome
+        phase, _ = model_phase(client, name)
+        if phase == "Ready":  # loaded again in a new replica
+            assert dead not in set(live_replicas(app).values())
+            r = client.post("/v1/inference", json={"model": name, "prompt": "x", "max_tokens": 2})
+            assert r.status_code == 200, r.text
+        else:
+            models = {m["name"]: m for m in client.get("/v1/models/status").json()["models"]}
+            assert models[name]["message"], models[name]
+    finally:
+        client.post("/v1/models/unload", json={"name": name})
 
 
 # ---- an index replica killed mid-upsert ------------------------------------------------
