@@ -427,6 +427,48 @@ def test_the_coalescers_calls_follow_the_transports_message_limit(
     )
 
 
+def test_requests_arriving_one_at_a_time_share_the_next_call() -> None:
+    """gRPC hands calls to the loop one by one: once `EAGER_CALLS` calls run, those that
+    arrive wait for one to end and go together, rather than each starting a call of one
+    text."""
+    replica = _Replica(delay=0.05)
+    coalescer = coalesce.EmbedCoalescer(replica, "minilm")
+
+    async def one_by_one() -> list[Embeddings]:
+        first = asyncio.create_task(coalescer.embed(["t0"], False))
+        await asyncio.sleep(0.005)  # the first call runs
+        later = []
+        for i in range(1, 6):
+            later.append(asyncio.create_task(coalescer.embed([f"t{i}"], False)))
+            await asyncio.sleep(0.001)  # each in a turn of the loop of its own
+        return await asyncio.gather(first, *later)
+
+    answers = asyncio.run(one_by_one())
+    assert [len(a.vectors) for a in answers] == [1] * 6
+    assert coalesce.EAGER_CALLS == 2
+    assert [[texts for texts, _, _ in call] for call in replica.calls] == [
+        [["t0"]],
+        [["t1"]],
+        [["t2"], ["t3"], ["t4"], ["t5"]],
+    ]
+    # enough waiting texts start a call beside the eager ones
+    replica.calls.clear()
+
+    async def burst() -> None:
+        eager = []
+        for text in "ab":  # two calls running
+            eager.append(asyncio.create_task(coalescer.embed([text], False)))
+            await asyncio.sleep(0.005)
+        await asyncio.gather(*eager, coalescer.embed(["c"] * coalesce.START_ROWS, False))
+
+    asyncio.run(burst())
+    assert [sum(len(t) for t, _, _ in call) for call in replica.calls] == [
+        1,
+        1,
+        coalesce.START_ROWS,
+    ]
+
+
 def test_the_queue_of_waiting_texts_is_bounded_with_retry_after() -> None:
     coalescer = coalesce.EmbedCoalescer(_Replica(delay=0.2), "minilm")
 
