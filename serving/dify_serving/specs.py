@@ -171,7 +171,9 @@ class Runtime(StrEnum):
 
 #: Tasks each runtime other than torch serves (torch serves every task).
 RUNTIME_TASKS = {
-    Runtime.OPENVINO: frozenset({Task.FEATURE_EXTRACTION, Task.TEXT_CLASSIFICATION}),
+    Runtime.OPENVINO: frozenset(
+        {Task.FEATURE_EXTRACTION, Task.TEXT_CLASSIFICATION, Task.TEXT_GENERATION}
+    ),
     Runtime.CTRANSLATE2: frozenset({Task.TEXT_GENERATION}),
     Runtime.VLLM: frozenset({Task.TEXT_GENERATION}),
 }
@@ -189,6 +191,7 @@ RUNTIME_DEVICES = {
 }
 #: Precisions each runtime other than torch runs (CTranslate2 has no bf16 kernels on CPU).
 RUNTIME_PRECISIONS = {
+    Runtime.OPENVINO: (Precision.FP32, Precision.BF16),
     Runtime.CTRANSLATE2: (Precision.FP32, Precision.INT8),
 }
 

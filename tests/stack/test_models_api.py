@@ -30,10 +30,8 @@ def test_status_reports_device_precision_and_memory(client: httpx.Client) -> Non
     assert llm["device"] == "cpu" and llm["precision"] == "fp32"
     assert llm["resident_memory_bytes"] > 10_000_000 and llm["parameters"] > 1_000_000
     assert llm["load_progress"] == 1.0 and llm["gpus"] == []
-    # engine auto: CTranslate2 generates on CPU in fp32
-    assert llm["engine"] == "ctranslate2"
-    # None, or (once a test sent a seeded sampling request) where those run
-    assert llm["engine_note"] in (None, "seeded sampling runs on torch (loaded on first use)")
+    # engine auto: OpenVINO GenAI's continuous batching generates on CPU, seeded or not
+    assert llm["engine"] == "openvino" and llm["engine_note"] is None
     minilm = models["minilm"]  # engine auto: OpenVINO runs embeddings on CPU
     assert (minilm["engine"], minilm["precision"], minilm["parameters"]) == (
         "openvino",

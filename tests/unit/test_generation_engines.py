@@ -1,7 +1,8 @@
-"""Text generation on CTranslate2 against transformers' engine (the quality guard).
+"""Text generation on OpenVINO GenAI and CTranslate2 against transformers' engine (the
+quality guard).
 
-fp32 CTranslate2 must give transformers' greedy tokens exactly, in a shared batch as
-alone; streaming, per-request max_tokens, end-of-sequence, cancellation and seeded
+In fp32 each fast engine must give transformers' greedy tokens exactly, in a shared batch
+as alone; streaming, per-request max_tokens, end-of-sequence, cancellation and seeded
 sampling behave as on the torch engine. The weights are demo-llm's (random, built from a
 config): exact token agreement on random weights is a stricter check than on a trained
 model, whose logits have wider margins.
@@ -15,12 +16,21 @@ from typing import Any
 
 import pytest
 
-from dify_serving.engines import base, ctranslate2_textgen, progress, registry, runtimes, weights
+from dify_serving.engines import (
+    base,
+    ctranslate2_textgen,
+    openvino_textgen,
+    progress,
+    registry,
+    runtimes,
+    weights,
+)
 from dify_serving.engines.ctranslate2_textgen import CTranslate2Engine
+from dify_serving.engines.openvino_textgen import OpenVINOGenerationEngine
 from dify_serving.engines.protocol import EngineError, Generation, GenerationRequest
 from dify_serving.engines.textgen import TextGenerationEngine, TokenGenerator
 from dify_serving.engines.weights import build_demo_llm
-from dify_serving.specs import DifyModelSpec, Runtime
+from dify_serving.specs import DifyModelSpec, Runtime, Task
 
 PROMPTS = [
     "hello",
@@ -72,24 +82,40 @@ def torch_answers(demo: Path) -> list[Generation]:
     return list(run(engine, lambda e: together(e, requests)))
 
 
+FAST = {"ctranslate2": CTranslate2Engine, "openvino": OpenVINOGenerationEngine}
+
+
 @pytest.fixture()
 def ct2(demo: Path, home: Path) -> CTranslate2Engine:
     return CTranslate2Engine("demo", spec(engine="ctranslate2"), str(demo), home=home)
 
 
+@pytest.fixture()
+def ov(demo: Path, home: Path) -> OpenVINOGenerationEngine:
+    return OpenVINOGenerationEngine("demo", spec(engine="openvino"), str(demo), home=home)
+
+
+@pytest.fixture(params=sorted(FAST))
+def fast(request: pytest.FixtureRequest, demo: Path, home: Path) -> TokenGenerator:
+    engine: TokenGenerator = FAST[request.param](
+        "demo", spec(engine=request.param), str(demo), home=home
+    )
+    return engine
+
+
 def test_fp32_greedy_gives_transformers_tokens_in_a_shared_batch(
-    ct2: CTranslate2Engine, torch_answers: list[Generation]
+    fast: TokenGenerator, torch_answers: list[Generation], demo: Path
 ) -> None:
-    info = ct2.info()
-    assert (info["engine"], info["precision"]) == ("ctranslate2", "fp32")
-    assert info["parameters"] > 0
+    info = fast.info()
+    assert info["engine"] in FAST and info["precision"] == "fp32"
+    assert info["parameters"] == TextGenerationEngine("x", spec(), str(demo)).parameters() > 0
     requests = [GenerationRequest(prompt=p, max_tokens=12) for p in PROMPTS]
-    got = run(ct2, lambda e: together(e, requests))
+    got = run(fast, lambda e: together(e, requests))
     assert got == torch_answers
 
 
-def test_streaming_per_request_limits_and_end_of_sequence(ct2: CTranslate2Engine) -> None:
-    async def work(engine: CTranslate2Engine) -> Any:
+def test_streaming_per_request_limits_and_end_of_sequence(fast: TokenGenerator) -> None:
+    async def work(engine: TokenGenerator) -> Any:
         whole = await engine.generate(GenerationRequest(prompt=PROMPTS[1], max_tokens=10))
         deltas = [
             d
@@ -110,7 +136,7 @@ def test_streaming_per_request_limits_and_end_of_sequence(ct2: CTranslate2Engine
         stopped = await engine.generate(GenerationRequest(prompt=PROMPTS[0], max_tokens=8))
         return whole, deltas, short, long, stopped
 
-    whole, deltas, short, long, stopped = run(ct2, work)
+    whole, deltas, short, long, stopped = run(fast, work)
     assert "".join(d.delta for d in deltas) == whole.text
     last = deltas[-1]
     assert (last.finish_reason, last.completion_tokens) == ("length", 10)
@@ -120,8 +146,8 @@ def test_streaming_per_request_limits_and_end_of_sequence(ct2: CTranslate2Engine
     assert (stopped.finish_reason, stopped.completion_tokens) == ("stop", 1)
 
 
-def test_a_caller_that_goes_away_frees_its_row(ct2: CTranslate2Engine) -> None:
-    async def work(engine: CTranslate2Engine) -> Any:
+def test_a_caller_that_goes_away_frees_its_row(fast: TokenGenerator) -> None:
+    async def work(engine: TokenGenerator) -> Any:
         stream = engine.generate_stream(GenerationRequest(prompt=PROMPTS[4], max_tokens=200))
         other = asyncio.ensure_future(
             engine.generate(GenerationRequest(prompt=PROMPTS[1], max_tokens=6))
@@ -136,7 +162,7 @@ def test_a_caller_that_goes_away_frees_its_row(ct2: CTranslate2Engine) -> None:
             await asyncio.sleep(0.02)
         return done, engine.info()["active_requests"]
 
-    done, active = run(ct2, work)
+    done, active = run(fast, work)
     assert done.completion_tokens == 6 and active == 0
 
 
@@ -160,32 +186,77 @@ def test_seeded_sampling_is_reproducible_and_matches_torch(
     assert out.completion_tokens == 5 and "engine_note" not in ct2_again.info()
 
 
-def test_conversion_is_cached_and_a_failed_one_runs_torch_saying_why(
-    demo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_seeded_sampling_runs_in_openvino_whatever_its_batch_mates(
+    ov: OpenVINOGenerationEngine,
 ) -> None:
-    CTranslate2Engine("a", spec(), str(demo), home=tmp_path)
-    folders = list((tmp_path / "compiled" / "ctranslate2").iterdir())
-    assert len(folders) == 1 and (folders[0] / ctranslate2_textgen.MODEL_FILE).is_file()
+    sampled = GenerationRequest(prompt=PROMPTS[1], max_tokens=10, temperature=0.9, seed=7)
+    reseeded = GenerationRequest(prompt=PROMPTS[1], max_tokens=10, temperature=0.9, seed=8)
+
+    async def work(engine: TokenGenerator) -> list[Generation]:
+        alone = await engine.generate(sampled)
+        mates = [GenerationRequest(prompt=p, max_tokens=16) for p in PROMPTS]
+        crowd = await together(engine, [*mates, sampled, reseeded])
+        return [alone, *crowd[-2:]]
+
+    alone, in_a_crowd, other = run(ov, work)
+    assert alone == in_a_crowd and alone.completion_tokens == 10
+    assert other.text != alone.text
+    assert "engine_note" not in ov.info()  # nothing went to torch
+
+
+@pytest.mark.parametrize(
+    ("runtime", "module", "folder"),
+    [
+        ("ctranslate2", ctranslate2_textgen, "ctranslate2"),
+        ("openvino", openvino_textgen, "openvino-genai"),
+    ],
+)
+def test_conversion_is_cached_and_a_failed_one_runs_torch_saying_why(
+    demo: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    runtime: str,
+    module: Any,
+    folder: str,
+) -> None:
+    def load(name: str) -> None:
+        engine = FAST[runtime](name, spec(engine=runtime), str(demo), home=tmp_path)
+        asyncio.run(engine.stop("test over"))
+
+    load("a")
+    folders = list((tmp_path / "compiled" / folder).iterdir())
+    assert len(folders) == 1 and (folders[0] / module.MODEL_FILE).is_file()
     assert not [p for p in folders[0].parent.iterdir() if p.name.startswith(".")]
 
     def broken(*_: Any) -> None:
         raise RuntimeError("unsupported architecture")
 
-    monkeypatch.setattr(ctranslate2_textgen, "convert", broken)
-    CTranslate2Engine("b", spec(), str(demo), home=tmp_path)  # cached: no conversion
+    monkeypatch.setattr(module, "convert", broken)
+    load("b")  # cached: no conversion
     monkeypatch.setattr(weights, "resolve", lambda *_a, **_k: str(demo))
-    engine = registry.load_engine("c", spec(engine="ctranslate2"), tmp_path / "other")
+    engine = registry.load_engine("c", spec(engine=runtime), tmp_path / "other")
     info = engine.info()
     assert isinstance(engine, TextGenerationEngine) and info["engine"] == "torch"
-    assert info["engine_note"] == "ctranslate2 conversion failed (RuntimeError); running torch"
+    assert info["engine_note"] == f"{runtime} conversion failed (RuntimeError); running torch"
 
 
 def test_auto_picks_by_task_device_and_precision(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert runtimes.resolve(spec()) == Runtime.OPENVINO
+    assert runtimes.resolve(spec(precision="int8")) == Runtime.CTRANSLATE2  # checks agreement
+    monkeypatch.setattr(base, "cpu_has_bf16", lambda: True)
+    assert runtimes.resolve(spec(precision="bf16")) == Runtime.OPENVINO
+    monkeypatch.setattr(base, "cpu_has_bf16", lambda: False)  # bf16 would be emulated
+    assert runtimes.resolve(spec(precision="bf16")) == Runtime.OPENVINO  # in fp32
+    generation = (Runtime.OPENVINO, Task.TEXT_GENERATION)
+    monkeypatch.setitem(runtimes.TASK_MODULES, generation, "openvino_genai_not_here")
     assert runtimes.resolve(spec()) == Runtime.CTRANSLATE2
+    assert runtimes.resolve(spec(precision="bf16")) == Runtime.CTRANSLATE2  # no CPU bf16
     monkeypatch.setattr(base, "cpu_has_bf16", lambda: True)
     assert runtimes.resolve(spec(precision="bf16")) == Runtime.TORCH  # CT2: no CPU bf16
-    monkeypatch.setattr(base, "cpu_has_bf16", lambda: False)  # bf16 would be emulated
-    assert runtimes.resolve(spec(precision="bf16")) == Runtime.CTRANSLATE2
+    with pytest.raises(EngineError) as no_genai:
+        runtimes.resolve(spec(engine="openvino"))
+    assert no_genai.value.status == 422 and "dify-mirror[openvino]" in no_genai.value.message
+    monkeypatch.undo()
     assert runtimes.resolve(spec(engine="torch")) == Runtime.TORCH
     embed = {"modelId": "x/y", "task": "feature-extraction"}
     assert runtimes.resolve(DifyModelSpec.model_validate(embed)) == Runtime.OPENVINO
@@ -193,7 +264,7 @@ def test_auto_picks_by_task_device_and_precision(monkeypatch: pytest.MonkeyPatch
     assert runtimes.resolve(cls) == Runtime.OPENVINO
     images = DifyModelSpec.model_validate(embed | {"task": "image-classification"})
     assert runtimes.resolve(images) == Runtime.TORCH
-    monkeypatch.setattr(runtimes, "installed", lambda r: r == Runtime.TORCH)
+    monkeypatch.setattr(runtimes, "installed", lambda r, task=None: r == Runtime.TORCH)
     assert runtimes.resolve(spec()) == Runtime.TORCH
     assert runtimes.resolve(spec(device="cuda")) == Runtime.TORCH  # vllm not installed
     with pytest.raises(EngineError) as missing:
@@ -227,11 +298,32 @@ def test_bf16_on_a_cpu_without_it_runs_fp32_and_says_so(
     for engine in (
         TextGenerationEngine("demo", spec(engine="torch", precision="bf16"), str(demo)),
         CTranslate2Engine("demo", spec(precision="bf16"), str(demo), home=home),
+        OpenVINOGenerationEngine("demo", spec(precision="bf16"), str(demo), home=home),
     ):
         info = engine.info()
         assert info["precision"] == "fp32", info
         assert info["engine_note"] == "bf16 asked, but this CPU has no bf16 support: running fp32"
     assert str(engine.dtype) == "torch.float32"
+
+
+def test_openvino_bf16_runs_in_bf16_from_the_fp32_conversion(
+    demo: Path, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(base, "cpu_has_bf16", lambda: True)
+    one_thread = OpenVINOGenerationEngine("demo", spec(precision="bf16"), str(demo), home=home)
+    assert (one_thread.info()["precision"], one_thread.info()["engine_note"]) == (
+        "fp32",
+        "bf16 on OpenVINO needs at least 2 threads (resources.cpus): running fp32",
+    )
+    asyncio.run(one_thread.stop("test over"))
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    two = spec(precision="bf16", resources={"cpus": 2})
+    engine = OpenVINOGenerationEngine("demo", two, str(demo), home=home)
+    assert (engine.info()["precision"], engine.info().get("engine_note")) == ("bf16", None)
+    requests = [GenerationRequest(prompt=p, max_tokens=8) for p in PROMPTS]
+    answers = run(engine, lambda e: together(e, requests))
+    assert [a.completion_tokens for a in answers] == [8] * len(PROMPTS)
+    assert len(list((home / "compiled" / "openvino-genai").iterdir())) == 1  # one IR
 
 
 def test_a_first_load_reports_its_conversion_as_load_progress(
@@ -246,13 +338,15 @@ def test_a_first_load_reports_its_conversion_as_load_progress(
     assert weights.weights_bytes(demo) > 1_000_000
     assert stages == [
         "resolving builtin:demo-llm",
-        f"loading weights ({size}) of builtin:demo-llm on ctranslate2",
-        "converting to CTranslate2 (first load of these weights; cached afterwards)",
+        f"loading weights ({size}) of builtin:demo-llm on openvino",
+        "converting to OpenVINO (first load of these weights; cached afterwards)",
+        "compiling the OpenVINO model (f32)",
         "resolving builtin:demo-llm",
-        f"loading weights ({size}) of builtin:demo-llm on ctranslate2",
+        f"loading weights ({size}) of builtin:demo-llm on openvino",
+        "compiling the OpenVINO model (f32)",
     ]
     progress.report("outside any reporting block: only logged")
-    assert len(stages) == 5
+    assert len(stages) == 7
 
 
 def test_the_status_of_a_loading_model_is_its_replicas_stage(
@@ -295,9 +389,9 @@ def test_the_status_of_a_loading_model_is_its_replicas_stage(
 
 
 def test_stopping_ends_running_and_queued_requests_with_the_reason(
-    ct2: CTranslate2Engine,
+    fast: TokenGenerator,
 ) -> None:
-    async def work(engine: CTranslate2Engine) -> list[Any]:
+    async def work(engine: TokenGenerator) -> list[Any]:
         long = GenerationRequest(prompt=PROMPTS[4], max_tokens=400)
         calls = [asyncio.ensure_future(engine.generate(long)) for _ in range(4)]
         await asyncio.sleep(0.2)  # two batches decode; the others wait in the queue
@@ -305,8 +399,8 @@ def test_stopping_ends_running_and_queued_requests_with_the_reason(
         return await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 10)
 
     async def main() -> list[Any]:
-        await ct2.start()
-        return await work(ct2)
+        await fast.start()
+        return await work(fast)
 
     outcomes = asyncio.run(main())
     assert all(isinstance(o, EngineError) for o in outcomes), outcomes

@@ -129,7 +129,9 @@ def test_auto_picks_openvino_on_cpu_when_installed(monkeypatch: pytest.MonkeyPat
     assert runtimes.resolve(spec()) == Runtime.OPENVINO
     assert runtimes.resolve(spec(engine="torch")) == Runtime.TORCH
     real = runtimes.installed
-    monkeypatch.setattr(runtimes, "installed", lambda r: r != Runtime.OPENVINO and real(r))
+    monkeypatch.setattr(
+        runtimes, "installed", lambda r, task=None: r != Runtime.OPENVINO and real(r, task)
+    )
     assert runtimes.resolve(spec()) == Runtime.TORCH
     with pytest.raises(EngineError) as missing:
         runtimes.resolve(spec(engine="openvino"))
@@ -139,7 +141,7 @@ def test_auto_picks_openvino_on_cpu_when_installed(monkeypatch: pytest.MonkeyPat
 @pytest.mark.parametrize(
     ("fields", "words"),
     [
-        ({"task": "text-generation", "engine": "openvino"}, "serves feature-extraction"),
+        ({"task": "image-classification", "engine": "openvino"}, "serves feature-extraction"),
         ({"device": "cuda", "engine": "openvino"}, "serves device cpu"),
     ],
 )

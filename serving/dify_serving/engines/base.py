@@ -7,12 +7,14 @@ An engine subclasses `Engine` and implements the Protocols of its capabilities
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 import resource
+import shutil
 import tempfile
 from abc import ABC
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -73,6 +75,24 @@ def _torch_setup(spec: DifyModelSpec) -> tuple[str, Any]:
         "int8": torch.float32,
     }[str(effective_precision(spec)[0])]
     return device, dtype
+
+
+@contextlib.contextmanager
+def written_in_place(folder: Path, marker: str) -> Iterator[Path]:
+    """A scratch folder beside `folder` to convert a model into, renamed to `folder` when
+    the block ends: a replica that dies mid-conversion leaves nothing half-written, and
+    one that loses the race to another keeps the winner's (`marker` is its file)."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        yield scratch
+        try:
+            os.replace(scratch, folder)
+        except OSError:
+            if not (folder / marker).is_file():
+                raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 class ConversionFailed(Exception):

@@ -28,8 +28,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 from collections import deque
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -37,8 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dify_serving.engines import progress
-from dify_serving.engines.base import ConversionFailed, inline_or_thread
+from dify_serving.engines import progress, weights
+from dify_serving.engines.base import ConversionFailed, inline_or_thread, written_in_place
 from dify_serving.engines.protocol import EngineError, GenerationRequest
 from dify_serving.engines.textgen import TextGenerationEngine, TokenGenerator
 from dify_serving.specs import DifyModelSpec, Precision
@@ -84,19 +82,11 @@ def convert(path: str, revision: str | None, tokenizer: Any, config: Any, folder
     """Convert a Hugging Face causal LM; atomic (scratch folder renamed into place)."""
     from ctranslate2.converters import TransformersConverter
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with written_in_place(folder, MODEL_FILE) as scratch:
         TransformersConverter(path, revision=revision).convert(
             str(scratch), quantization="float32", force=True
         )
         _name_special_tokens(scratch / "config.json", tokenizer, config)
-        os.replace(scratch, folder)  # another replica may have won the race: fine
-    except OSError:
-        if not (folder / MODEL_FILE).is_file():
-            raise
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _name_special_tokens(config_file: Path, tokenizer: Any, config: Any) -> None:
@@ -141,16 +131,8 @@ class CTranslate2Engine(TokenGenerator):
         super().__init__(name, spec, path, home=home)
         import ctranslate2
         import torch
-        from transformers import AutoConfig, GenerationConfig
 
-        config = AutoConfig.from_pretrained(path, revision=spec.revision)
-        try:
-            generation_config = GenerationConfig.from_pretrained(
-                path, revision=spec.revision or "main"
-            )
-        except OSError:  # no generation_config.json
-            generation_config = None
-        self._open_tokenizer(config, generation_config)
+        config = self._open_config()
         folder = cache_dir(self.home, path, spec.revision, "float32")
         if not (folder / MODEL_FILE).is_file():
             progress.report(
@@ -162,7 +144,7 @@ class CTranslate2Engine(TokenGenerator):
                 raise ConversionFailed(
                     f"ctranslate2 conversion failed ({type(exc).__name__})"
                 ) from exc
-        self._parameters = _count_parameters(path)
+        self._parameters = weights.count_parameters(path)
         threads = torch.get_num_threads()
         # Two workers of one thread each: CTranslate2's threads inside one small batch
         # scale poorly, and a wave that arrives while one batch decodes starts at once.
@@ -290,14 +272,9 @@ class CTranslate2Engine(TokenGenerator):
         self._dispatch()
         finished = False
         try:
-            while True:
-                new_tokens, finish, error = await state.queue.get()
-                if error:
-                    raise EngineError(503, "generation_failed", f"{self.name}: {error}")
-                finished = finish is not None
-                yield state, new_tokens, finish
-                if finished:
-                    return
+            async for item in self._received(state, state.queue):
+                finished = item[2] is not None
+                yield item
         finally:
             if not finished:  # the consumer went away: its row stops at the next token
                 state.cancelled = True
@@ -402,18 +379,3 @@ class CTranslate2Engine(TokenGenerator):
     @staticmethod
     def _fail(request: _Request, reason: str) -> None:
         request.queue.put_nowait(([], None, reason))
-
-
-def _count_parameters(path: str) -> int:
-    """Parameters of the Hugging Face weights, from the safetensors headers (no tensors read)."""
-    from safetensors import safe_open
-
-    total = 0
-    for file in sorted(Path(path).glob("*.safetensors")):
-        with safe_open(str(file), "np") as weights:
-            for key in weights.keys():  # noqa: SIM118 - safe_open is not a mapping
-                count = 1
-                for size in weights.get_slice(key).get_shape():
-                    count *= size
-                total += count
-    return total

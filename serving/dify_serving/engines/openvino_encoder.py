@@ -18,8 +18,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import shutil
-import tempfile
 import threading
 import warnings
 from pathlib import Path
@@ -28,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from dify_serving.engines import progress
+from dify_serving.engines.base import written_in_place
 from dify_serving.specs import Precision, Runtime
 
 log = logging.getLogger(__name__)
@@ -63,16 +62,8 @@ def convert(model: Any, folder: Path) -> None:
         # tracing notes shape checks it turns into constants; none depends on the shape
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         converted = ov.convert_model(model, example_input=example, input=shapes)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with written_in_place(folder, IR_FILE) as scratch:
         ov.save_model(converted, scratch / IR_FILE, compress_to_fp16=False)
-        os.replace(scratch, folder)  # atomic: another replica may have won the race
-    except OSError:
-        if not (folder / IR_FILE).is_file():
-            raise
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def open_for(engine: Any, head: str, streams: int, threads: int) -> OpenVinoEncoder | None:

@@ -30,6 +30,9 @@ ENGINES: dict[Task, str] = {
 #: Engines of a task on a runtime other than its default engine's. (The embeddings
 #: engine runs OpenVINO itself: only its forward pass changes.)
 RUNTIME_ENGINES: dict[tuple[Task, Runtime], str] = {
+    (Task.TEXT_GENERATION, Runtime.OPENVINO): (
+        "dify_serving.engines.openvino_textgen:OpenVINOGenerationEngine"
+    ),
     (Task.TEXT_GENERATION, Runtime.CTRANSLATE2): (
         "dify_serving.engines.ctranslate2_textgen:CTranslate2Engine"
     ),

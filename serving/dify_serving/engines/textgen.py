@@ -66,6 +66,21 @@ class TokenGenerator(Engine):
     max_context: int
     eos: set[int]
 
+    def _open_config(self) -> Any:
+        """The model's config, with its tokenizer opened (for engines that read the
+        weights themselves, not through a transformers model)."""
+        from transformers import AutoConfig, GenerationConfig
+
+        config = AutoConfig.from_pretrained(self.path, revision=self.spec.revision)
+        try:
+            generation_config = GenerationConfig.from_pretrained(
+                self.path, revision=self.spec.revision or "main"
+            )
+        except OSError:  # no generation_config.json
+            generation_config = None
+        self._open_tokenizer(config, generation_config)
+        return config
+
     def _open_tokenizer(self, config: Any, generation_config: Any = None) -> None:
         from transformers import AutoTokenizer
 
@@ -114,6 +129,20 @@ class TokenGenerator(Engine):
         self, request: GenerationRequest, streaming: bool
     ) -> AsyncIterator[tuple[Any, list[int], str | None]]:
         raise NotImplementedError
+
+    async def _received(
+        self, state: Any, queue: asyncio.Queue[Any]
+    ) -> AsyncIterator[tuple[Any, list[int], str | None]]:
+        """What an engine's worker put on a request's queue, as `_tokens` yields it:
+        (new tokens, finish reason or None, error or None) until the finish; an error
+        ends the request with a 503 naming it."""
+        while True:
+            new_tokens, finish, error = await queue.get()
+            if error:
+                raise EngineError(503, "generation_failed", f"{self.name}: {error}")
+            yield state, new_tokens, finish
+            if finish:
+                return
 
 
 class TextGenerationEngine(TokenGenerator):
@@ -216,13 +245,8 @@ class TextGenerationEngine(TokenGenerator):
             self._forget(request_id)
             raise EngineError(503, "model_unavailable", f"{self.name} is not accepting requests")
         try:
-            while True:
-                new_tokens, finish, error = await state.queue.get()
-                if error:
-                    raise EngineError(503, "generation_failed", f"{self.name}: {error}")
-                yield state, new_tokens, finish
-                if finish:
-                    return
+            async for item in self._received(state, state.queue):
+                yield item
         finally:
             if not state.done:  # the consumer went away: free the slot
                 self.manager.cancel_request(request_id)

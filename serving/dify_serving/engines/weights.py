@@ -134,6 +134,21 @@ def weights_bytes(path: str | Path) -> int:
     )
 
 
+def count_parameters(path: str) -> int:
+    """Parameters of the Hugging Face weights, from the safetensors headers (no tensors read)."""
+    from safetensors import safe_open
+
+    total = 0
+    for file in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(str(file), "np") as weights:
+            for key in weights.keys():  # noqa: SIM118 - safe_open is not a mapping
+                count = 1
+                for size in weights.get_slice(key).get_shape():
+                    count *= size
+                total += count
+    return total
+
+
 def cached_snapshot(model_id: str, revision: str | None = None) -> str:
     """The folder of a hub id in the local Hugging Face cache; nothing is fetched."""
     from huggingface_hub import try_to_load_from_cache
