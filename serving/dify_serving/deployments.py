@@ -69,6 +69,12 @@ class ModelServer:
             **{f"{k}_requests": queue[k] for k in queue.keys() & {"running", "waiting"}},
         }
 
+    async def check_health(self) -> None:
+        """Serve's health check: an engine that can no longer serve fails it, and Serve
+        replaces the replica (an OpenVINO worker process that died, say)."""
+        if not self.engine.healthy():
+            raise RuntimeError(f"{self.name}: the engine can no longer serve")
+
     async def __del__(self) -> None:
         self.telemetry.pusher.stop()
         await self.engine.stop("model unloaded")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -304,6 +305,47 @@ def test_bf16_on_a_cpu_without_it_runs_fp32_and_says_so(
         assert info["precision"] == "fp32", info
         assert info["engine_note"] == "bf16 asked, but this CPU has no bf16 support: running fp32"
     assert str(engine.dtype) == "torch.float32"
+
+
+def test_an_openvino_worker_that_dies_fails_its_requests_and_the_health_check(
+    ov: OpenVINOGenerationEngine,
+) -> None:
+    """The pipeline steps in a process of its own: a crash there (a SIGFPE in a kernel,
+    the OOM killer) ends the requests it held with a 503, never a hang, and the replica's
+    health check fails so that Serve replaces it."""
+    import os
+    import signal
+
+    async def work(engine: OpenVINOGenerationEngine) -> tuple[Any, Any]:
+        calls = [
+            asyncio.ensure_future(engine.generate(GenerationRequest(prompt=p, max_tokens=400)))
+            for p in PROMPTS
+        ]
+        await asyncio.sleep(0.3)
+        assert engine.healthy() and engine.info()["active_requests"] == len(PROMPTS)
+        assert engine.info()["resident_memory_bytes"] > 100_000_000  # the worker's too
+        os.kill(engine._worker.pid, signal.SIGKILL)
+        held = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 10)
+        with pytest.raises(EngineError) as later:
+            await engine.generate(GenerationRequest(prompt="hello", max_tokens=2))
+        return held, later.value
+
+    async def main() -> tuple[Any, Any]:
+        await ov.start()
+        return await work(ov)
+
+    held, later = asyncio.run(main())
+    assert {type(h) for h in held} == {EngineError}
+    assert {(h.status, h.message) for h in held} == {
+        (503, "demo: the OpenVINO worker exited (code -9)")
+    }
+    assert (later.status, later.code) == (503, "model_unavailable")
+    assert not ov.healthy()
+    from dify_serving.deployments import ModelServer
+
+    replica = SimpleNamespace(name="demo", engine=ov)  # what check_health reads
+    with pytest.raises(RuntimeError, match="demo: the engine can no longer serve"):
+        asyncio.run(ModelServer.func_or_class.check_health(replica))
 
 
 def test_openvino_bf16_runs_in_bf16_from_the_fp32_conversion(

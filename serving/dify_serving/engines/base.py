@@ -137,6 +137,11 @@ class Engine(ABC):
     def parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters()) if self.model is not None else 0
 
+    def healthy(self) -> bool:
+        """False when the engine can no longer serve (the replica's health check fails
+        and Serve replaces the replica)."""
+        return True
+
     def info(self) -> dict[str, Any]:
         import torch
 
@@ -148,7 +153,7 @@ class Engine(ABC):
             "precision": str(self.precision),
             "engine": "torch",
             "parameters": self.parameters(),
-            "resident_memory_bytes": _rss_bytes(),
+            "resident_memory_bytes": rss_bytes(),
             "threads": torch.get_num_threads(),
             "pid": os.getpid(),
         }
@@ -159,11 +164,14 @@ class Engine(ABC):
         return info
 
 
-def _rss_bytes() -> int:
+def rss_bytes(pid: int | str = "self") -> int:
+    """Resident memory of this process, or of `pid` (0 once it has exited)."""
     try:
-        with open("/proc/self/statm") as f:
+        with open(f"/proc/{pid}/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:  # not Linux
+    except OSError:  # not Linux, or gone
+        if pid != "self":
+            return 0
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 

@@ -12,14 +12,18 @@ Conversion: the Hugging Face model becomes an OpenVINO IR with a stateful KV cac
 place. The IR holds fp32 weights; bf16 is an inference hint, so one conversion serves
 both precisions. The pipeline turns the IR's attention into paged attention itself.
 
-Scheduling: one pipeline per replica and one thread that owns it. The thread adds the
-requests that arrived, runs `step()` (one iteration: new prompts are prefilled while the
-running sequences decode a token each, `dynamic_split_fuse`), and hands each request's new
-token ids to its caller's asyncio queue. Sampling (temperature, top_p, seed) is per
-request inside the pipeline: a seeded request's tokens do not depend on its batch mates,
-so unlike CTranslate2 nothing goes to torch. A caller that goes away cancels its request
-at the next step. The KV cache grows with use (`cache_size` 0) rather than reserving
-gigabytes up front.
+Scheduling: one pipeline per replica, in a process of its own (`openvino_worker`):
+its `step()` holds the GIL while it computes, which froze the replica's event loop and
+Ray's threads (64 concurrent HTTP clients kept ~20 sequences in the batch: 800 tok/s
+against 1,450 in-process). The worker adds the requests that arrived, runs `step()` (one
+iteration: new prompts are prefilled while the running sequences decode a token each,
+`dynamic_split_fuse`), and sends every request's new token ids; a thread here hands them
+to each caller's asyncio queue. Sampling (temperature, top_p, seed) is per request inside
+the pipeline: a seeded request's tokens do not depend on its batch mates, so unlike
+CTranslate2 nothing goes to torch. A caller that goes away cancels its request at the
+next step. The KV cache grows with use (`cache_size` 0) rather than reserving gigabytes
+up front. A worker that dies fails the requests it held and every later one (503), and
+the replica's health check fails, so Serve replaces the replica.
 """
 
 from __future__ import annotations
@@ -27,9 +31,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import itertools
+import json
 import logging
 import os
 import secrets
+import subprocess
+import sys
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -37,7 +44,12 @@ from pathlib import Path
 from typing import Any
 
 from dify_serving.engines import openvino_export, progress, weights
-from dify_serving.engines.base import ConversionFailed, inline_or_thread, written_in_place
+from dify_serving.engines.base import (
+    ConversionFailed,
+    inline_or_thread,
+    rss_bytes,
+    written_in_place,
+)
 from dify_serving.engines.protocol import EngineError, GenerationRequest
 from dify_serving.engines.textgen import TokenGenerator
 from dify_serving.specs import DifyModelSpec, Precision
@@ -48,6 +60,8 @@ MODEL_FILE = "openvino_model.xml"
 #: Prompt tokens one step prefills at most (with the decoding rows). 256 (the default)
 #: decoded 2,010 tok/s of the 58 M shape at 64 sequences here, 1,024 2,164, 4,096 2,265.
 MAX_BATCHED_TOKENS = 4096
+#: Seconds the worker may take to compile the model before the load fails.
+START_TIMEOUT_S = 600.0
 
 
 def cache_dir(home: Path, weights: str, revision: str | None) -> Path:
@@ -75,19 +89,15 @@ def convert(path: str, revision: str | None, folder: Path) -> None:
 @dataclass(eq=False)
 class _Request:
     id: int
-    prompt_ids: list[int]
-    config: Any  # openvino_genai.GenerationConfig
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue[Any]
     prompt_tokens: int
     streaming: bool
-    handle: Any = None
     tokens: list[int] = field(default_factory=list)  # not streaming: sent at the end
     cancelled: bool = False
-    done: bool = False
 
     def send(self, item: tuple[list[int], str | None, str | None]) -> None:
-        """From the pipeline's thread to the caller's loop."""
+        """From the reader thread to the caller's loop."""
         try:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
         except RuntimeError:  # the caller's loop is closed: nobody is listening
@@ -101,7 +111,6 @@ class OpenVINOGenerationEngine(TokenGenerator):
         self, name: str, spec: DifyModelSpec, path: str, *, home: Path | None = None
     ) -> None:
         super().__init__(name, spec, path, home=home)
-        import openvino_genai
         import torch
 
         self._open_config()
@@ -118,56 +127,94 @@ class OpenVINOGenerationEngine(TokenGenerator):
                     f"openvino conversion failed ({type(exc).__name__})"
                 ) from exc
         self._parameters = weights.count_parameters(path)
-        scheduler = openvino_genai.SchedulerConfig()
-        scheduler.dynamic_split_fuse = True
-        scheduler.max_num_seqs = max(1, spec.batching.max_concurrent_requests)
-        scheduler.max_num_batched_tokens = MAX_BATCHED_TOKENS
-        scheduler.cache_size = 0  # grows with use
         threads = torch.get_num_threads()
         if self.precision == Precision.BF16 and threads < 2:
             # OpenVINO 2026.4 dies of SIGFPE compiling this pipeline in bf16 on one
-            # thread (an AMX Xeon here); a crashed replica serves nobody
+            # thread (an AMX Xeon here)
             self.precision = Precision.FP32
             self.runtime_note = (
                 "bf16 on OpenVINO needs at least 2 threads (resources.cpus): running fp32"
             )
         kind = "bf16" if self.precision == Precision.BF16 else "f32"
-        properties = {
-            "INFERENCE_NUM_THREADS": threads,
-            "INFERENCE_PRECISION_HINT": kind,
-            # the IR asks for an f16 cache, which changes greedy tokens (58/64 agreed)
-            "KV_CACHE_PRECISION": kind,
+        settings = {
+            "folder": str(folder),
+            "scheduler": {
+                "dynamic_split_fuse": True,
+                "max_num_seqs": max(1, spec.batching.max_concurrent_requests),
+                "max_num_batched_tokens": MAX_BATCHED_TOKENS,
+                "cache_size": 0,  # grows with use
+            },
+            "properties": {
+                "INFERENCE_NUM_THREADS": threads,
+                "INFERENCE_PRECISION_HINT": kind,
+                # the CPU's default cache precision is lower (an f16 cache agreed with
+                # fp32's greedy tokens on 58 of 64 sequences): fp32 must be exact
+                "KV_CACHE_PRECISION": kind,
+            },
         }
         progress.report(f"compiling the OpenVINO model ({kind})")
-        self._ov = openvino_genai
-        self.pipeline = openvino_genai.ContinuousBatchingPipeline(
-            str(folder), scheduler, "CPU", properties
-        )
+        self._start_worker(settings)
         self._ids = itertools.count(1)
-        self._lock = threading.Condition()
-        self._arrived: list[_Request] = []  # guarded by _lock; the thread adds them
-        self._active: dict[int, _Request] = {}  # the thread's own
+        self._lock = threading.Lock()  # sends to the worker, and the request table
+        self._requests: dict[int, _Request] = {}
+        self._load: tuple[float, float, float] = (0.0, 0.0, 0.0)
         self._stopping: str | None = None
-        self._state: dict[str, float] = {"running": 0, "waiting": 0}
-        self._thread = threading.Thread(target=self._run, name=f"ov-{name}", daemon=True)
-        self._thread.start()
+        self._reader = threading.Thread(target=self._read, name=f"ov-{name}", daemon=True)
+        self._reader.start()
+
+    def _start_worker(self, settings: dict[str, Any]) -> None:
+        """The worker process, its two pipes, and its word that the model compiled."""
+        from multiprocessing.connection import Connection
+
+        to_worker, from_worker = os.pipe(), os.pipe()
+        env = {**os.environ, "DIFY_OV_WORKER": json.dumps(settings)}
+        self._worker = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "dify_serving.engines.openvino_worker",
+                str(to_worker[0]),
+                str(from_worker[1]),
+            ],
+            pass_fds=(to_worker[0], from_worker[1]),
+            env=env,
+        )
+        os.close(to_worker[0])
+        os.close(from_worker[1])
+        self._outbox = Connection(to_worker[1], readable=False)
+        self._inbox = Connection(from_worker[0], writable=False)
+        if not self._inbox.poll(START_TIMEOUT_S):
+            self._worker.kill()
+            raise EngineError(503, "model_unavailable", "the OpenVINO worker did not start")
+        try:
+            kind, detail = self._inbox.recv()
+        except EOFError:
+            kind, detail = "failed", f"exit code {self._worker.wait()}"
+        if kind != "ready":
+            self._worker.wait()
+            raise ConversionFailed(f"openvino could not compile the model ({detail})")
 
     def parameters(self) -> int:
         return self._parameters
 
     def info(self) -> dict[str, Any]:
         state = self.queue_state() or {}
-        return {
+        info = {
             **super().info(),
             "engine": "openvino",
             "active_requests": int(state.get("running", 0) + state.get("waiting", 0)),
         }
+        if self._worker.poll() is None:  # the pipeline's memory is the worker's
+            info["resident_memory_bytes"] += rss_bytes(self._worker.pid)
+        return info
 
     def queue_state(self) -> dict[str, float] | None:
+        running, waiting, usage = self._load
         with self._lock:
-            state = dict(self._state)
-            state["waiting"] += sum(not r.cancelled for r in self._arrived)
-        return state
+            outstanding = len(self._requests)
+        # arrived, not yet in the worker's figures: waiting
+        waiting = max(waiting, outstanding - running)
+        return {"running": running, "waiting": waiting, "kv_cache_usage": usage}
 
     async def start(self) -> None:
         async for _ in self.generate_stream(GenerationRequest(prompt="warm up", max_tokens=4)):
@@ -175,30 +222,48 @@ class OpenVINOGenerationEngine(TokenGenerator):
 
     async def stop(self, reason: str) -> None:
         with self._lock:
-            self._stopping = reason
-            self._lock.notify()
-        await asyncio.to_thread(self._thread.join, 30)
+            if self._stopping is None:
+                self._stopping = reason
+                self._send(("stop",))
+        await asyncio.to_thread(self._reader.join, 30)
+        await asyncio.to_thread(self._end_worker)
+
+    def _end_worker(self) -> None:
+        try:
+            self._worker.wait(10)
+        except subprocess.TimeoutExpired:
+            self._worker.kill()
+            self._worker.wait()
+        self._outbox.close()
+
+    def healthy(self) -> bool:
+        """False once the worker process has exited without being stopped."""
+        return self._stopping is not None or self._worker.poll() is None
 
     # requests --------------------------------------------------------------------------
-    def _config(self, request: GenerationRequest, max_new: int) -> Any:
-        config = self._ov.GenerationConfig()
-        config.max_new_tokens = max_new
-        config.stop_token_ids = set(self.eos)
-        if self.eos:
-            config.eos_token_id = min(self.eos)
+    def _config(self, request: GenerationRequest, max_new: int) -> dict[str, Any]:
         temperature = float(request.temperature or 0.0)
-        if temperature > 0:
-            config.do_sample = True
-            config.temperature = temperature
-            config.top_p = float(request.top_p or 1.0)
-            seed = request.seed if request.seed is not None else secrets.randbits(63)
-            config.rng_seed = int(seed) % (1 << 64)
-        return config
+        seed = request.seed if request.seed is not None else secrets.randbits(63)
+        return {
+            "max_new_tokens": max_new,
+            "stop_token_ids": sorted(self.eos),
+            "eos_token_id": min(self.eos) if self.eos else None,
+            "temperature": temperature,
+            "top_p": float(request.top_p or 1.0),
+            "seed": int(seed) % (1 << 64),
+        }
+
+    def _send(self, message: tuple[Any, ...]) -> None:
+        """To the worker (the caller holds `_lock`)."""
+        try:
+            self._outbox.send(message)
+        except OSError:  # the worker is gone: the reader fails what it held
+            log.warning("%s: the OpenVINO worker is gone", self.name)
 
     async def _tokens(
         self, request: GenerationRequest, streaming: bool
     ) -> AsyncIterator[tuple[Any, list[int], str | None]]:
-        if self._stopping:
+        if self._stopping or not self.healthy():
             raise EngineError(503, "model_unavailable", f"{self.name} is not accepting requests")
         prompt_ids = await inline_or_thread(request.chars(), self.encode, request)
         max_new = self._budget(
@@ -206,111 +271,71 @@ class OpenVINOGenerationEngine(TokenGenerator):
         )
         state = _Request(
             next(self._ids),
-            prompt_ids,
-            self._config(request, max_new),
             asyncio.get_running_loop(),
             asyncio.Queue(),
             prompt_tokens=len(prompt_ids),
             streaming=streaming,
         )
         with self._lock:
-            self._arrived.append(state)
-            self._lock.notify()
+            self._requests[state.id] = state
+            self._send(("add", state.id, prompt_ids, self._config(request, max_new)))
+        finished = False
         try:
             async for item in self._received(state, state.queue):
+                finished = item[2] is not None
                 yield item
         finally:
-            state.cancelled = True  # a no-op once done; else its sequence ends at the next step
+            if not finished:  # the caller went away: its sequence ends at the next step
+                with self._lock:
+                    if self._requests.pop(state.id, None) is not None and not self._stopping:
+                        self._send(("cancel", state.id))
 
-    # the pipeline's thread -------------------------------------------------------------
-    def _run(self) -> None:
-        busy = False  # the pipeline holds unfinished sequences (cancelled ones too)
+    # the reader thread -----------------------------------------------------------------
+    def _read(self) -> None:
+        """The worker's messages, until it ends: tokens to their callers."""
         while True:
-            with self._lock:
-                while not (self._arrived or busy or self._stopping):
-                    self._lock.wait()
-                if self._stopping:
-                    break
-                arrived, self._arrived = self._arrived, []
             try:
-                self._add(arrived)
-                self.pipeline.step()
-                self._collect()
-                busy = self.pipeline.has_non_finished_requests()
-            except Exception as exc:  # the pipeline failed: every request in it ends
-                log.exception("%s: a pipeline step failed", self.name)
-                for request in self._active.values():
-                    request.send(([], None, f"generation failed ({type(exc).__name__})"))
-                self._active.clear()
-                busy = False
-            metrics = self.pipeline.get_metrics()
-            running = min(len(self._active), int(metrics.scheduled_requests))
-            with self._lock:
-                self._state = {
-                    "running": float(running),
-                    "waiting": float(len(self._active) - running),
-                    "kv_cache_usage": float(metrics.cache_usage) / 100.0,
-                }
-        reason = self._stopping
+                message = self._inbox.recv()
+            except (EOFError, OSError):
+                break
+            _, updates, load = message
+            if load is not None:
+                self._load = (float(load[0]), float(load[1]), float(load[2]))
+            for request_id, new, status, reason in updates:
+                self._deliver(request_id, new, status, reason)
+        code = self._worker.wait()
+        gone = self._stopping or f"the OpenVINO worker exited (code {code})"
+        if not self._stopping:
+            log.error("%s: %s", self.name, gone)
         with self._lock:
-            arrived, self._arrived = self._arrived, []
-        for request in [*arrived, *self._active.values()]:
-            if request.handle is not None and not request.done:
-                request.handle.cancel()
-            request.send(([], None, reason))
-        self._active.clear()
-        try:  # one more step frees the cancelled sequences' blocks
-            if self.pipeline.has_non_finished_requests():
-                self.pipeline.step()
-        except Exception:  # stopping anyway
-            log.debug("%s: the last step failed", self.name, exc_info=True)
+            held, self._requests = list(self._requests.values()), {}
+        for request in held:
+            request.send(([], None, gone))
+        self._inbox.close()
 
-    def _add(self, arrived: list[_Request]) -> None:
-        import numpy as np
-        import openvino
+    def _deliver(self, request_id: int, new: list[int], status: str, reason: str | None) -> None:
+        with self._lock:
+            request = self._requests.get(request_id)
+            if request is not None and status != "running":
+                del self._requests[request_id]
+        if request is None:  # cancelled meanwhile
+            return
+        if not request.streaming:
+            request.tokens.extend(new)
+            new = request.tokens
+        if status == "running":
+            if new and request.streaming:
+                request.send((new, None, None))
+        elif status == "finished":
+            request.send((new, self._finish_reason(reason, new), None))
+        elif status == "ignored":  # more than the KV cache can ever hold
+            request.send(([], None, "the request does not fit the KV cache"))
+        elif status == "failed":
+            request.send(([], None, reason or "generation failed"))
+        else:  # cancelled or stopped: only this engine does either, for a caller gone
+            request.send(([], None, "cancelled"))
 
-        for request in arrived:
-            if request.cancelled:
-                continue
-            ids = openvino.Tensor(np.asarray([request.prompt_ids], dtype=np.int64))
-            request.handle = self.pipeline.add_request(request.id, ids, request.config)
-            self._active[request.id] = request
-
-    def _collect(self) -> None:
-        """Each request's new tokens since the last step, and its end."""
-        status = self._ov.GenerationStatus
-        for request in list(self._active.values()):
-            handle = request.handle
-            if request.cancelled:
-                handle.cancel()
-                del self._active[request.id]
-                continue
-            new: list[int] = []
-            reason = None
-            if handle.can_read():
-                for output in handle.read().values():
-                    new.extend(int(i) for i in output.generated_ids)
-                    reason = output.finish_reason
-            current = handle.get_status()
-            if not request.streaming:
-                request.tokens.extend(new)
-                new = request.tokens
-            if current == status.RUNNING:
-                if new and request.streaming:
-                    request.send((new, None, None))
-                continue
-            del self._active[request.id]
-            request.done = True
-            if current == status.FINISHED:
-                request.send((new, self._finish_reason(reason, new), None))
-            elif current == status.IGNORED:  # more than the KV cache can ever hold
-                request.send(([], None, "the request does not fit the KV cache"))
-            else:  # CANCEL or STOP: only this engine does either, for a caller gone
-                request.send(([], None, "cancelled"))
-
-    def _finish_reason(self, reason: Any, new: list[int]) -> str:
-        if reason == self._ov.GenerationFinishReason.STOP:
-            return "stop"
-        if reason == self._ov.GenerationFinishReason.LENGTH:
-            return "length"
+    def _finish_reason(self, reason: str | None, new: list[int]) -> str:
+        if reason in ("STOP", "LENGTH"):
+            return reason.lower()
         return "stop" if new and new[-1] in self.eos else "length"
