@@ -39,7 +39,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -93,7 +93,6 @@ class _Request:
     queue: asyncio.Queue[Any]
     prompt_tokens: int
     streaming: bool
-    tokens: list[int] = field(default_factory=list)  # not streaming: sent at the end
     cancelled: bool = False
 
     def send(self, item: tuple[list[int], str | None, str | None]) -> None:
@@ -278,7 +277,7 @@ class OpenVINOGenerationEngine(TokenGenerator):
         )
         with self._lock:
             self._requests[state.id] = state
-            self._send(("add", state.id, prompt_ids, self._config(request, max_new)))
+            self._send(("add", state.id, prompt_ids, self._config(request, max_new), streaming))
         finished = False
         try:
             async for item in self._received(state, state.queue):
@@ -320,12 +319,8 @@ class OpenVINOGenerationEngine(TokenGenerator):
                 del self._requests[request_id]
         if request is None:  # cancelled meanwhile
             return
-        if not request.streaming:
-            request.tokens.extend(new)
-            new = request.tokens
         if status == "running":
-            if new and request.streaming:
-                request.send((new, None, None))
+            request.send((new, None, None))
         elif status == "finished":
             request.send((new, self._finish_reason(reason, new), None))
         elif status == "ignored":  # more than the KV cache can ever hold

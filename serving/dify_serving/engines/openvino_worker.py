@@ -7,10 +7,11 @@ kept only ~20 sequences in its batch (800 tok/s over HTTP against 1,450 in-proce
 Here the pipeline steps in a process of its own and the replica only passes messages.
 
 Protocol (`multiprocessing.connection` over two pipes the parent hands over):
-- in: `("add", id, token_ids, config)`, `("cancel", id)`, `("stop",)`;
+- in: `("add", id, token_ids, config, streaming)`, `("cancel", id)`, `("stop",)`;
 - out: `("ready", None)` or `("failed", reason)` once, then after every step
   `("step", [(id, new_ids, status, finish_reason)], (running, waiting, cache_usage))`,
-  status one of "running", "finished", "ignored", "cancelled".
+  status one of "running", "finished", "ignored", "cancelled", "failed". A streaming
+  request's new ids come after every step; any other's all at once when it ends.
 The process ends on "stop" or when the parent's end of a pipe closes (the replica died).
 Light on purpose: it imports neither torch nor transformers.
 """
@@ -64,21 +65,25 @@ def serve(inbox: Connection, outbox: Connection, settings: dict[str, Any]) -> No
         return
     outbox.send(("ready", None))
     handles: dict[int, Any] = {}
+    held: dict[int, list[int]] = {}  # the ids of requests that do not stream, so far
     while True:
         wait = not handles and not pipeline.has_non_finished_requests()
         while wait or inbox.poll():
             message = inbox.recv()  # EOFError: the replica is gone
             wait = False
             if message[0] == "add":
-                _, request_id, ids, fields = message
+                _, request_id, ids, fields, streaming = message
                 tensor = openvino.Tensor(np.asarray([ids], dtype=np.int64))
                 try:
                     config = _config(openvino_genai, fields)
                     handles[request_id] = pipeline.add_request(request_id, tensor, config)
+                    if not streaming:
+                        held[request_id] = []
                 except Exception as exc:  # this request only
                     reason = f"the pipeline refused the request ({type(exc).__name__})"
                     outbox.send(("step", [(request_id, [], "failed", reason)], None))
             elif message[0] == "cancel":
+                held.pop(message[1], None)
                 handle = handles.pop(message[1], None)
                 if handle is not None:
                     handle.cancel()
@@ -98,6 +103,12 @@ def serve(inbox: Connection, outbox: Connection, settings: dict[str, Any]) -> No
                     new.extend(int(i) for i in output.generated_ids)
                     finish = output.finish_reason.name
             status = _STATUS.get(handle.get_status().name, "cancelled")
+            kept = held.get(request_id)
+            if kept is not None:
+                kept.extend(new)
+                if status == "running":
+                    continue
+                new = held.pop(request_id)
             if status != "running":
                 del handles[request_id]
             if new or status != "running":
