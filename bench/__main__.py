@@ -526,6 +526,7 @@ def cpu_model() -> str:
     name = next((line.split(":", 1)[1].strip() for line in info if "model name" in line), "")
     flags = next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])
     isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    isa += " and AMX" if "amx_tile" in flags else ""
     return f"{name or 'unknown CPU'}, {isa}, {'with' if cpu_has_bf16() else 'no'} bf16"
 
 
