@@ -336,8 +336,8 @@ def test_an_openvino_worker_that_dies_fails_its_requests_and_the_health_check(
 
     held, later = asyncio.run(main())
     assert {type(h) for h in held} == {EngineError}
-    assert {(h.status, h.message) for h in held} == {
-        (503, "demo: the OpenVINO worker exited (code -9)")
+    assert {(h.status, h.code, h.message) for h in held} == {  # retryable on another replica
+        (503, "model_unavailable", "demo: the OpenVINO worker exited (code -9)")
     }
     assert (later.status, later.code) == (503, "model_unavailable")
     assert not ov.healthy()

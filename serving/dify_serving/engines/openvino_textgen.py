@@ -95,7 +95,7 @@ class _Request:
     streaming: bool
     cancelled: bool = False
 
-    def send(self, item: tuple[list[int], str | None, str | None]) -> None:
+    def send(self, item: tuple[list[int], str | None, str | EngineError | None]) -> None:
         """From the reader thread to the caller's loop."""
         try:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
@@ -303,9 +303,11 @@ class OpenVINOGenerationEngine(TokenGenerator):
             for request_id, new, status, reason in updates:
                 self._deliver(request_id, new, status, reason)
         code = self._worker.wait()
-        gone = self._stopping or f"the OpenVINO worker exited (code {code})"
-        if not self._stopping:
-            log.error("%s: %s", self.name, gone)
+        gone: str | EngineError | None = self._stopping
+        if gone is None:  # retryable: another replica serves, or this one once replaced
+            message = f"{self.name}: the OpenVINO worker exited (code {code})"
+            log.error("%s", message)
+            gone = EngineError(503, "model_unavailable", message)
         with self._lock:
             held, self._requests = list(self._requests.values()), {}
         for request in held:

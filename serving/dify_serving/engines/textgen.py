@@ -135,9 +135,11 @@ class TokenGenerator(Engine):
     ) -> AsyncIterator[tuple[Any, list[int], str | None]]:
         """What an engine's worker put on a request's queue, as `_tokens` yields it:
         (new tokens, finish reason or None, error or None) until the finish; an error
-        ends the request with a 503 naming it."""
+        ends the request with a 503 naming it (an EngineError as it is)."""
         while True:
             new_tokens, finish, error = await queue.get()
+            if isinstance(error, EngineError):
+                raise error
             if error:
                 raise EngineError(503, "generation_failed", f"{self.name}: {error}")
             yield state, new_tokens, finish
