@@ -168,6 +168,42 @@ class EncodeAnchor:
         return np.asarray(self.model.encode(texts, batch_size=32, normalize_embeddings=True))
 
 
+class EngineEmbedAnchor:
+    """Our own embedding engine in-process, as a replica runs it (the same spec: engine,
+    precision, batching, threads), with no gateway, Serve handle or HTTP in front: the
+    anchor that shows the gateway's own cost per request."""
+
+    def __init__(self, name: str, spec: Any, path: str, home: Path) -> None:
+        import asyncio
+
+        from dify_serving.engines.embeddings import EmbeddingEngine
+
+        self.engine = EmbeddingEngine(name, spec, path, home=home)
+        self.loop = asyncio.new_event_loop()
+        self.loop.run_until_complete(self.engine.start())
+
+    def run(self, texts: list[str], concurrency: int, per_call: int = 1) -> float:
+        """sentences/s of `texts`, `per_call` texts a call, `concurrency` calls at once."""
+        import asyncio
+
+        calls = [texts[i : i + per_call] for i in range(0, len(texts), per_call)]
+        pending = iter(calls)
+
+        async def worker() -> None:
+            for chunk in pending:
+                await self.engine.embed(chunk)
+
+        async def all_calls() -> None:
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+
+        t0 = time.perf_counter()
+        self.loop.run_until_complete(all_calls())
+        return len(texts) / (time.perf_counter() - t0)
+
+    def close(self) -> None:
+        self.loop.close()
+
+
 class FastembedAnchor:
     """fastembed (ONNX Runtime) on the same MiniLM weights, exported here to ONNX.
 
