@@ -24,6 +24,7 @@ from dify_serving.engines import (
     progress,
     registry,
     runtimes,
+    textgen,
     weights,
 )
 from dify_serving.engines.ctranslate2_textgen import CTranslate2Engine
@@ -366,6 +367,49 @@ def test_openvino_bf16_runs_in_bf16_from_the_fp32_conversion(
     answers = run(engine, lambda e: together(e, requests))
     assert [a.completion_tokens for a in answers] == [8] * len(PROMPTS)
     assert len(list((home / "compiled" / "openvino-genai").iterdir())) == 1  # one IR
+
+
+def test_the_kv_cache_bound_is_the_same_for_torch_and_openvino() -> None:
+    """One bound for every engine that pages its cache: half the concurrent sequences at
+    up to 1,024 tokens, 64 to 4,096 pages of 64; OpenVINO (blocks of 32) never less than
+    one sequence of the whole context."""
+    assert textgen.kv_cache_tokens(1, 512) == 64 * 64  # the floor
+    assert textgen.kv_cache_tokens(64, 512) == 64 * 512 // 2
+    assert textgen.kv_cache_tokens(128, 8192) == 128 * 1024 // 2  # 1,024 tokens a sequence
+    assert textgen.kv_cache_tokens(100_000, 4096) == 64 * 4096  # the ceiling
+    blocks = openvino_textgen.kv_cache_blocks
+    assert blocks(spec(batching={"maxConcurrentRequests": 64}), 512) == 64 * 512 // 2 // 32
+    assert blocks(spec(batching={"maxConcurrentRequests": 1}), 32768) == 32768 // 32
+
+
+def test_openvino_preempts_within_its_kv_bound_and_answers_as_alone(
+    demo: Path, home: Path, ov: OpenVINOGenerationEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three blocks of 32 tokens for requests that each grow to two: the pipeline must
+    preempt and resume sequences, and every answer is the one it gives alone."""
+    requests = [GenerationRequest(prompt=p, max_tokens=40) for p in PROMPTS[:4]]
+
+    async def one_by_one(engine: TokenGenerator) -> list[Generation]:
+        return [await engine.generate(r) for r in requests]
+
+    alone = run(ov, one_by_one)
+    assert max(a.prompt_tokens + a.completion_tokens for a in alone) > 32  # two blocks
+    monkeypatch.setattr(openvino_textgen, "kv_cache_blocks", lambda *_: 3)
+    tight = OpenVINOGenerationEngine("demo", spec(engine="openvino"), str(demo), home=home)
+    usage: list[float] = []
+
+    async def together_watched(engine: TokenGenerator) -> list[Generation]:
+        answers = asyncio.gather(*(engine.generate(r) for r in requests))
+        while not answers.done():
+            state = engine.queue_state() or {}
+            usage.append(state.get("kv_cache_usage", 0.0))
+            await asyncio.sleep(0.002)
+        return list(await answers)
+
+    answers = run(tight, together_watched)
+    assert [a.text for a in answers] == [a.text for a in alone]
+    assert max(usage) == pytest.approx(1.0)  # the bound was reached, never passed
+    assert all(u <= 1.0 for u in usage)
 
 
 def test_a_first_load_reports_its_conversion_as_load_progress(

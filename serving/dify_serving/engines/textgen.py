@@ -45,6 +45,18 @@ def eos_ids(tokenizer: Any, *sources: Any) -> set[int]:
 
 
 PAGE_SIZE = 64
+#: Bounds of a replica's KV cache, in pages of PAGE_SIZE tokens (see `kv_cache_tokens`).
+MIN_KV_PAGES, MAX_KV_PAGES = 64, 4096
+
+
+def kv_cache_tokens(concurrent: int, max_context: int) -> int:
+    """Tokens of KV cache a replica reserves: half of `concurrent` sequences of up to
+    1,024 tokens (most requests stop well short of the context), in whole pages, between
+    MIN_KV_PAGES and MAX_KV_PAGES pages. The same bound for every engine that pages its
+    cache, so a model's memory does not depend on which engine `auto` picked; an engine
+    preempts (and later resumes) sequences rather than grow past it."""
+    pages = -(-concurrent * min(max_context, 1024) // PAGE_SIZE) // 2
+    return PAGE_SIZE * min(MAX_KV_PAGES, max(MIN_KV_PAGES, pages))
 
 
 @dataclass
@@ -164,7 +176,7 @@ class TextGenerationEngine(TokenGenerator):
         self.model.eval()
         self._open_tokenizer(self.model.config, self.model.generation_config)
         concurrent = spec.batching.max_concurrent_requests
-        blocks = max(64, -(-concurrent * min(self.max_context, 1024) // PAGE_SIZE) // 2)
+        blocks = kv_cache_tokens(concurrent, self.max_context) // PAGE_SIZE
         self.manager = self.model.init_continuous_batching(
             generation_config=GenerationConfig(
                 do_sample=False,
@@ -173,7 +185,7 @@ class TextGenerationEngine(TokenGenerator):
                 pad_token_id=self.tokenizer.pad_token_id or 0,
             ),
             continuous_batching_config=ContinuousBatchingConfig(
-                num_blocks=min(blocks, 4096),
+                num_blocks=blocks,
                 page_size=PAGE_SIZE,
                 max_batch_tokens=1024 if self.device == "cpu" else 8192,
                 auto_switch_to_flash=False,
