@@ -377,9 +377,51 @@ def test_the_kv_cache_bound_is_the_same_for_torch_and_openvino() -> None:
     assert textgen.kv_cache_tokens(64, 512) == 64 * 512 // 2
     assert textgen.kv_cache_tokens(128, 8192) == 128 * 1024 // 2  # 1,024 tokens a sequence
     assert textgen.kv_cache_tokens(100_000, 4096) == 64 * 4096  # the ceiling
+    assert textgen.kv_cache_tokens(1, 8192) == 8192  # one sequence of the whole context
     blocks = openvino_textgen.kv_cache_blocks
     assert blocks(spec(batching={"maxConcurrentRequests": 64}), 512) == 64 * 512 // 2 // 32
     assert blocks(spec(batching={"maxConcurrentRequests": 1}), 32768) == 32768 // 32
+
+
+def test_torch_serves_a_request_of_the_whole_context_on_its_smallest_cache(
+    demo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no floor of pages, the cache is one sequence of the whole context (2,048
+    tokens here): a request that fills it is answered, and so is the next."""
+    monkeypatch.setattr(textgen, "MIN_KV_PAGES", 1)
+    one = spec(engine="torch", batching={"maxConcurrentRequests": 1})
+    engine = TextGenerationEngine("demo", one, str(demo))
+    prompt = GenerationRequest(prompt=" ".join(["glacier"] * 2000))
+    room = 2048 - len(engine.encode(prompt))
+    assert 0 < room < 100
+
+    async def work(e: TokenGenerator) -> list[Generation]:
+        long = GenerationRequest(prompt=prompt.prompt, max_tokens=room)
+        return [await e.generate(long), await e.generate(GenerationRequest(prompt="hi"))]
+
+    long, short = run(engine, work)
+    assert long.prompt_tokens + long.completion_tokens == 2048
+    assert short.completion_tokens > 0
+
+
+def test_torch_engine_whose_generation_loop_failed_is_unhealthy(
+    demo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """transformers ends its generation thread when a request cannot fit the cache; the
+    engine then accepts nothing, so its health check must fail (Serve replaces it)."""
+    monkeypatch.setattr(textgen, "kv_cache_tokens", lambda *_: 128)
+    engine = TextGenerationEngine("demo", spec(engine="torch"), str(demo))
+
+    async def work(e: TokenGenerator) -> tuple[bool, EngineError]:
+        healthy = e.healthy()
+        with pytest.raises(EngineError) as failed:
+            await e.generate(GenerationRequest(prompt="word " * 200, max_tokens=8))
+        return healthy, failed.value
+
+    healthy, failed = run(engine, work)
+    assert healthy
+    assert (failed.status, failed.code) == (503, "generation_failed")
+    assert not engine.healthy()
 
 
 def test_openvino_preempts_within_its_kv_bound_and_answers_as_alone(

@@ -111,10 +111,9 @@ class _Request:
 
 
 def kv_cache_blocks(spec: DifyModelSpec, max_context: int) -> int:
-    """The pipeline's KV cache in blocks: the torch engine's bound (`kv_cache_tokens`),
-    and never less than one sequence of the whole context, which could not run at all."""
+    """The pipeline's KV cache in blocks: the torch engine's bound (`kv_cache_tokens`)."""
     tokens = kv_cache_tokens(spec.batching.max_concurrent_requests, max_context)
-    return -(-max(tokens, max_context) // KV_BLOCK_TOKENS)
+    return -(-tokens // KV_BLOCK_TOKENS)
 
 
 class OpenVINOGenerationEngine(TokenGenerator):

@@ -52,11 +52,15 @@ MIN_KV_PAGES, MAX_KV_PAGES = 64, 4096
 def kv_cache_tokens(concurrent: int, max_context: int) -> int:
     """Tokens of KV cache a replica reserves: half of `concurrent` sequences of up to
     1,024 tokens (most requests stop well short of the context), in whole pages, between
-    MIN_KV_PAGES and MAX_KV_PAGES pages. The same bound for every engine that pages its
-    cache, so a model's memory does not depend on which engine `auto` picked; an engine
-    preempts (and later resumes) sequences rather than grow past it."""
+    MIN_KV_PAGES and MAX_KV_PAGES pages, and never less than one sequence of the whole
+    context: a request the context admits must fit alone (transformers' scheduler fails
+    its loop on one that cannot, which stopped every later request too). The same bound
+    for every engine that pages its cache, so a model's memory does not depend on which
+    engine `auto` picked; an engine preempts (and later resumes) sequences rather than
+    grow past it."""
     pages = -(-concurrent * min(max_context, 1024) // PAGE_SIZE) // 2
-    return PAGE_SIZE * min(MAX_KV_PAGES, max(MIN_KV_PAGES, pages))
+    pages = max(min(MAX_KV_PAGES, max(MIN_KV_PAGES, pages)), -(-max_context // PAGE_SIZE))
+    return PAGE_SIZE * pages
 
 
 @dataclass
@@ -210,6 +214,12 @@ class TextGenerationEngine(TokenGenerator):
 
     def info(self) -> dict[str, Any]:
         return {**super().info(), "active_requests": len(self._requests)}
+
+    def healthy(self) -> bool:
+        """False once the manager's generation thread has ended (an error in its loop):
+        it accepts no request again, so the replica's health check fails and Serve
+        replaces the replica."""
+        return bool(self.manager.is_running())
 
     def queue_state(self) -> dict[str, float] | None:
         """The scheduler's active and waiting requests and the paged cache's use."""
