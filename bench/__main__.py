@@ -49,6 +49,7 @@ from bench.anchors import (
     generate_sequential,
     min_cosine,
 )
+from bench.ceiling import Ceiling
 
 ROOT = Path(__file__).resolve().parents[1]
 THREADS = 2
@@ -447,8 +448,9 @@ def embedding_rows(
     base: str, path: str, home: Path, engines: dict[str, str]
 ) -> list[tuple[str, str, str, str]]:
     """MiniLM fp32 and bf16: 32 texts per request against sentence-transformers fp32 (the
-    targets), one text per request against the same engine in-process (the gateway's cost
-    per request); then fastembed against fp32 and bf16, 32 texts per request."""
+    targets), each followed by the ceiling this CPU's matmuls set (`bench/ceiling.py`), one
+    text per request against the same engine in-process (the gateway's cost per request);
+    then fastembed against fp32 and bf16, 32 texts per request."""
     from dify_serving.specs import DifyModelSpec
 
     print("embeddings", flush=True)
@@ -456,10 +458,12 @@ def embedding_rows(
     anchor = EncodeAnchor(path, single[:64])
     specs = {d["metadata"]["name"]: d["spec"] for d in bench_models()}
     rows = []
+    ceiling = Ceiling(anchor.model, lists[:256], THREADS)
     for model, target in EMBEDDING_TARGETS.items():
         http_embeddings(base, lists[:1024], 32, model, 32)  # warm
+        precision = "bf16" if model.endswith("bf16") else "fp32"
         local, rate, ratio, p99 = interleaved(
-            functools.partial(anchor.run, lists),
+            ceiling.beside(functools.partial(anchor.run, lists), precision),
             functools.partial(http_embeddings, base, lists, 32, model, 32),
         )
         rows.append(
@@ -471,6 +475,8 @@ def embedding_rows(
                 f"{meets(ratio, target)}; p99 {p99 * 1000:.0f} ms",
             )
         )
+        print(rows[-1], flush=True)
+        rows.append(ceiling.row(precision, model, rate, target))
         print(rows[-1], flush=True)
         spec = DifyModelSpec.model_validate(specs[model])
         engine = EngineEmbedAnchor(model, spec, path, home)

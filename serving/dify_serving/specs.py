@@ -394,9 +394,9 @@ class DifyModelSpec(_Spec):
         Runtime.AUTO,
         description="What runs the model: auto (the fastest installed for the task, device "
         "and precision; the status says which), torch (every task and device), openvino "
-        "(feature-extraction and text-classification on CPU), ctranslate2 (text-generation "
-        "on CPU, fp32) or vllm (text-generation on CUDA). openvino and ctranslate2 convert "
-        "the model at load and cache it under the state folder.",
+        "(feature-extraction, text-classification and text-generation on CPU), ctranslate2 "
+        "(text-generation on CPU, fp32 or int8) or vllm (text-generation on CUDA). openvino "
+        "and ctranslate2 convert the model at load and cache it under the state folder.",
     )
     replicas: int = Field(1, ge=0, le=1000, description="Fixed replica count (no autoscaling).")
     autoscaling: Autoscaling | None = Field(
